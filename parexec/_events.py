@@ -1,0 +1,160 @@
+"""Events: records of what the scheduler did, delivered to subscribers.
+
+The scheduler emits an ``Event`` after it changed state; it never waits on a subscriber's
+decision. Progress bars, logging and user callbacks are all subscribers. Callbacks run on the
+scheduler thread, so they should be quick; one that raises is logged once on the ``parexec``
+logger and keeps being called.
+
+Per task, the order is ``task:queued`` → ``task:started`` → (``task:timeout``)
+→ ``task:retrying`` → ``task:started`` … → ``task:completed`` | ``task:failed``.
+A task skipped because an upstream task failed gets only ``task:skipped``; a task that never
+started because the run stopped gets only ``task:cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import TaskOptionError
+
+__all__ = ["EVENT_KINDS", "Event", "Emitter", "ProgressBar", "check_kind", "logger"]
+
+logger = logging.getLogger("parexec")
+
+EVENT_KINDS = (
+    "workflow:started", "task:queued", "task:started", "task:completed", "task:failed",
+    "task:retrying", "task:timeout", "task:skipped", "task:cancelled", "workflow:paused",
+    "workflow:resumed", "workflow:completed", "workflow:failed", "workflow:cancelled",
+)
+
+
+def check_kind(kind: str) -> None:
+    """Raise ``TaskOptionError`` unless ``kind`` is an event kind or ``"*"``."""
+    if kind != "*" and kind not in EVENT_KINDS:
+        import difflib
+        close = difflib.get_close_matches(kind, EVENT_KINDS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known kinds: {', '.join(EVENT_KINDS)}"
+        raise TaskOptionError(f"unknown event kind {kind!r}; {hint} (or '*' for all)")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened in a run.
+
+    Attributes:
+        kind: One of ``EVENT_KINDS``, e.g. ``"task:completed"``.
+        workflow: The workflow's name.
+        task_id: The task concerned (None for ``workflow:*`` events).
+        time: Wall-clock time (seconds since the epoch).
+        attempt: The attempt number (task events; 0 before the first start).
+        duration: Seconds the attempt (or the run, for ``workflow:*``) took, when it ended.
+        error: The exception, for failures, retries and timeouts.
+    """
+
+    kind: str
+    workflow: str
+    task_id: str | None = None
+    time: float = 0.0
+    attempt: int = 0
+    duration: float | None = None
+    error: BaseException | None = None
+
+
+class Emitter:
+    """Deliver events to ``(kind, callback)`` subscribers; ``"*"`` matches every kind."""
+
+    def __init__(self, subscribers: Sequence[tuple[str, Callable[[Event], Any]]]) -> None:
+        self._by_kind: dict[str, list[Callable[[Event], Any]]] = {}
+        for kind in EVENT_KINDS:
+            self._by_kind[kind] = [cb for k, cb in subscribers if k in (kind, "*")]
+        self._failed: set[int] = set()
+        self.active = bool(subscribers)
+
+    def wants(self, kind: str) -> bool:
+        """Whether anyone listens to ``kind`` (so the event need not even be built)."""
+        return bool(self._by_kind.get(kind))
+
+    def emit(self, event: Event) -> None:
+        """Call every subscriber of ``event.kind``; log (once per callback) what they raise."""
+        for callback in self._by_kind.get(event.kind, ()):
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - a subscriber never breaks the run
+                key = id(callback)
+                if key not in self._failed:
+                    self._failed.add(key)
+                    logger.exception(
+                        "event callback %r raised on %s (logged once per callback; it will "
+                        "still be called)", callback, event.kind)
+
+
+def want_progress(progress: bool | str) -> bool:
+    """Resolve ``progress=`` (``True``, ``False`` or ``"auto"``)."""
+    if progress == "auto":
+        return _in_notebook() or bool(getattr(sys.stderr, "isatty", lambda: False)())
+    if isinstance(progress, bool):
+        return progress
+    raise TaskOptionError(f"progress={progress!r} must be True, False or 'auto'")
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    try:
+        ip = shell.get_ipython()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+class ProgressBar:
+    """A ``tqdm.auto`` bar of finished tasks, with running / failed / retrying counts.
+
+    It is a widget in notebooks and text on terminals, and it closes on the run's final
+    event, whatever the outcome.
+    """
+
+    _FINAL = ("task:completed", "task:failed", "task:skipped", "task:cancelled")
+
+    def __init__(self, total: int, name: str) -> None:
+        from tqdm.auto import tqdm
+        self._bar = tqdm(total=total, desc=name, unit="task", dynamic_ncols=True, leave=True)
+        self._running: set[str | None] = set()
+        self._retrying: set[str | None] = set()
+        self.failed = 0
+        self._closed = False
+
+    def __call__(self, event: Event) -> None:
+        """Update the bar from one event."""
+        kind, tid = event.kind, event.task_id
+        if kind == "task:started":
+            self._running.add(tid)
+            self._retrying.discard(tid)
+        elif kind == "task:retrying":
+            self._running.discard(tid)
+            self._retrying.add(tid)
+        elif kind in self._FINAL:
+            self._running.discard(tid)
+            self._retrying.discard(tid)
+            self.failed += kind == "task:failed"
+            self._bar.update(1)
+        elif kind.startswith("workflow:") and kind not in (
+                "workflow:started", "workflow:paused", "workflow:resumed"):
+            self.close()
+            return
+        else:
+            return
+        self._bar.set_postfix(running=len(self._running), failed=self.failed,
+                              retrying=len(self._retrying), refresh=False)
+
+    def close(self) -> None:
+        """Close the bar (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._bar.set_postfix(running=0, failed=self.failed, retrying=0, refresh=False)
+            self._bar.close()

@@ -1,0 +1,178 @@
+"""Admission gates: the scheduler starts a task only when every gate admits it.
+
+A gate is a capacity and the need of each task: ``admits(i)``, ``acquire(i)``,
+``release(i)``. The scheduler asks its gates in order; a task refused by a gate waits
+(parked) on that gate until the gate releases units, so a task blocked by one pool never holds
+up tasks that do not use it. Adding a resource kind means adding a gate, not editing the loop.
+
+Gates exist only when they can bind: a run of plain tasks has just the slot gate.
+
+* ``slots``    one unit per local task, capacity ``max_workers``; when it refuses, nothing
+               else can start either (``blocks_all``)
+* ``cpus``     the tasks' ``cpus``, capacity ``cpu_budget``
+* ``memory``   declared ``memory``, capacity ``memory_budget``, and psutil-measured available
+               memory must cover the task's need
+* ``pool:X``   units of named pool ``X``
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from ._errors import ResourceError
+
+if TYPE_CHECKING:
+    from ._graph import Graph
+    from ._task import TaskSpec
+    from ._workflow import Workflow
+
+__all__ = ["CapacityGate", "MemoryGate", "build_gates", "check_resources"]
+
+
+class CapacityGate:
+    """Units in use may not exceed ``capacity``; task ``i`` needs ``needs[i]`` units.
+
+    Args:
+        name: Shown in messages and stats.
+        capacity: Units available.
+        needs: Units per task index; a list (dense) or a dict (sparse, missing = 0).
+        blocks_all: When this gate refuses, no other task can pass it either (slots).
+        track: Keep the time integral of units in use, for utilization stats.
+    """
+
+    __slots__ = ("name", "capacity", "needs", "used", "blocks_all", "parked", "_track",
+                 "_area", "_since", "_start")
+
+    def __init__(self, name: str, capacity: float, needs: Sequence[float] | Mapping[int, float],
+                 *, blocks_all: bool = False, track: bool = False) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.needs = needs
+        self.used: float = 0
+        self.blocks_all = blocks_all
+        self.parked: list[tuple[object, ...]] = []  # heap of ready keys refused by this gate
+        self._track = track
+        self._area = 0.0
+        self._since = self._start = time.monotonic()
+
+    def need(self, i: int) -> float:
+        """Units task ``i`` needs."""
+        needs = self.needs
+        return needs.get(i, 0) if isinstance(needs, Mapping) else needs[i]
+
+    def admits(self, i: int) -> bool:
+        """Whether task ``i`` fits now."""
+        need = self.need(i)
+        return not need or self.used + need <= self.capacity
+
+    def acquire(self, i: int) -> None:
+        """Task ``i`` started."""
+        need = self.need(i)
+        if need:
+            if self._track:
+                self._tick()
+            self.used += need
+
+    def release(self, i: int) -> None:
+        """Task ``i`` stopped using its units."""
+        need = self.need(i)
+        if need:
+            if self._track:
+                self._tick()
+            self.used -= need
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self._area += self.used * (now - self._since)
+        self._since = now
+
+    def utilization(self) -> float:
+        """Time-weighted units in use / capacity since the gate was made (0..1)."""
+        self._tick()
+        span = self._since - self._start
+        return self._area / (span * self.capacity) if span > 0 and self.capacity else 0.0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.used:g}/{self.capacity:g}>"
+
+
+class MemoryGate(CapacityGate):
+    """Declared memory within the budget, and measured available memory covering the need.
+
+    The measured check is what keeps a run from starting a 4 GB task while another program
+    already took the memory. A task refused only by the measurement is re-checked at the
+    scheduler's next resource sample (``measured_refusal`` tells the scheduler to schedule it).
+    """
+
+    __slots__ = ("measured_refusal",)
+
+    def __init__(self, capacity: float, needs: Mapping[int, float]) -> None:
+        super().__init__("memory", capacity, needs, track=False)
+        self.measured_refusal = False
+
+    def admits(self, i: int) -> bool:  # noqa: D102 - see class docstring
+        need = self.need(i)
+        if not need:
+            return True
+        if self.used + need > self.capacity:
+            return False
+        import psutil
+        if psutil.virtual_memory().available < need:
+            self.measured_refusal = True
+            return False
+        return True
+
+
+def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
+                    memory_budget: int | None,
+                    specs: Sequence[TaskSpec] | None = None) -> None:
+    """Raise ``ResourceError`` for the first task that could never be admitted.
+
+    Args:
+        wf: The workflow (its pools are the capacities).
+        graph: Its compiled graph.
+        cpu_budget: Cores available to the run, or None when unknown.
+        memory_budget: Bytes available to the run, or None when unknown.
+        specs: The specs in index order (default: the workflow's).
+    """
+    specs = list(wf.tasks.values()) if specs is None else specs
+    for spec in specs:
+        if spec.isolation == "cluster":
+            local = False
+        else:
+            local = True
+        for pool, units in spec.pools.items():
+            capacity = wf.pools.get(pool)
+            if capacity is None:
+                raise ResourceError(spec.id, pool, units, None)
+            if units > capacity:
+                raise ResourceError(spec.id, f"pools[{pool!r}]", units, capacity)
+        if not local:
+            continue
+        if cpu_budget is not None and spec.cpus > cpu_budget:
+            raise ResourceError(spec.id, "cpus", spec.cpus, cpu_budget,
+                                "the CPU budget defaults to max_workers")
+        if memory_budget is not None and spec.memory is not None and spec.memory > memory_budget:
+            raise ResourceError(spec.id, "memory", spec.memory, memory_budget,
+                                "in bytes; memory_budget defaults to 90% of available memory")
+
+
+def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers: int,
+                cpu_budget: float, memory_budget: int, pools: Mapping[str, int],
+                force_cpu_gate: bool = False) -> list[CapacityGate]:
+    """The gates a run needs, slots first; gates that could never bind are left out."""
+    gates: list[CapacityGate] = [CapacityGate("slots", max_workers, [1 if x else 0 for x in local],
+                                              blocks_all=True)]
+    cpus = [s.cpus if loc else 0 for s, loc in zip(specs, local)]
+    if force_cpu_gate or cpu_budget < max_workers or any(c not in (0, 1) for c in cpus):
+        gates.append(CapacityGate("cpus", cpu_budget, cpus))
+    memory = {i: s.memory for i, s in enumerate(specs) if s.memory and local[i]}
+    if memory:
+        gates.append(MemoryGate(memory_budget, memory))
+    for pool, capacity in pools.items():
+        needs = {i: s.pools[pool] for i, s in enumerate(specs) if pool in s.pools}
+        if needs:
+            gates.append(CapacityGate(f"pool:{pool}", capacity, needs, track=True))
+    return gates

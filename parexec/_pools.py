@@ -1,0 +1,318 @@
+"""Where tasks run: a thread pool and a process pool behind one small interface.
+
+Every pool has ``submit(attempt, fn, args, kwargs)``, ``kill(attempt) -> bool`` and
+``shutdown()``. A pool reports each finished attempt by putting one message on the run's
+queue (``attempt.queue``)::
+
+    (attempt, ok, value_or_error, worker, traceback_text)
+
+Why not ``concurrent.futures``: a ``Future`` carries a ``Condition`` and its done-callbacks
+run under it. Measured here on 100,000 no-op tasks, the Future and work-item bookkeeping of
+``ThreadPoolExecutor`` cost more than the whole of parexec's scheduling, and a loky executor
+per process slot (the only way to kill one loky worker without breaking the others) cost
+320 us per task against 73 us for the pipe-per-worker design below (loky's own pipelined
+executor: 158 us). Reporting straight onto the scheduler's queue keeps the contract of
+ARCHITECTURE.md (one owner of state; workers only enqueue) without that cost.
+
+Threads
+    Daemon threads, started on demand, one run each. A thread task that ignores its cancel
+    flag keeps its thread but never blocks interpreter exit.
+
+Processes
+    One pool per interpreter, reused across runs. Each worker is a process started by loky's
+    process backend (fork + exec, so no state is inherited and ``__main__`` is not re-run),
+    with one duplex pipe; one reader thread waits on every pipe and every process sentinel::
+
+        scheduler thread ──send_bytes──► worker 1 ──send_bytes──┐
+                         ──send_bytes──► worker 2 ──send_bytes──┤
+                                                                ▼
+                          run queue ◄── reader thread (connection.wait on pipes + sentinels)
+
+    Killing one worker (timeout, memory limit, cancellation) affects no other task: the
+    reader sees its sentinel, drops it, and a fresh worker is started on the next submit.
+    Workers exit when their parent does (see ``_worker._watch_parent``) and at interpreter
+    exit (``atexit``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import pickle
+import signal
+import threading
+from queue import SimpleQueue
+from typing import Any
+
+from ._errors import PicklingError, WorkerCrashed
+from ._worker import _local, decode_outcome, worker_main
+
+__all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown_process_pool"]
+
+
+class ThreadPool:
+    """Daemon worker threads for one run. Only the scheduler thread calls its methods."""
+
+    def __init__(self, name: str = "parexec") -> None:
+        self._queue: SimpleQueue[Any] = SimpleQueue()
+        self._name = name
+        self._nthreads = 0
+        self.nbusy = 0  # attempts handed out and not yet reported back (scheduler-owned)
+        self._counter = itertools.count(1)
+
+    def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Run ``fn(*args, **kwargs)`` on a worker thread; report on ``attempt.queue``."""
+        self.nbusy += 1
+        if self.nbusy > self._nthreads:
+            self._nthreads += 1
+            t = threading.Thread(target=_thread_worker, args=(self._queue,), daemon=True,
+                                 name=f"{self._name}-{next(self._counter)}")
+            t.start()
+        self._queue.put((attempt, fn, args, kwargs))
+
+    def done(self) -> None:
+        """The scheduler processed one report of this pool."""
+        self.nbusy -= 1
+
+    def kill(self, attempt: Any) -> bool:
+        """Threads cannot be killed: return False (the caller sets the cancel flag)."""
+        return False
+
+    def shutdown(self) -> None:
+        """Let idle threads exit; busy ones exit when their task returns."""
+        for _ in range(self._nthreads):
+            self._queue.put(None)
+        self._nthreads = 0
+
+
+def _thread_worker(inbox: SimpleQueue[Any]) -> None:
+    name = threading.current_thread().name
+    local = _local
+    get = inbox.get
+    while True:
+        item = get()
+        if item is None:
+            return
+        attempt, fn, args, kwargs = item
+        del item
+        local.attempt = attempt
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every outcome is reported
+            attempt.queue.put((attempt, False, exc, name, None))
+            del exc
+        else:
+            attempt.queue.put((attempt, True, value, name, None))
+            del value
+        local.attempt = None
+        del attempt, fn, args, kwargs
+
+
+class _Worker:
+    __slots__ = ("process", "conn", "pid", "attempt", "killed")
+
+    def __init__(self, process: Any, conn: Any) -> None:
+        self.process = process
+        self.conn = conn
+        self.pid: int = process.pid
+        self.attempt: Any = None
+        self.killed = False
+
+
+class ProcessPool:
+    """Process workers shared by every run of this interpreter (see the module docstring)."""
+
+    def __init__(self) -> None:
+        from loky.backend.context import get_context
+        self._ctx = get_context("loky")
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._workers: dict[Any, _Worker] = {}  # conn -> worker, every live worker
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, name="parexec-process-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    # Scheduler side -----------------------------------------------------------------
+
+    def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Pickle the call (raising ``PicklingError`` naming the task) and send it to a worker."""
+        import cloudpickle
+        try:
+            data = cloudpickle.dumps((attempt.task_id, attempt.number, attempt.cpus, fn, args,
+                                      kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001
+            raise PicklingError(
+                f"task {attempt.task_id!r} runs in a process, but its function or arguments "
+                f"cannot be pickled ({type(exc).__name__}: {exc}); pass picklable data, or "
+                "use isolation='thread'") from exc
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = self._spawn()
+        worker.attempt = attempt
+        attempt.handle = worker
+        try:
+            worker.conn.send_bytes(data)
+        except OSError:
+            # The worker died while idle; the reader reports the crash for this attempt.
+            pass
+
+    def kill(self, attempt: Any) -> bool:
+        """Kill the worker running ``attempt`` (and its children); other workers go on."""
+        worker = attempt.handle
+        # Under the lock, so the reader either sees ``killed`` (and drops the result and the
+        # worker) or has already taken the result (and there is nothing left to kill).
+        with self._lock:
+            if worker is None or worker.attempt is not attempt:
+                return True
+            worker.killed = True
+        _kill_tree(worker.pid)
+        return True
+
+    def pid_of(self, attempt: Any) -> int | None:
+        """The pid of the worker running ``attempt``, if it is still running."""
+        worker = attempt.handle
+        return worker.pid if worker is not None and worker.attempt is attempt else None
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=worker_main, args=(child_conn,),
+                                    name="parexec-worker")
+        process.daemon = True
+        process.start()
+        child_conn.close()
+        worker = _Worker(process, parent_conn)
+        with self._lock:
+            self._workers[parent_conn] = worker
+        os.write(self._wake_w, b"x")
+        return worker
+
+    def shutdown(self) -> None:
+        """Stop every worker (idle ones exit on EOF; busy ones are killed)."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers.values())
+            self._workers.clear()
+            self._idle.clear()
+        for w in workers:
+            w.killed = True
+            try:
+                w.conn.close()
+            except OSError:
+                pass
+        for w in workers:
+            w.process.join(timeout=0.5 if w.attempt is None else 0)
+            if w.process.exitcode is None:
+                _kill_tree(w.pid)
+                w.process.join(timeout=2)
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the live workers."""
+        with self._lock:
+            return [w.pid for w in self._workers.values()]
+
+    # Reader thread --------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        from multiprocessing.connection import wait
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                conns = list(self._workers)
+                sentinels = {w.process.sentinel: w for w in self._workers.values()}
+            try:
+                ready = wait([self._wake_r, *conns, *sentinels])
+            except OSError:
+                continue  # a connection closed under us; rebuild the list
+            for obj in ready:
+                if obj == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                elif obj in sentinels:
+                    self._reap(sentinels[obj])
+                else:
+                    self._receive(obj)
+
+    def _receive(self, conn: Any) -> None:
+        worker = self._workers.get(conn)
+        if worker is None:
+            return
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            self._reap(worker)
+            return
+        with self._lock:
+            attempt, worker.attempt = worker.attempt, None
+            if worker.killed or attempt is None:
+                return  # the scheduler already decided this attempt's outcome
+            if not self._closed:
+                self._idle.append(worker)
+        ok, value, tb_text = decode_outcome(attempt.task_id, data)
+        attempt.queue.put((attempt, ok, value, worker.pid, tb_text))
+
+    def _reap(self, worker: _Worker) -> None:
+        with self._lock:
+            if self._workers.pop(worker.conn, None) is None:
+                return
+            if worker in self._idle:
+                self._idle.remove(worker)
+            attempt, worker.attempt = worker.attempt, None
+        worker.process.join(timeout=1)
+        try:
+            worker.conn.close()
+        except OSError:
+            pass
+        if attempt is not None and not worker.killed:
+            attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
+                                                             worker.process.exitcode),
+                               worker.pid, None))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process it started."""
+    try:
+        import psutil
+        children = psutil.Process(pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - gone already, or psutil cannot see it
+        children = []
+    for p in [*children]:
+        try:
+            p.kill()
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+_process_pool: ProcessPool | None = None
+_process_pool_lock = threading.Lock()
+
+
+def process_pool() -> ProcessPool:
+    """The interpreter's process pool, created on first use."""
+    global _process_pool
+    with _process_pool_lock:
+        if _process_pool is None:
+            _process_pool = ProcessPool()
+            atexit.register(shutdown_process_pool)
+        return _process_pool
+
+
+def shutdown_process_pool() -> None:
+    """Stop every process worker of this interpreter (a later run starts new ones)."""
+    global _process_pool
+    with _process_pool_lock:
+        pool, _process_pool = _process_pool, None
+    if pool is not None:
+        pool.shutdown()

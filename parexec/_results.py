@@ -1,0 +1,259 @@
+"""What a run leaves behind: one ``TaskRun`` per task and a ``RunResult`` with stats.
+
+Completed results stay available whatever happened to the rest of the run: a failure, a
+timeout, a cancellation or Ctrl-C only changes the status of the tasks that did not finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._errors import Cancelled, WorkflowFailed
+
+if TYPE_CHECKING:
+    from ._task import TaskRef
+
+__all__ = ["RunResult", "RunStats", "TaskRun", "TaskStatus", "RunStatus"]
+
+TaskStatus = Literal["pending", "succeeded", "failed", "skipped", "cancelled", "timed_out",
+                     "cached"]
+RunStatus = Literal["succeeded", "partial", "failed", "cancelled", "timed_out"]
+
+
+class TaskRun:
+    """The record of one task in one run.
+
+    Attributes:
+        id: The task id.
+        status: ``"succeeded"``, ``"failed"``, ``"skipped"``, ``"cancelled"``,
+            ``"timed_out"`` or ``"cached"`` (``"pending"`` only while the run is going on).
+        value: The return value (succeeded or cached tasks), else None.
+        error: The exception of the final failed attempt, else None.
+        traceback: That exception's traceback as text (worker-side frames included).
+        attempts: How many attempts started.
+        queued_at: When all dependencies were done (epoch seconds), or None.
+        started_at: When the last attempt started, or None.
+        finished_at: When the task reached its final status, or None.
+        worker: Pid of the process (process tasks) or name of the thread (thread tasks)
+            that ran the last attempt.
+        peak_memory: Highest memory measured while it ran, in bytes, when measured.
+        first_started_at: When the first attempt started, or None.
+    """
+
+    __slots__ = ("id", "status", "value", "error", "traceback", "attempts", "queued_at",
+                 "started_at", "finished_at", "worker", "peak_memory", "first_started_at",
+                 "history")
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self.status: TaskStatus = "pending"
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.traceback: str | None = None
+        self.attempts = 0
+        self.queued_at: float | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.worker: int | str | None = None
+        self.peak_memory: int | None = None
+        self.first_started_at: float | None = None
+        # Earlier attempts: (number, started_at, finished_at, worker, outcome)
+        self.history: list[tuple[int, float, float, int | str | None, str]] = []
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the last attempt ran (None if it never started)."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    @property
+    def wait_time(self) -> float | None:
+        """Seconds between being ready (queued) and the first start."""
+        if self.queued_at is None or self.first_started_at is None:
+            return None
+        return max(0.0, self.first_started_at - self.queued_at)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task produced its value (succeeded or cached)."""
+        return self.status in ("succeeded", "cached")
+
+    def __repr__(self) -> str:
+        d = self.duration
+        took = f" {d:.3f}s" if d is not None else ""
+        return f"<TaskRun {self.id!r} {self.status}{took} attempts={self.attempts}>"
+
+
+@dataclass
+class RunStats:
+    """Figures of one run.
+
+    Attributes:
+        makespan: Seconds from the run's start to its end.
+        total_task_time: Seconds of task execution, all attempts summed.
+        speedup: ``total_task_time / makespan``.
+        max_concurrency: Most attempts running at once.
+        mean_concurrency: Time-averaged number of attempts running.
+        pool_utilization: Per named pool, time-weighted units in use / capacity (0..1).
+        peak_memory: Highest memory measured during the run, in bytes, when measured.
+        critical_path: Ids along the longest path, weighted by actual durations.
+        scheduler_overhead: CPU seconds the scheduler thread used.
+        cpu_utilization: System CPU use during the run, in percent of all cores, if measured.
+    """
+
+    makespan: float = 0.0
+    total_task_time: float = 0.0
+    speedup: float = 0.0
+    max_concurrency: int = 0
+    mean_concurrency: float = 0.0
+    pool_utilization: dict[str, float] = field(default_factory=dict)
+    peak_memory: int | None = None
+    critical_path: list[str] = field(default_factory=list)
+    scheduler_overhead: float = 0.0
+    cpu_utilization: float | None = None
+
+    def __getitem__(self, key: str) -> Any:  # stats["makespan"] reads like the API table
+        return getattr(self, key)
+
+
+class RunResult:
+    """The outcome of a run.
+
+    Usage::
+
+        result = px.run(wf)
+        result.status                # "succeeded", "partial", "failed", ...
+        result[merged]               # a task's value (or raises its error)
+        result.tasks["load"].duration
+        print(result.summary())
+
+    Attributes:
+        workflow: The workflow's name.
+        status: ``"succeeded"``, ``"partial"`` (some tasks failed or were skipped under
+            ``on_error="skip"``/``"ignore"``), ``"failed"``, ``"cancelled"`` or ``"timed_out"``.
+        tasks: Task id → ``TaskRun``, in creation order.
+        stats: ``RunStats``.
+        started_at: Epoch seconds.
+        finished_at: Epoch seconds.
+    """
+
+    def __init__(self, workflow: str, status: RunStatus, tasks: Mapping[str, TaskRun],
+                 stats: RunStats, started_at: float, finished_at: float) -> None:
+        self.workflow = workflow
+        self.status = status
+        self.tasks = dict(tasks)
+        self.stats = stats
+        self.started_at = started_at
+        self.finished_at = finished_at
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run succeeded (every task succeeded or was cached)."""
+        return self.status == "succeeded"
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """Task id → value, for every task that succeeded or was cached."""
+        return {tid: tr.value for tid, tr in self.tasks.items() if tr.ok}
+
+    @property
+    def errors(self) -> dict[str, BaseException]:
+        """Task id → exception, for every task that failed or timed out."""
+        return {tid: tr.error for tid, tr in self.tasks.items()
+                if tr.status in ("failed", "timed_out") and tr.error is not None}
+
+    def __getitem__(self, ref: str | TaskRef) -> Any:
+        """The value of a task, or raise its error (``Cancelled`` if it never finished)."""
+        tid = ref if isinstance(ref, str) else ref.id
+        try:
+            tr = self.tasks[tid]
+        except KeyError:
+            raise KeyError(f"run of {self.workflow!r} has no task {tid!r}") from None
+        if tr.ok:
+            return tr.value
+        if tr.error is not None:
+            raise tr.error
+        raise Cancelled(f"task {tid!r} has no value: it was {tr.status}"
+                        + (" because an upstream task failed" if tr.status == "skipped" else ""))
+
+    def __contains__(self, ref: object) -> bool:
+        tid = ref if isinstance(ref, str) else getattr(ref, "id", None)
+        return tid in self.tasks
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def counts(self) -> dict[str, int]:
+        """Number of tasks per status."""
+        out: dict[str, int] = {}
+        for tr in self.tasks.values():
+            out[tr.status] = out.get(tr.status, 0) + 1
+        return out
+
+    def raise_on_error(self) -> RunResult:
+        """Raise ``WorkflowFailed`` if any task failed or the run did not succeed.
+
+        Returns:
+            This result, when there is nothing to raise.
+        """
+        errors = self.errors
+        if errors or self.status in ("failed", "timed_out", "cancelled"):
+            raise self._failure(errors)
+        return self
+
+    def _failure(self, errors: Mapping[str, BaseException] | None = None) -> WorkflowFailed:
+        errors = self.errors if errors is None else errors
+        excs: list[Exception] = [e for e in errors.values() if isinstance(e, Exception)]
+        if not excs:
+            excs = [Cancelled(f"run of {self.workflow!r} ended with status {self.status!r}")]
+        names = ", ".join(list(errors)[:5]) + ("…" if len(errors) > 5 else "")
+        what = f"; failed: {names}" if errors else ""
+        return WorkflowFailed(f"workflow {self.workflow!r} {self.status}{what}", excs, self)
+
+    def summary(self) -> str:
+        """An aligned text table: one row per task, then the run's figures."""
+        head = ("task", "status", "attempts", "duration", "wait", "worker", "peak mem")
+        rows = [head]
+        for tr in self.tasks.values():
+            rows.append((tr.id, tr.status, str(tr.attempts), _secs(tr.duration),
+                         _secs(tr.wait_time), "" if tr.worker is None else str(tr.worker),
+                         _bytes(tr.peak_memory)))
+        widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
+        right = {2, 3, 4, 6}
+        lines = []
+        for n, row in enumerate(rows):
+            cells = [c.rjust(w) if k in right else c.ljust(w)
+                     for k, (c, w) in enumerate(zip(row, widths))]
+            lines.append("  ".join(cells).rstrip())
+            if n == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        s = self.stats
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts().items())
+        lines.append("")
+        lines.append(f"{self.workflow}: {self.status} ({counts}) in {s.makespan:.3f}s; "
+                     f"task time {s.total_task_time:.3f}s, speedup {s.speedup:.2f}, "
+                     f"max concurrency {s.max_concurrency}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"<RunResult {self.workflow!r} {self.status} tasks={len(self.tasks)} "
+                f"makespan={self.stats.makespan:.3f}s>")
+
+
+def _secs(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x * 1000:.1f}ms" if x < 1 else f"{x:.2f}s"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)

@@ -1,0 +1,818 @@
+"""The scheduler: one thread per run owns all run state.
+
+Run state (fields of ``_Scheduler``; only the scheduler thread reads or writes them once
+the run started):
+
+* ``state[i]``    the ``TaskState`` of task ``i``
+* ``npending[i]`` dependencies of ``i`` not done yet
+* ``ready``       heap of keys ``(-priority, -rank, i)``: tasks whose dependencies are done
+* ``gate.parked`` per gate, heap of ready keys that gate refused
+* ``deadlines``   heap of ``(when, seq, kind, payload)``: attempt timeouts, retry due times,
+                  the run's timeout, the end of a stop's grace period, memory re-checks
+* ``nfinal``      tasks in a final state; ``nholding``: attempts holding resources
+
+Workers never touch it: pools put ``(attempt, ok, value, worker, traceback)`` on ``queue``.
+The loop is::
+
+    while True:
+        dispatch()                        # ready tasks, best first, while every gate admits
+        if finished(): break
+        wait on queue until the next message or the nearest deadline
+        handle every message waiting; fire due deadlines
+
+Each handler is a plain transition of that state. Dispatch is O(1) per task plus heap
+operations and releasing dependents is O(out-degree), so a run is O(V + E) + heap work.
+
+Cancellation semantics (``run.cancel()``, Ctrl-C, the run's timeout, a failure under
+``on_error="fail"``): nothing new starts; tasks not running become ``cancelled``; process
+attempts are stopped at once by killing their worker; thread attempts cannot be stopped, so
+their cancel flag is set (``px.current().cancelled()``) and the run waits for them to return,
+at most ``GRACE`` seconds, then warns with the ids of those that ignored the flag.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from ._errors import Cancelled, PicklingError, TaskOptionError, TaskTimeout, WaitTimeout, \
+    WorkflowError
+from ._events import Emitter, Event, ProgressBar, logger, want_progress
+from ._gates import build_gates, check_resources
+from ._graph import critical_path
+from ._pools import ThreadPool, process_pool
+from ._results import RunResult, RunStats, TaskRun
+from ._task import TaskRef, resolve_refs
+from ._workflow import Workflow, check_cpu_budget, check_max_workers, check_timeout
+
+__all__ = ["Run", "last_result", "run", "start"]
+
+GRACE = 5.0  # seconds a stopping run waits for thread tasks to notice their cancel flag
+MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task waits for memory
+
+
+class TaskState(enum.IntEnum):
+    """Where a task is in the run. The states from SUCCEEDED on are final."""
+
+    WAITING = 0     # some dependency is not done yet
+    READY = 1       # dependencies done; in the ready heap or parked on a gate
+    RUNNING = 2     # an attempt is in a pool
+    RETRY_WAIT = 3  # an attempt failed and will be retried at its due time (holds no slot)
+    SUCCEEDED = 4
+    FAILED = 5
+    SKIPPED = 6     # an upstream task failed under on_error="skip"
+    CANCELLED = 7   # the run stopped before the task could finish
+    TIMED_OUT = 8   # the final attempt overran its timeout
+    CACHED = 9      # served from the store
+
+
+_FINAL = TaskState.SUCCEEDED
+_STATUS = {TaskState.SUCCEEDED: "succeeded", TaskState.FAILED: "failed",
+           TaskState.SKIPPED: "skipped", TaskState.CANCELLED: "cancelled",
+           TaskState.TIMED_OUT: "timed_out", TaskState.CACHED: "cached"}
+
+# Deadline kinds
+_TIMEOUT, _RETRY, _RUN_TIMEOUT, _GRACE, _RECHECK = range(5)
+
+
+class _Attempt:
+    """One try of one task. Pools hold it while it runs; the scheduler decides its fate.
+
+    ``final`` is set once the scheduler has decided the outcome (a timeout, a kill); a
+    report arriving later only gives back the resources it still ``holding``.
+    """
+
+    __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
+                 "cancel_requested", "final", "holding")
+
+    def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
+                 pool: Any, cpus: float) -> None:
+        self.index = index
+        self.task_id = task_id
+        self.number = number
+        self.queue = queue
+        self.pool = pool
+        self.handle: Any = None
+        self.cpus = cpus
+        self.cancel_requested = False
+        self.final = False
+        self.holding = True
+
+
+_last_result: RunResult | None = None
+
+
+def last_result() -> RunResult | None:
+    """The ``RunResult`` of the most recent run that finished in this interpreter.
+
+    After Ctrl-C (or a notebook's interrupt button) it holds the partial result: every task
+    that completed before the interrupt, with its value.
+    """
+    return _last_result
+
+
+class _Scheduler:
+    """The run state and the loop; see the module docstring."""
+
+    def __init__(self, wf: Workflow, *, max_workers: int, cpu_budget: float,
+                 memory_budget: int, timeout: float | None,
+                 subscribers: list[tuple[str, Callable[[Event], Any]]],
+                 force_cpu_gate: bool) -> None:
+        self.wf = wf
+        self.name = wf.name
+        graph = wf.graph()
+        self.graph = graph
+        self.specs = specs = list(wf.tasks.values())
+        n = self.n = len(specs)
+        self.index = graph.index
+        self.dependents = graph.dependents
+        self.npending = [len(d) for d in graph.deps]
+        self.state = [TaskState.WAITING] * n
+        self.runs = [TaskRun(s.id) for s in specs]
+        self.values: list[Any] = [None] * n
+        rank = graph.rank
+        self.keys = [(-s.priority, -rank[i], i) for i, s in enumerate(specs)]
+        isolation = [s.isolation or wf.isolation for s in specs]
+        self.queue: SimpleQueue[Any] = SimpleQueue()
+        self.threads = ThreadPool(f"parexec-{wf.name}")
+        procs = process_pool() if "process" in isolation else None
+        self.pools = [self.threads if iso == "thread" else procs for iso in isolation]
+        self.gates = build_gates(specs, [iso != "cluster" for iso in isolation],
+                                 max_workers=max_workers, cpu_budget=cpu_budget,
+                                 memory_budget=memory_budget, pools=wf.pools,
+                                 force_cpu_gate=force_cpu_gate)
+        self.ready: list[tuple[int, float, int]] = []
+        self.deadlines: list[tuple[float, int, int, Any]] = []
+        self.seq = itertools.count()
+        self.running: dict[_Attempt, None] = {}  # attempts whose outcome is undecided
+        self.zombies: set[_Attempt] = set()  # timed-out thread attempts still holding resources
+        self.nfinal = 0
+        self.nholding = 0
+        self.timeout = timeout
+        self.stopping: str | None = None  # the run's final status once it stops early
+        self.partial = False
+        self.paused = False
+        self.grace_at: float | None = None
+        self.grace_ended = False
+        self.recheck_pending = False
+        self.emitter = Emitter(subscribers)
+        self.em = self.emitter.active
+        self.debug = logger.isEnabledFor(logging.DEBUG)
+        self.clock = time.monotonic
+        self.offset = time.time() - time.monotonic()
+        self.result: RunResult | None = None
+        self.crash: BaseException | None = None
+
+    # Events ---------------------------------------------------------------------------
+
+    def emit(self, kind: str, i: int | None = None, attempt: int = 0,
+             duration: float | None = None, error: BaseException | None = None) -> None:
+        if self.emitter.wants(kind):
+            self.emitter.emit(Event(kind, self.name, None if i is None else self.specs[i].id,
+                                    self.clock() + self.offset, attempt, duration, error))
+
+    # The loop -------------------------------------------------------------------------
+
+    def main(self) -> None:
+        """Run to the end; never raises (an internal error fails the run and is kept)."""
+        t_cpu = time.thread_time()
+        self.t0 = self.clock()
+        try:
+            self.begin()
+            self.loop()
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised by Run.wait
+            self.crash = exc
+            logger.critical("parexec scheduler failed; stopping the run", exc_info=True)
+            try:
+                self.stop("failed")
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            self.cpu_time = time.thread_time() - t_cpu
+            self.finish()
+
+    def begin(self) -> None:
+        self.emit("workflow:started")
+        if self.debug:
+            logger.debug("run of %r: %d tasks, gates %s", self.name, self.n, self.gates)
+        logger.info("run of %r started: %d tasks", self.name, self.n)
+        now = self.clock() + self.offset
+        npending, state, runs, keys, ready = self.npending, self.state, self.runs, self.keys, \
+            self.ready
+        for i in range(self.n):
+            if not npending[i]:
+                state[i] = TaskState.READY
+                runs[i].queued_at = now
+                ready.append(keys[i])
+                if self.em:
+                    self.emit("task:queued", i)
+        heapq.heapify(ready)
+        if self.timeout is not None:
+            self.add_deadline(self.t0 + self.timeout, _RUN_TIMEOUT, None)
+
+    def loop(self) -> None:
+        queue, deadlines, clock = self.queue, self.deadlines, self.clock
+        handle = self.handle
+        while True:
+            if self.ready or self.nholding == 0:
+                self.dispatch()
+            if self.nfinal == self.n:
+                if self.nholding == 0 or self.grace_ended:
+                    return
+                self.start_grace()  # only timed-out thread tasks are left: wait, briefly
+            if deadlines:
+                wait = deadlines[0][0] - clock()
+                try:
+                    msg = queue.get(timeout=wait) if wait > 0 else queue.get_nowait()
+                except Empty:
+                    msg = None
+            else:
+                msg = queue.get()
+            if msg is not None:
+                now = clock()
+                handle(msg, now)
+                while not queue.empty():
+                    handle(queue.get_nowait(), now)
+            if deadlines and deadlines[0][0] <= clock():
+                self.fire_deadlines()
+
+    def start_grace(self) -> None:
+        """Wait for thread attempts to return, but at most ``GRACE`` seconds from now."""
+        if self.grace_at is None:
+            self.grace_at = self.clock() + GRACE
+            self.add_deadline(self.grace_at, _GRACE, None)
+
+    def add_deadline(self, when: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self.deadlines, (when, next(self.seq), kind, payload))
+
+    # Dispatch -------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Start ready tasks, best first, while the gates admit them."""
+        if self.paused or self.stopping:
+            return
+        ready, gates = self.ready, self.gates
+        if not ready and self.nholding == 0:
+            # Nothing runs and nothing is ready: whatever waits on a gate must get its turn.
+            for g in gates:
+                while g.parked:
+                    heapq.heappush(ready, heapq.heappop(g.parked))
+        while ready:
+            key = ready[0]
+            i = key[2]
+            for g in gates:
+                if not g.admits(i):
+                    break
+            else:
+                heapq.heappop(ready)
+                self.launch(i)
+                continue
+            if self.nholding == 0:
+                heapq.heappop(ready)  # nothing is running: the best task always starts
+                self.launch(i)
+                continue
+            if g.blocks_all:
+                return
+            heapq.heappop(ready)
+            heapq.heappush(g.parked, key)
+            if getattr(g, "measured_refusal", False):
+                g.measured_refusal = False  # type: ignore[attr-defined]
+                if not self.recheck_pending:
+                    self.recheck_pending = True
+                    self.add_deadline(self.clock() + MEMORY_RECHECK, _RECHECK, g)
+
+    def launch(self, i: int) -> None:
+        spec = self.specs[i]
+        tr = self.runs[i]
+        number = tr.attempts = tr.attempts + 1
+        for g in self.gates:
+            g.acquire(i)
+        pool = self.pools[i]
+        attempt = _Attempt(i, spec.id, number, self.queue, pool, spec.cpus)
+        self.state[i] = TaskState.RUNNING
+        self.nholding += 1
+        self.running[attempt] = None
+        now = self.clock()
+        tr.started_at = now + self.offset
+        if number == 1:
+            tr.first_started_at = tr.started_at
+        if spec.timeout is not None:
+            self.add_deadline(now + spec.timeout, _TIMEOUT, attempt)
+        if self.em:
+            self.emit("task:started", i, number)
+        if self.debug:
+            logger.debug("start %s (attempt %d)", spec.id, number)
+        try:
+            args, kwargs = spec.args, spec.kwargs
+            if spec.has_refs:
+                args = resolve_refs(args, self.value_of)
+                kwargs = resolve_refs(kwargs, self.value_of)
+            pool.submit(attempt, spec.fn, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails this task only
+            attempt.final = True
+            self.release(attempt)
+            tr.finished_at = self.clock() + self.offset
+            self.attempt_failed(i, attempt, exc, None, retryable=False)
+
+    def value_of(self, ref: TaskRef) -> Any:
+        return self.values[self.index[ref.id]]
+
+    # Completion -----------------------------------------------------------------------
+
+    def handle(self, msg: tuple[Any, ...], now: float) -> None:
+        attempt, ok, value, worker, tb_text = msg
+        if attempt is None:
+            self.control(ok)
+            return
+        if attempt.pool is self.threads:
+            self.threads.done()
+        if attempt.final:
+            if attempt.holding:
+                self.zombies.discard(attempt)
+                self.release(attempt)
+            return
+        self.release(attempt)
+        i = attempt.index
+        tr = self.runs[i]
+        tr.finished_at = now + self.offset
+        tr.worker = worker
+        if ok:
+            self.succeeded(i, value)
+        elif self.stopping:
+            # The run is stopping: a thread task that returned now is not retried.
+            if isinstance(value, Cancelled):
+                self.finalize(i, TaskState.CANCELLED, "task:cancelled", number=attempt.number)
+            else:
+                self.finalize(i, TaskState.FAILED, "task:failed", value, tb_text,
+                              attempt.number)
+        else:
+            self.attempt_failed(i, attempt, value, tb_text)
+
+    def release(self, attempt: _Attempt) -> None:
+        """Give back the resources ``attempt`` holds, and let parked tasks retry admission."""
+        attempt.holding = False
+        self.nholding -= 1
+        self.running.pop(attempt, None)
+        i = attempt.index
+        for g in self.gates:
+            g.release(i)
+            if g.parked:
+                self.unpark(g)
+
+    def unpark(self, g: Any) -> None:
+        """Move the best parked tasks of ``g`` back to the ready heap, as many as may fit."""
+        free = g.capacity - g.used
+        parked, ready = g.parked, self.ready
+        moved = False
+        while parked:
+            need = g.need(parked[0][2])
+            if need > free and moved:
+                break
+            heapq.heappush(ready, heapq.heappop(parked))
+            free -= need
+            moved = True
+
+    def succeeded(self, i: int, value: Any) -> None:
+        self.values[i] = value
+        tr = self.runs[i]
+        tr.value = value
+        self.finalize(i, TaskState.SUCCEEDED, "task:completed", number=tr.attempts)
+        if not self.stopping:
+            self.release_dependents(i)
+
+    def finalize(self, i: int, state: TaskState, kind: str, error: BaseException | None = None,
+                 tb_text: str | None = None, number: int = 0) -> None:
+        self.state[i] = state
+        self.nfinal += 1
+        tr = self.runs[i]
+        tr.status = _STATUS[state]  # type: ignore[assignment]
+        if error is not None:
+            tr.error = error
+            tr.traceback = tb_text or "".join(traceback.format_exception(error))
+        if self.em:
+            self.emit(kind, i, number, tr.duration, error)
+        if self.debug:
+            logger.debug("%s %s", tr.status, tr.id)
+
+    def release_dependents(self, i: int) -> None:
+        npending, state, ready, keys = self.npending, self.state, self.ready, self.keys
+        now: float | None = None
+        for j in self.dependents[i]:
+            npending[j] -= 1
+            if not npending[j] and state[j] is TaskState.WAITING:
+                state[j] = TaskState.READY
+                if now is None:
+                    now = self.clock() + self.offset
+                self.runs[j].queued_at = now
+                heapq.heappush(ready, keys[j])
+                if self.em:
+                    self.emit("task:queued", j)
+
+    def attempt_failed(self, i: int, attempt: _Attempt, error: BaseException,
+                       tb_text: str | None, *, timed_out: bool = False,
+                       retryable: bool = True) -> None:
+        spec = self.specs[i]
+        tr = self.runs[i]
+        policy = spec.retry
+        if (retryable and policy is not None and not self.stopping
+                and attempt.number <= policy.max_retries and policy.retries(error)):
+            tr.history.append((attempt.number, tr.started_at or 0.0, tr.finished_at or 0.0,
+                               tr.worker, "timed_out" if timed_out else "failed"))
+            self.state[i] = TaskState.RETRY_WAIT
+            delay = policy.delay(attempt.number)
+            self.add_deadline(self.clock() + delay, _RETRY, i)
+            if self.em:
+                self.emit("task:retrying", i, attempt.number, tr.duration, error)
+            logger.warning("task %r attempt %d failed (%s: %s); retrying in %.2fs",
+                           spec.id, attempt.number, type(error).__name__, error, delay)
+            return
+        self.finalize(i, TaskState.TIMED_OUT if timed_out else TaskState.FAILED, "task:failed",
+                      error, tb_text, attempt.number)
+        logger.warning("task %r failed: %s: %s", spec.id, type(error).__name__, error)
+        if self.stopping:
+            return
+        if spec.on_error == "fail":
+            self.stop("failed")
+        elif spec.on_error == "skip":
+            self.partial = True
+            self.skip_downstream(i)
+        else:  # "ignore": dependents run and receive the default
+            self.partial = True
+            self.values[i] = spec.default
+            self.release_dependents(i)
+
+    def skip_downstream(self, i: int) -> None:
+        stack = list(self.dependents[i])
+        state = self.state
+        while stack:
+            j = stack.pop()
+            if state[j] is TaskState.WAITING:
+                self.finalize(j, TaskState.SKIPPED, "task:skipped")
+                stack.extend(self.dependents[j])
+
+    # Deadlines ------------------------------------------------------------------------
+
+    def fire_deadlines(self) -> None:
+        deadlines, clock = self.deadlines, self.clock
+        while deadlines and deadlines[0][0] <= clock():
+            _, _, kind, payload = heapq.heappop(deadlines)
+            if kind == _TIMEOUT:
+                if payload in self.running and not payload.final:
+                    self.timed_out(payload)
+            elif kind == _RETRY:
+                if self.state[payload] is TaskState.RETRY_WAIT and not self.stopping:
+                    self.state[payload] = TaskState.READY
+                    heapq.heappush(self.ready, self.keys[payload])
+            elif kind == _RUN_TIMEOUT:
+                if not self.stopping:
+                    logger.warning("run of %r exceeded its timeout of %gs; stopping",
+                                   self.name, self.timeout)
+                    self.stop("timed_out")
+            elif kind == _GRACE:
+                self.end_grace()
+            elif kind == _RECHECK:
+                self.recheck_pending = False
+                if payload.parked:
+                    self.unpark(payload)
+
+    def timed_out(self, attempt: _Attempt) -> None:
+        i = attempt.index
+        spec = self.specs[i]
+        tr = self.runs[i]
+        error = TaskTimeout(f"task {spec.id!r} attempt {attempt.number} exceeded its timeout "
+                            f"of {spec.timeout:g}s")
+        tr.finished_at = self.clock() + self.offset
+        if self.em:
+            self.emit("task:timeout", i, attempt.number, tr.duration, error)
+        if not self.kill_or_flag(attempt):
+            # A thread cannot be stopped: its outcome is decided now, but it keeps its slot
+            # (and other resources) until the function returns.
+            attempt.final = True
+            self.running.pop(attempt, None)
+            self.zombies.add(attempt)
+        self.attempt_failed(i, attempt, error, None, timed_out=True)
+
+    def kill_or_flag(self, attempt: _Attempt) -> bool:
+        """Stop a running attempt. A process worker is killed: the attempt is then final and
+        its resources are released, and True is returned. A thread gets its cancel flag."""
+        if attempt.pool.kill(attempt):
+            attempt.final = True
+            self.release(attempt)
+            return True
+        attempt.cancel_requested = True
+        return False
+
+    # Stopping -------------------------------------------------------------------------
+
+    def control(self, command: str) -> None:
+        if command == "cancel":
+            if not self.stopping:
+                self.stop("cancelled")
+        elif command == "pause":
+            if not self.paused and not self.stopping:
+                self.paused = True
+                self.emit("workflow:paused")
+        elif command == "resume":
+            if self.paused:
+                self.paused = False
+                self.emit("workflow:resumed")
+
+    def stop(self, status: str) -> None:
+        """Stop starting tasks; cancel the pending ones; stop the running ones."""
+        if self.stopping:
+            return
+        self.stopping = status
+        state = self.state
+        for i in range(self.n):
+            s = state[i]
+            if s < TaskState.RUNNING or s is TaskState.RETRY_WAIT:
+                self.finalize(i, TaskState.CANCELLED, "task:cancelled")
+        self.ready.clear()
+        for g in self.gates:
+            g.parked.clear()
+        for attempt in list(self.running):
+            if self.kill_or_flag(attempt):
+                i = attempt.index
+                self.runs[i].finished_at = self.clock() + self.offset
+                self.finalize(i, TaskState.CANCELLED, "task:cancelled", number=attempt.number)
+        for attempt in self.zombies:
+            attempt.cancel_requested = True
+        if self.running or self.zombies:
+            self.start_grace()  # thread attempts may still return; wait for them, briefly
+
+    def end_grace(self) -> None:
+        """The grace period is over: give up on thread attempts that ignored their flag."""
+        self.grace_ended = True
+        late = list(self.running)  # only thread attempts can still be undecided here
+        for attempt in late:
+            attempt.final = True
+            self.running.pop(attempt, None)
+            self.zombies.add(attempt)
+            self.runs[attempt.index].finished_at = self.clock() + self.offset
+            self.finalize(attempt.index, TaskState.CANCELLED, "task:cancelled",
+                          number=attempt.number)
+        if self.zombies:
+            ids = ", ".join(sorted({a.task_id for a in self.zombies}))
+            msg = (f"run of {self.name!r}: thread task(s) {ids} still running {GRACE:g}s after "
+                   "being asked to stop; they ignored px.current().cancelled(). Their threads "
+                   "go on in the background (they will not block interpreter exit).")
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=1)
+
+    # The end --------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        global _last_result
+        self.threads.shutdown()
+        end = self.clock()
+        for i in range(self.n):  # only after an internal error can tasks be left open
+            if self.state[i] < _FINAL:
+                self.state[i] = TaskState.CANCELLED
+                self.runs[i].status = "cancelled"
+        status = self.stopping or ("partial" if self.partial else "succeeded")
+        stats = self.stats(end)
+        self.result = RunResult(self.name, status, {tr.id: tr for tr in self.runs},  # type: ignore[arg-type]
+                                stats, self.t0 + self.offset, end + self.offset)
+        _last_result = self.result
+        kind = {"succeeded": "workflow:completed", "partial": "workflow:completed",
+                "cancelled": "workflow:cancelled"}.get(status, "workflow:failed")
+        if self.emitter.wants(kind):
+            self.emitter.emit(Event(kind, self.name, None, end + self.offset, 0, stats.makespan,
+                                    None))
+        logger.info("run of %r %s in %.3fs", self.name, status, stats.makespan)
+
+    def stats(self, end: float) -> RunStats:
+        makespan = end - self.t0
+        spans: list[tuple[float, float]] = []
+        for tr in self.runs:
+            for _, s, f, _, _ in tr.history:
+                spans.append((s, f))
+            if tr.started_at is not None and tr.finished_at is not None:
+                spans.append((tr.started_at, tr.finished_at))
+        total = sum(f - s for s, f in spans)
+        points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
+        cur = peak = 0
+        for _, d in points:
+            cur += d
+            peak = max(peak, cur)
+        durations = [tr.duration or 0.0 for tr in self.runs]
+        pools = {g.name[5:]: g.utilization() for g in self.gates if g.name.startswith("pool:")}
+        for pool in self.wf.pools:
+            pools.setdefault(pool, 0.0)
+        return RunStats(
+            makespan=makespan, total_task_time=total,
+            speedup=total / makespan if makespan > 0 else 0.0,
+            max_concurrency=peak, mean_concurrency=total / makespan if makespan > 0 else 0.0,
+            pool_utilization=pools,
+            critical_path=critical_path(self.graph, durations) if self.n else [],
+            scheduler_overhead=getattr(self, "cpu_time", 0.0))
+
+
+class Run:
+    """A run in progress, returned by ``px.start``.
+
+    Usage::
+
+        run = px.start(wf)
+        ...                      # the caller is free meanwhile
+        run.pause(); run.resume()
+        result = run.wait()      # or run.cancel()
+    """
+
+    def __init__(self, scheduler: _Scheduler, check: bool) -> None:
+        self._scheduler = scheduler
+        self._check = check
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=f"parexec-run-{scheduler.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._scheduler.main()
+        finally:
+            self._done.set()
+
+    @property
+    def workflow(self) -> str:
+        """The workflow's name."""
+        return self._scheduler.name
+
+    def pause(self) -> None:
+        """Start no new task until ``resume()``; running tasks go on."""
+        self._scheduler.queue.put((None, "pause", None, None, None))
+
+    def resume(self) -> None:
+        """Start tasks again after ``pause()``."""
+        self._scheduler.queue.put((None, "resume", None, None, None))
+
+    def cancel(self) -> None:
+        """Stop the run: pending tasks are cancelled, process tasks are stopped at once,
+        thread tasks get their cancel flag. Returns at once; ``wait()`` for the result."""
+        self._scheduler.queue.put((None, "cancel", None, None, None))
+
+    def done(self) -> bool:
+        """Whether the run has finished."""
+        return self._done.is_set()
+
+    @property
+    def result(self) -> RunResult | None:
+        """The ``RunResult`` once the run finished, else None."""
+        return self._scheduler.result if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Block until the run finishes and return its ``RunResult``.
+
+        Args:
+            timeout: Seconds to wait at most (None: no limit).
+
+        Raises:
+            WaitTimeout: The run did not finish within ``timeout`` (it goes on).
+            WorkflowFailed: ``check=True`` and the run failed or timed out.
+        """
+        if not self._done.wait(timeout):
+            raise WaitTimeout(f"run of {self.workflow!r} still going after {timeout}s")
+        s = self._scheduler
+        if s.crash is not None:
+            raise s.crash
+        assert s.result is not None
+        if self._check and s.result.status in ("failed", "timed_out"):
+            raise s.result._failure()
+        return s.result
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"<Run {self.workflow!r} {state}>"
+
+
+def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
+          cpu_budget: float | None = None, memory_budget: int | str | None = None,
+          timeout: float | None = None, progress: bool | str = "auto",
+          on_event: Callable[[Event], Any] | None = None, store: Any = None,
+          resume: bool = False, cluster: Any = None, check: bool = True) -> Run:
+    """Validate ``wf`` and start running it on a scheduler thread; return a ``Run`` handle.
+
+    Takes the same arguments as ``run``. Nothing runs if validation fails.
+    """
+    if not isinstance(wf, Workflow):
+        raise TaskOptionError(f"px.run/px.start need a px.Workflow, got {type(wf).__name__}")
+    max_workers = check_max_workers(max_workers, "run") or wf.max_workers or _cpu_count()
+    if not parallel:
+        max_workers = 1
+    explicit_cpu = check_cpu_budget(cpu_budget, "run") or wf.cpu_budget
+    cpus = explicit_cpu or float(max_workers)
+    timeout = check_timeout(timeout, "run") or wf.timeout
+    if memory_budget is not None:
+        from ._task import parse_size
+        mem_budget: int | None = parse_size(memory_budget, what="run: memory_budget")
+    else:
+        mem_budget = wf.memory_budget
+    if resume and store is None:
+        raise TaskOptionError("resume=True needs store='path.db' (the store to resume from)")
+    if store is not None:
+        raise TaskOptionError("store= is not available in this version of parexec")
+    graph = wf.graph()
+    specs = list(wf.tasks.values())
+    if mem_budget is None and any(s.memory for s in specs):
+        import psutil
+        mem_budget = int(psutil.virtual_memory().available * 0.9)
+    check_resources(wf, graph, cpu_budget=cpus, memory_budget=mem_budget, specs=specs)
+    for s in specs:
+        if (s.isolation or wf.isolation) == "cluster":
+            raise WorkflowError(
+                f"task {s.id!r} has isolation='cluster', but this version of parexec has no "
+                "cluster support; use isolation='process'")
+    _check_picklable(wf, specs)
+    subscribers = list(wf._listeners)
+    if on_event is not None:
+        if not callable(on_event):
+            raise TaskOptionError(f"on_event={on_event!r} must be a callable taking an Event")
+        subscribers.append(("*", on_event))
+    if want_progress(progress) and len(specs):
+        subscribers.append(("*", ProgressBar(len(specs), wf.name)))
+    scheduler = _Scheduler(wf, max_workers=max_workers, cpu_budget=cpus,
+                           memory_budget=mem_budget or 0, timeout=timeout,
+                           subscribers=subscribers, force_cpu_gate=explicit_cpu is not None)
+    return Run(scheduler, check)
+
+
+def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
+        cpu_budget: float | None = None, memory_budget: int | str | None = None,
+        timeout: float | None = None, progress: bool | str = "auto",
+        on_event: Callable[[Event], Any] | None = None, store: Any = None,
+        resume: bool = False, cluster: Any = None, check: bool = True) -> RunResult:
+    """Run a workflow to the end and return its ``RunResult``.
+
+    Usage::
+
+        result = px.run(wf, max_workers=4, timeout=600)
+        print(result.summary())
+
+    Args:
+        wf: The workflow.
+        max_workers: Task slots (default: the workflow's, else ``loky.cpu_count()``).
+        parallel: False runs one task at a time in a deterministic topological order.
+        cpu_budget: Cores the running tasks' ``cpus`` may add up to (default: max_workers).
+        memory_budget: Bytes (or ``"16GB"``) the running tasks' ``memory`` may add up to
+            (default: 90% of the memory available at the start).
+        timeout: Seconds the whole run may take; then it stops with status ``"timed_out"``.
+        progress: ``"auto"`` (a bar on terminals and notebooks), True or False.
+        on_event: Called with every ``Event``, on the scheduler thread.
+        store: Path of a SQLite file recording finished tasks.
+        resume: Serve tasks recorded as succeeded in ``store`` instead of running them.
+        cluster: A Dask ``Client`` (or scheduler address) for ``"cluster"`` tasks.
+        check: Raise ``WorkflowFailed`` if the run's status is ``"failed"`` or ``"timed_out"``.
+
+    Raises:
+        WorkflowError: The workflow is invalid (nothing ran).
+        WorkflowFailed: ``check`` is true and the run failed or timed out.
+        KeyboardInterrupt: Ctrl-C; the run was cancelled and cleaned up first, and its partial
+            result is at ``px.last_result()``.
+    """
+    handle = start(wf, max_workers=max_workers, parallel=parallel, cpu_budget=cpu_budget,
+                   memory_budget=memory_budget, timeout=timeout, progress=progress,
+                   on_event=on_event, store=store, resume=resume, cluster=cluster, check=check)
+    try:
+        return handle.wait()
+    except KeyboardInterrupt:
+        handle.cancel()
+        while True:
+            try:
+                handle._done.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # cleanup is bounded by the grace period; finish it
+        raise
+
+
+def _cpu_count() -> int:
+    from loky.backend.context import cpu_count
+    return max(1, int(cpu_count()))
+
+
+def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
+    """Pickle each distinct function of a process task once, before anything runs."""
+    seen: set[int] = set()
+    for s in specs:
+        if (s.isolation or wf.isolation) != "process" or id(s.fn) in seen:
+            continue
+        seen.add(id(s.fn))
+        import cloudpickle
+        try:
+            cloudpickle.dumps(s.fn)
+        except Exception as exc:  # noqa: BLE001
+            raise PicklingError(
+                f"task {s.id!r} runs in a process, but its function cannot be pickled "
+                f"({type(exc).__name__}: {exc}); define it at module level or in a notebook "
+                "cell without references to locks, files or sockets, or use "
+                "isolation='thread'") from exc
+

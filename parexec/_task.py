@@ -1,0 +1,455 @@
+"""Declaring tasks: ``px.task``, its options, and the references tasks pass to each other.
+
+A ``TaskTemplate`` is what ``@px.task`` returns. Called inside ``with px.Workflow(...)``
+it adds one ``TaskSpec`` to that workflow and returns a ``TaskRef``; called anywhere else it
+simply calls the function. Any ``TaskRef`` found in the arguments (also inside lists,
+tuples, dicts and sets) is a data dependency, replaced by the upstream task's value before
+the call.
+
+Options are checked when they are given, so a typo fails at definition time, naming the task.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+from ._errors import TaskOptionError
+
+if TYPE_CHECKING:
+    from ._workflow import Workflow
+
+__all__ = ["Retry", "TaskRef", "TaskSpec", "TaskTemplate", "parse_size", "task"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Isolation = Literal["thread", "process", "cluster"]
+OnError = Literal["fail", "skip", "ignore"]
+ISOLATIONS = ("thread", "process", "cluster")
+ON_ERRORS = ("fail", "skip", "ignore")
+
+# Decimal and binary units, as dask.utils.parse_bytes reads them; single letters are decimal.
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | float | str, *, what: str = "memory") -> int:
+    """Parse a memory size: bytes as a number, or a string like ``"512MB"`` or ``"2GiB"``.
+
+    Args:
+        value: A positive number of bytes, or a number followed by a unit (B, KB, MB, GB,
+            TB decimal; KiB, MiB, GiB, TiB binary; case-insensitive).
+        what: The name of the field, used in the error message.
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        TaskOptionError: The value is not a positive size.
+    """
+    if isinstance(value, bool):
+        raise TaskOptionError(f"{what}={value!r} is not a size; give bytes or a string like '2GB'")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit not in _UNITS:
+            raise TaskOptionError(
+                f"{what}={value!r} has an unknown unit {m.group(2)!r}; use one of "
+                "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '512MB' or '2GiB')")
+    else:
+        raise TaskOptionError(
+            f"{what}={value!r} is not a size; give bytes or a string like '512MB' or '2GiB'")
+    size = number * _UNITS[unit]
+    if not math.isfinite(size) or size <= 0:
+        raise TaskOptionError(f"{what}={value!r} must be a positive size")
+    return int(size)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a failed attempt is retried.
+
+    The delay before attempt ``n + 1`` is ``min(max_delay, initial_delay * backoff**(n - 1))``
+    plus a uniform random offset in ``[-jitter, +jitter]`` seconds (never below zero). Only
+    exceptions that are instances of ``on`` are retried. Waiting for a retry holds no slot.
+
+    Usage::
+
+        @px.task(retry=px.Retry(3, initial_delay=0.5, on=(OSError,)))
+        def fetch(url): ...
+
+    Args:
+        max_retries: How many times to retry after the first attempt (>= 0).
+        initial_delay: Seconds before the first retry.
+        backoff: Factor applied to the delay after each retry (>= 1).
+        max_delay: Upper bound of a delay, in seconds.
+        jitter: Largest random offset added to or removed from a delay, in seconds.
+        on: Exception types that are retried.
+    """
+
+    max_retries: int
+    initial_delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 60.0
+    jitter: float = 0.0
+    on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) \
+                or self.max_retries < 0:
+            raise TaskOptionError(
+                f"Retry(max_retries={self.max_retries!r}) must be an integer >= 0")
+        for field, low in (("initial_delay", 0.0), ("backoff", 1.0), ("max_delay", 0.0),
+                           ("jitter", 0.0)):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not value >= low or not math.isfinite(value):
+                raise TaskOptionError(f"Retry({field}={value!r}) must be a number >= {low:g}")
+        on = self.on
+        if isinstance(on, type):
+            on = (on,)
+        if not isinstance(on, tuple) or not on or not all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in on):
+            raise TaskOptionError(
+                f"Retry(on={self.on!r}) must be an exception type or a tuple of them")
+        object.__setattr__(self, "on", on)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        if self.jitter:
+            base += (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, base)
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether ``error`` is of a type this policy retries."""
+        return isinstance(error, self.on)
+
+
+class TaskRef:
+    """A reference to a task's future value, usable as an argument of another task.
+
+    Attributes:
+        id: The task id.
+        workflow: The workflow the task belongs to.
+    """
+
+    __slots__ = ("id", "workflow")
+
+    def __init__(self, workflow: Workflow, id: str) -> None:
+        self.workflow = workflow
+        self.id = id
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id!r}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{self!r} is a reference to a task's future value and cannot be pickled; pass it "
+            "as an argument of another task of the same workflow (parexec replaces it by the "
+            "value before the call)")
+
+
+class TaskSpec:
+    """One task of a workflow, as declared (what ``wf[id]`` returns).
+
+    Attributes mirror the options of ``px.task``; ``deps`` are the ids this task depends on
+    (data dependencies first, then ``after=``), in declaration order and without repeats.
+    """
+
+    __slots__ = ("id", "name", "fn", "args", "kwargs", "deps", "has_refs", "isolation",
+                 "priority", "estimate", "timeout", "retry", "on_error", "cpus", "memory",
+                 "pools", "default", "kind")
+
+    def __init__(self, id: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], deps: tuple[str, ...], has_refs: bool,
+                 options: Mapping[str, Any]) -> None:
+        self.id = id
+        self.name: str = options.get("name") or id
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.deps = deps
+        self.has_refs = has_refs
+        self.isolation: Isolation | None = options.get("isolation")
+        self.priority: int = options.get("priority", 0)
+        self.estimate: float | None = options.get("estimate")
+        self.timeout: float | None = options.get("timeout")
+        self.retry: Retry | None = options.get("retry")
+        self.on_error: OnError = options.get("on_error", "fail")
+        self.cpus: float = options.get("cpus", 1)
+        self.memory: int | None = options.get("memory")
+        self.pools: dict[str, int] = options.get("pools", {})
+        self.default: Any = options.get("default")
+        self.kind = "task"
+
+    def __repr__(self) -> str:
+        fn = getattr(self.fn, "__qualname__", repr(self.fn))
+        return f"<TaskSpec {self.id!r} fn={fn} deps={list(self.deps)}>"
+
+
+# Option parsing ---------------------------------------------------------------------------
+
+_OPTIONS = ("id", "name", "isolation", "priority", "estimate", "timeout", "retry", "on_error",
+            "cpus", "memory", "pools", "after", "default")
+
+
+def _positive(task: str, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (value > 0 and math.isfinite(value)):
+        raise TaskOptionError(
+            f"task {task!r}: {field}={value!r} must be a positive number of seconds")
+    return float(value)
+
+
+def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate and normalise task options; return them as a new dict.
+
+    Args:
+        task: The task id or function name, for messages.
+        options: Options as given to ``px.task``.
+
+    Raises:
+        TaskOptionError: An option is unknown or has an unusable value.
+    """
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in _OPTIONS:
+            close = difflib.get_close_matches(key, _OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else \
+                f"; known options: {', '.join(_OPTIONS)}"
+            raise TaskOptionError(f"task {task!r}: unknown option {key!r}{hint}")
+        if key in ("id", "name"):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TaskOptionError(f"task {task!r}: {key}={value!r} must be a non-empty string")
+        elif key == "isolation":
+            if value is not None and value not in ISOLATIONS:
+                raise TaskOptionError(
+                    f"task {task!r}: isolation={value!r} is unknown; use one of "
+                    f"{', '.join(map(repr, ISOLATIONS))}")
+        elif key == "priority":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TaskOptionError(f"task {task!r}: priority={value!r} must be an integer")
+        elif key == "estimate":
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or not (value >= 0 and math.isfinite(value)):
+                    raise TaskOptionError(
+                        f"task {task!r}: estimate={value!r} must be a number of seconds >= 0")
+                value = float(value)
+        elif key == "timeout":
+            if value is not None:
+                value = _positive(task, "timeout", value)
+        elif key == "retry":
+            if value is None or value == 0:
+                value = None
+            elif isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    value = Retry(max_retries=value)
+                except TaskOptionError as exc:
+                    raise TaskOptionError(f"task {task!r}: {exc}") from None
+            elif not isinstance(value, Retry):
+                raise TaskOptionError(
+                    f"task {task!r}: retry={value!r} must be px.Retry(...) or an int "
+                    "(the number of retries)")
+        elif key == "on_error":
+            if value not in ON_ERRORS:
+                raise TaskOptionError(
+                    f"task {task!r}: on_error={value!r} is unknown; use one of "
+                    f"{', '.join(map(repr, ON_ERRORS))}")
+        elif key == "cpus":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not (value > 0 and math.isfinite(value)):
+                raise TaskOptionError(f"task {task!r}: cpus={value!r} must be a number > 0")
+        elif key == "memory":
+            if value is not None:
+                try:
+                    value = parse_size(value)
+                except TaskOptionError as exc:
+                    raise TaskOptionError(f"task {task!r}: {exc}") from None
+        elif key == "pools":
+            value = _check_pools(task, value)
+        elif key == "after":
+            if value is None:
+                value = ()
+            elif isinstance(value, (str, TaskRef)):
+                value = (value,)
+            else:
+                value = tuple(value)
+            for item in value:
+                if not isinstance(item, (str, TaskRef)):
+                    raise TaskOptionError(
+                        f"task {task!r}: after= entries must be task refs or ids, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _check_pools(task: str, value: Any) -> dict[str, int]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {value: 1}
+    if isinstance(value, Mapping):
+        pools: dict[str, int] = {}
+        for name, units in value.items():
+            if not isinstance(name, str) or isinstance(units, bool) \
+                    or not isinstance(units, int) or units < 1:
+                raise TaskOptionError(
+                    f"task {task!r}: pools={dict(value)!r} must map pool names to whole "
+                    "numbers of units >= 1, e.g. {'database': 1}")
+            pools[name] = units
+        return pools
+    if isinstance(value, Iterable):
+        names = list(value)
+        if all(isinstance(n, str) for n in names):
+            return {n: 1 for n in names}
+    raise TaskOptionError(
+        f"task {task!r}: pools={value!r} must be a pool name or a mapping like {{'database': 1}}")
+
+
+# References inside arguments --------------------------------------------------------------
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def find_refs(obj: Any, found: list[TaskRef]) -> None:
+    """Append every TaskRef inside ``obj`` (nested in list/tuple/dict/set) to ``found``."""
+    if isinstance(obj, TaskRef):
+        found.append(obj)
+    elif isinstance(obj, _CONTAINERS):
+        for item in (obj.values() if isinstance(obj, dict) else obj):
+            if isinstance(item, TaskRef) or isinstance(item, _CONTAINERS):
+                find_refs(item, found)
+
+
+def resolve_refs(obj: Any, value_of: Callable[[TaskRef], Any]) -> Any:
+    """Return ``obj`` with every TaskRef replaced by ``value_of(ref)``; containers are copied."""
+    if isinstance(obj, TaskRef):
+        return value_of(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, resolve_refs(v, value_of)) for k, v in obj.items()) \
+            if type(obj) is dict else _rebuild_mapping(obj, value_of)
+    if isinstance(obj, (list, set, frozenset)):
+        return type(obj)(resolve_refs(v, value_of) for v in obj)
+    if isinstance(obj, tuple):
+        items = [resolve_refs(v, value_of) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def _rebuild_mapping(obj: dict[Any, Any], value_of: Callable[[TaskRef], Any]) -> Any:
+    new = obj.copy()
+    for k, v in obj.items():
+        new[k] = resolve_refs(v, value_of)
+    return new
+
+
+# Templates --------------------------------------------------------------------------------
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", None)
+    if not isinstance(name, str):
+        inner = getattr(fn, "func", None)  # functools.partial
+        name = getattr(inner, "__name__", None) or type(fn).__name__
+    return name
+
+
+class TaskTemplate(Generic[P, R]):
+    """A function declared as a task, with its default options.
+
+    Called inside ``with px.Workflow(...)``, it adds a task and returns a ``TaskRef``;
+    called outside any workflow, it calls the function and returns its value.
+
+    Attributes:
+        fn: The plain function.
+    """
+
+    def __init__(self, fn: Callable[P, R], options: Mapping[str, Any] | None = None) -> None:
+        if not callable(fn):
+            raise TaskOptionError(f"px.task needs a callable, got {fn!r}")
+        self.fn = fn
+        self._options = check_options(_fn_name(fn), options or {})
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    @property
+    def default_options(self) -> dict[str, Any]:
+        """The options every task made from this template starts with."""
+        return dict(self._options)
+
+    def options(self, **overrides: Any) -> TaskTemplate[P, R]:
+        """Return a new template with some options replaced.
+
+        Example: ``load.options(id="load-b", timeout=5)("b.csv")``.
+        """
+        name = overrides.get("id") or self._options.get("id") or _fn_name(self.fn)
+        merged = {**self._options, **check_options(name, overrides)}
+        return TaskTemplate(self.fn, merged)
+
+    @overload
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    def __call__(self, *args: Any, **kwargs: Any) -> TaskRef: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ._workflow import current_workflow
+        wf = current_workflow()
+        if wf is None:
+            return self.fn(*args, **kwargs)
+        return wf._add(self.fn, args, kwargs, self._options)
+
+    def __repr__(self) -> str:
+        return f"<TaskTemplate {_fn_name(self.fn)} {self._options}>"
+
+    def __reduce__(self) -> Any:
+        # A template pickles as its plain function's template: process tasks that call
+        # other templates (outside a workflow they are plain calls) keep working.
+        return (TaskTemplate, (self.fn, self._options))
+
+
+@overload
+def task(fn: Callable[P, R], /) -> TaskTemplate[P, R]: ...
+@overload
+def task(fn: None = None, /, **options: Any) -> Callable[[Callable[P, R]], TaskTemplate[P, R]]: ...
+
+
+def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
+    """Declare a function as a task, bare (``@px.task``) or with options.
+
+    Usage::
+
+        @px.task(isolation="process", memory="2GB", timeout=60, retry=3)
+        def fit(frame, alpha=1.0): ...
+
+    Args:
+        fn: The function (when used as a bare decorator).
+        **options: ``id``, ``name``, ``isolation``, ``priority``, ``estimate``, ``timeout``,
+            ``retry``, ``on_error``, ``cpus``, ``memory``, ``pools``, ``after``, ``default``.
+
+    Returns:
+        A ``TaskTemplate``, or a decorator producing one.
+
+    Raises:
+        TaskOptionError: An option is unknown or has an unusable value.
+    """
+    if fn is not None:
+        if options:
+            raise TaskOptionError("use @px.task or @px.task(**options), not both")
+        return TaskTemplate(fn)
+
+    def decorate(f: Callable[P, R]) -> TaskTemplate[P, R]:
+        return TaskTemplate(f, options)
+    return decorate

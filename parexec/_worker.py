@@ -1,0 +1,194 @@
+"""What runs inside a worker: the task context, and the process worker's main loop.
+
+A process worker is a loky-spawned process holding one end of a duplex pipe. It reads one
+pickled payload at a time, runs it, and writes back one pickled outcome::
+
+    parent (scheduler thread)                     worker process
+      cloudpickle((task_id, attempt, cpus, fn, args, kwargs)) ──► run_payload()
+      reader thread ◄── pickle((ok, value | error bytes, traceback text, type name, peak))
+
+Everything a task needs travels in that one payload. The worker ignores SIGINT (a notebook's
+interrupt button signals the whole process group; the scheduler alone decides what to stop)
+and exits as soon as its parent process is gone, even in the middle of a task.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import traceback
+from typing import Any
+
+from ._errors import Cancelled, ParexecError
+
+__all__ = ["TaskContext", "current"]
+
+
+class TaskContext:
+    """What a running task knows about itself; returned by ``px.current()``.
+
+    Attributes:
+        task_id: The id of the running task.
+        attempt: The attempt number, 1 for the first try.
+    """
+
+    __slots__ = ("task_id", "attempt", "_flag")
+
+    def __init__(self, task_id: str, attempt: int, flag: Any = None) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self._flag = flag  # an object whose ``cancel_requested`` the scheduler sets
+
+    def cancelled(self) -> bool:
+        """Whether the run asked this task to stop (cancellation, timeout, a failed run).
+
+        A thread task cannot be interrupted: it should call this (or ``check()``) between
+        steps of long work and return early. A process task is killed instead, so in a
+        process this is always False.
+        """
+        flag = self._flag
+        return flag is not None and flag.cancel_requested
+
+    def check(self) -> None:
+        """Raise ``px.Cancelled`` if this task was asked to stop."""
+        if self.cancelled():
+            raise Cancelled(f"task {self.task_id!r} (attempt {self.attempt}) was cancelled")
+
+    def __repr__(self) -> str:
+        return f"<TaskContext {self.task_id!r} attempt={self.attempt}>"
+
+
+# The running task of this thread: thread workers set ``attempt`` (the scheduler's attempt
+# record, which has task_id / number / cancel_requested); process workers set ``context``.
+_local = threading.local()
+
+
+def current() -> TaskContext:
+    """The context of the task running in this thread.
+
+    Raises:
+        ParexecError: Called outside a running task.
+    """
+    ctx = getattr(_local, "context", None)
+    if ctx is not None:
+        return ctx  # type: ignore[no-any-return]
+    attempt = getattr(_local, "attempt", None)
+    if attempt is None:
+        raise ParexecError("px.current() can only be called inside a running task")
+    return TaskContext(attempt.task_id, attempt.number, attempt)
+
+
+# Process workers ------------------------------------------------------------------------
+
+def worker_main(conn: Any) -> None:
+    """Entry point of a process worker: serve payloads from ``conn`` until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent()
+    recv, send = conn.recv_bytes, conn.send_bytes
+    while True:
+        try:
+            data = recv()
+        except (EOFError, OSError):
+            return
+        send(run_payload(data))
+        del data
+
+
+def _watch_parent() -> None:
+    """Exit this process as soon as the parent dies, even while a task runs.
+
+    A pidfd becomes readable when the process exits (Linux >= 5.3); elsewhere the watcher
+    falls back to noticing that it was re-parented.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        try:
+            import select
+            fd = os.pidfd_open(parent)
+            select.select([fd], [], [])
+        except (AttributeError, OSError):
+            import time
+            # No pidfd: re-parenting is the only signal left. Checked once a second in this
+            # worker's own thread; the scheduler never polls.
+            while os.getppid() == parent:
+                time.sleep(1.0)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parexec-parent-watch", daemon=True).start()
+
+
+def run_payload(data: bytes) -> bytes:
+    """Run one pickled task call and return its pickled outcome (never raises)."""
+    task_id = "?"
+    try:
+        task_id, attempt, cpus, fn, args, kwargs = pickle.loads(data)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, not raised
+        return _error_outcome(task_id, exc, "could not unpickle the task in the worker: ")
+    _local.context = TaskContext(task_id, attempt)
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001
+        tb = exc.__traceback__
+        if tb is not None:
+            exc.__traceback__ = tb.tb_next  # hide this wrapper's frame
+        return _error_outcome(task_id, exc)
+    finally:
+        _local.context = None
+    try:
+        return pickle.dumps((True, value, None, None), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - try harder below
+        pass
+    try:
+        import cloudpickle
+        return cloudpickle.dumps((True, value, None, None), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001
+        from ._errors import PicklingError
+        err = PicklingError(
+            f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
+            f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
+            "with isolation='thread'")
+        return _error_outcome(task_id, err)
+
+
+def _error_outcome(task_id: str, exc: BaseException, prefix: str = "") -> bytes:
+    """Pickle an error with its traceback (tblib), keeping its text as a fallback."""
+    tb_text = "".join(traceback.format_exception(exc))
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    if prefix:
+        err: BaseException = ParexecError(f"task {task_id!r}: {prefix}{type(exc).__name__}: {exc}")
+        return pickle.dumps((False, pickle.dumps(err), tb_text, type_name))
+    try:
+        from tblib import pickling_support
+        import cloudpickle
+        pickling_support.install(exc)
+        blob = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # noqa: BLE001 - the parent rebuilds a RemoteError from the text
+        blob = None
+    return pickle.dumps((False, blob, tb_text, type_name), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None]:
+    """Parent side of ``run_payload``: return ``(ok, value or error, traceback text)``."""
+    from ._errors import RemoteError
+    try:
+        ok, payload, tb_text, type_name = pickle.loads(data)
+    except BaseException as exc:  # noqa: BLE001
+        return False, RemoteError(
+            f"task {task_id!r}: its result could not be unpickled in the parent "
+            f"({type(exc).__name__}: {exc}); make sure the modules it uses are importable "
+            "in the parent process"), None
+    if ok:
+        return True, payload, None
+    if payload is not None:
+        try:
+            return False, pickle.loads(payload), tb_text
+        except BaseException as exc:  # noqa: BLE001
+            reason = f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "it could not be pickled in the worker"
+    return False, RemoteError(
+        f"task {task_id!r} raised {type_name}, which could not be sent back as itself "
+        f"({reason}); its worker traceback follows", type_name or "", tb_text or ""), tb_text

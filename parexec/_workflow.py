@@ -1,0 +1,281 @@
+"""Workflows: a named set of task specs, and the ``with`` block that fills it.
+
+A workflow is data. It holds specs in creation order; ``validate()`` compiles them into a
+``Graph`` (cached until the next change) and checks resources against the workflow's own
+settings. Running it is the scheduler's business (``px.run`` / ``px.start``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from ._errors import DuplicateTaskError, MissingDependencyError, TaskOptionError
+from ._graph import Graph, compile_graph, critical_path, levels, to_dot
+from ._task import ISOLATIONS, TaskRef, TaskSpec, TaskTemplate, _fn_name, find_refs, parse_size
+
+if TYPE_CHECKING:
+    from ._events import Event
+
+__all__ = ["Workflow", "current_workflow"]
+
+_active: contextvars.ContextVar[tuple[Workflow, ...]] = contextvars.ContextVar(
+    "parexec_active_workflows", default=())
+
+
+def current_workflow() -> Workflow | None:
+    """The innermost workflow whose ``with`` block is open in this context, if any."""
+    stack = _active.get()
+    return stack[-1] if stack else None
+
+
+class Workflow:
+    """A named graph of tasks.
+
+    Usage::
+
+        with px.Workflow("etl", max_workers=4, pools={"database": 2}) as wf:
+            a = load("a.csv")
+            b = load("b.csv")
+            merge(a, b)
+        result = px.run(wf)
+
+    Args:
+        name: The workflow's name (shown in events, summaries and traces).
+        max_workers: Default number of task slots for runs of this workflow.
+        pools: Named resource pools and their capacities, e.g. ``{"database": 2}``.
+        memory_budget: Default memory budget (bytes or ``"16GB"``).
+        cpu_budget: Default CPU budget (cores).
+        isolation: Default isolation of tasks that do not choose one.
+        timeout: Default time limit of a whole run, in seconds.
+        description: Free text.
+
+    Raises:
+        TaskOptionError: A setting has an unusable value.
+    """
+
+    def __init__(self, name: str = "workflow", *, max_workers: int | None = None,
+                 pools: Mapping[str, int] | None = None,
+                 memory_budget: int | str | None = None, cpu_budget: float | None = None,
+                 isolation: str = "thread", timeout: float | None = None,
+                 description: str = "") -> None:
+        if not isinstance(name, str) or not name:
+            raise TaskOptionError(f"Workflow name={name!r} must be a non-empty string")
+        self.name = name
+        self.max_workers = check_max_workers(max_workers, f"Workflow {name!r}")
+        self.pools: dict[str, int] = {}
+        for pool, capacity in (pools or {}).items():
+            if not isinstance(pool, str) or isinstance(capacity, bool) \
+                    or not isinstance(capacity, int) or capacity < 1:
+                raise TaskOptionError(
+                    f"Workflow {name!r}: pools={dict(pools or {})!r} must map pool names to "
+                    "whole capacities >= 1, e.g. {'database': 2}")
+            self.pools[pool] = capacity
+        self.memory_budget = None if memory_budget is None else \
+            parse_size(memory_budget, what=f"Workflow {name!r}: memory_budget")
+        self.cpu_budget = check_cpu_budget(cpu_budget, f"Workflow {name!r}")
+        if isolation not in ISOLATIONS:
+            raise TaskOptionError(
+                f"Workflow {name!r}: isolation={isolation!r} is unknown; use one of "
+                f"{', '.join(map(repr, ISOLATIONS))}")
+        self.isolation = isolation
+        self.timeout = check_timeout(timeout, f"Workflow {name!r}")
+        self.description = description
+        self._specs: dict[str, TaskSpec] = {}
+        self._name_counts: dict[str, int] = {}
+        self._graph: Graph | None = None
+        self._listeners: list[tuple[str, Callable[[Event], Any]]] = []
+        self._token: contextvars.Token[tuple[Workflow, ...]] | None = None
+
+    # The with block -------------------------------------------------------------------
+
+    def __enter__(self) -> Workflow:
+        self._token = _active.set(_active.get() + (self,))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _active.reset(self._token)
+            self._token = None
+
+    # Building -------------------------------------------------------------------------
+
+    def add(self, fn: Callable[..., Any] | TaskTemplate[Any, Any], /, *args: Any,
+            **kwargs: Any) -> TaskRef:
+        """Add a task calling ``fn(*args, **kwargs)`` and return its ``TaskRef``.
+
+        ``fn`` may be a plain function or a ``TaskTemplate`` (whose options apply). To give
+        options, use a template: ``wf.add(load.options(id="load-b"), "b.csv")``.
+        """
+        if isinstance(fn, TaskTemplate):
+            return self._add(fn.fn, args, kwargs, fn._options)
+        if not callable(fn):
+            raise TaskOptionError(f"Workflow.add needs a function or a px.task, got {fn!r}")
+        return self._add(fn, args, kwargs, {})
+
+    def _add(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+             options: Mapping[str, Any]) -> TaskRef:
+        tid = options.get("id")
+        if tid is None:
+            tid = self._auto_id(_fn_name(fn))
+        elif tid in self._specs:
+            raise DuplicateTaskError(
+                f"workflow {self.name!r} already has a task with id {tid!r}; give this task "
+                "another id= (ids must be unique within a workflow)")
+        refs: list[TaskRef] = []
+        if args:
+            find_refs(args, refs)
+        if kwargs:
+            find_refs(kwargs, refs)
+        after = options.get("after", ())
+        deps: tuple[str, ...] = ()
+        if refs or after:
+            seen: dict[str, None] = {}
+            for ref in refs:
+                self._check_ref(tid, ref)
+                seen[ref.id] = None
+            for item in after:
+                if isinstance(item, TaskRef):
+                    self._check_ref(tid, item)
+                    item = item.id
+                seen[item] = None
+            deps = tuple(seen)
+        self._specs[tid] = TaskSpec(tid, fn, args, kwargs, deps, bool(refs), options)
+        self._graph = None
+        return TaskRef(self, tid)
+
+    def _auto_id(self, base: str) -> str:
+        count = self._name_counts.get(base, 0)
+        tid = base if count == 0 else f"{base}-{count + 1}"
+        while tid in self._specs:
+            count += 1
+            tid = f"{base}-{count + 1}"
+        self._name_counts[base] = count + 1
+        return tid
+
+    def _check_ref(self, tid: str, ref: TaskRef) -> None:
+        if ref.workflow is not self:
+            raise MissingDependencyError(
+                f"task {tid!r} uses {ref!r} from workflow {ref.workflow.name!r}, not from "
+                f"{self.name!r}; a task can only depend on tasks of its own workflow")
+
+    # Introspection --------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> Mapping[str, TaskSpec]:
+        """Read-only mapping of task id to ``TaskSpec``, in creation order."""
+        return MappingProxyType(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __getitem__(self, task_id: str | TaskRef) -> TaskSpec:
+        key = task_id.id if isinstance(task_id, TaskRef) else task_id
+        try:
+            return self._specs[key]
+        except KeyError:
+            raise KeyError(f"workflow {self.name!r} has no task {key!r}") from None
+
+    def __contains__(self, task_id: object) -> bool:
+        key = task_id.id if isinstance(task_id, TaskRef) else task_id
+        return key in self._specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.name!r} tasks={len(self._specs)}>"
+
+    # Checking and analysis ------------------------------------------------------------
+
+    def validate(self) -> Workflow:
+        """Check the workflow; raise on the first problem.
+
+        Checks dependencies (missing ids, cycles) and resources against this workflow's
+        settings (a pool a task names must exist and hold its units; ``cpus`` and
+        ``memory`` must fit the budgets when they are set). ``px.run`` validates again
+        against the run's own settings, and nothing runs when validation fails.
+
+        Returns:
+            The workflow, so calls can be chained.
+
+        Raises:
+            WorkflowError: a subclass naming the task and what to change.
+        """
+        from ._gates import check_resources
+        graph = self.graph()
+        check_resources(self, graph, cpu_budget=self.cpu_budget or self.max_workers,
+                        memory_budget=self.memory_budget)
+        return self
+
+    def graph(self, estimates: Mapping[str, float] | None = None) -> Graph:
+        """The compiled graph (cached while the workflow is unchanged)."""
+        if estimates:
+            return compile_graph(self._specs, self.name, estimates)
+        if self._graph is None:
+            self._graph = compile_graph(self._specs, self.name)
+        return self._graph
+
+    def levels(self) -> list[list[str]]:
+        """Task ids grouped by dependency depth: each inner list can run in parallel."""
+        return levels(self.graph())
+
+    def critical_path(self) -> list[str]:
+        """Ids along the longest path, weighted by ``estimate`` (1 per task where unknown)."""
+        return critical_path(self.graph())
+
+    def to_dot(self) -> str:
+        """The graph as Graphviz DOT text."""
+        self.graph()
+        return to_dot(self.graph(), self._specs, self.name)
+
+    # Events ---------------------------------------------------------------------------
+
+    def on(self, kind: str, callback: Callable[[Event], Any]) -> Callable[[Event], Any]:
+        """Call ``callback(event)`` for every event of ``kind`` in every run of this workflow.
+
+        Args:
+            kind: An event kind such as ``"task:failed"``, or ``"*"`` for all.
+            callback: Called on the scheduler thread; exceptions are logged, never raised.
+
+        Returns:
+            The callback, so ``on`` can be used as a decorator helper.
+        """
+        from ._events import check_kind
+        check_kind(kind)
+        if not callable(callback):
+            raise TaskOptionError(f"wf.on({kind!r}, ...) needs a callable, got {callback!r}")
+        self._listeners.append((kind, callback))
+        return callback
+
+
+def check_max_workers(value: Any, where: str) -> int | None:
+    """Validate a ``max_workers`` setting."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaskOptionError(f"{where}: max_workers={value!r} must be an integer >= 1")
+    return value
+
+
+def check_cpu_budget(value: Any, where: str) -> float | None:
+    """Validate a ``cpu_budget`` setting."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (value > 0 and math.isfinite(value)):
+        raise TaskOptionError(f"{where}: cpu_budget={value!r} must be a number of cores > 0")
+    return float(value)
+
+
+def check_timeout(value: Any, where: str) -> float | None:
+    """Validate a workflow-level ``timeout`` setting."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (value > 0 and math.isfinite(value)):
+        raise TaskOptionError(f"{where}: timeout={value!r} must be a positive number of seconds")
+    return float(value)
