@@ -37,7 +37,7 @@ class CapacityGate:
     Args:
         name: Shown in messages and stats.
         capacity: Units available.
-        needs: Units per task index; a list (dense) or a dict (sparse, missing = 0).
+        needs: Units per task index (0 for tasks this gate does not concern).
         blocks_all: When this gate refuses, no other task can pass it either (slots).
         track: Keep the time integral of units in use, for utilization stats.
     """
@@ -45,8 +45,8 @@ class CapacityGate:
     __slots__ = ("name", "capacity", "needs", "used", "blocks_all", "parked", "_track",
                  "_area", "_since", "_start")
 
-    def __init__(self, name: str, capacity: float, needs: Sequence[float] | Mapping[int, float],
-                 *, blocks_all: bool = False, track: bool = False) -> None:
+    def __init__(self, name: str, capacity: float, needs: list[float], *,
+                 blocks_all: bool = False, track: bool = False) -> None:
         self.name = name
         self.capacity = capacity
         self.needs = needs
@@ -59,17 +59,16 @@ class CapacityGate:
 
     def need(self, i: int) -> float:
         """Units task ``i`` needs."""
-        needs = self.needs
-        return needs.get(i, 0) if isinstance(needs, Mapping) else needs[i]
+        return self.needs[i]
 
     def admits(self, i: int) -> bool:
         """Whether task ``i`` fits now."""
-        need = self.need(i)
+        need = self.needs[i]
         return not need or self.used + need <= self.capacity
 
     def acquire(self, i: int) -> None:
         """Task ``i`` started."""
-        need = self.need(i)
+        need = self.needs[i]
         if need:
             if self._track:
                 self._tick()
@@ -77,7 +76,7 @@ class CapacityGate:
 
     def release(self, i: int) -> None:
         """Task ``i`` stopped using its units."""
-        need = self.need(i)
+        need = self.needs[i]
         if need:
             if self._track:
                 self._tick()
@@ -108,12 +107,12 @@ class MemoryGate(CapacityGate):
 
     __slots__ = ("measured_refusal",)
 
-    def __init__(self, capacity: float, needs: Mapping[int, float]) -> None:
+    def __init__(self, capacity: float, needs: list[float]) -> None:
         super().__init__("memory", capacity, needs, track=False)
         self.measured_refusal = False
 
     def admits(self, i: int) -> bool:  # noqa: D102 - see class docstring
-        need = self.need(i)
+        need = self.needs[i]
         if not need:
             return True
         if self.used + need > self.capacity:
@@ -163,16 +162,16 @@ def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers
                 cpu_budget: float, memory_budget: int, pools: Mapping[str, int],
                 force_cpu_gate: bool = False) -> list[CapacityGate]:
     """The gates a run needs, slots first; gates that could never bind are left out."""
-    gates: list[CapacityGate] = [CapacityGate("slots", max_workers, [1 if x else 0 for x in local],
-                                              blocks_all=True)]
+    gates: list[CapacityGate] = [CapacityGate("slots", max_workers,
+                                              [1.0 if x else 0.0 for x in local], blocks_all=True)]
     cpus = [s.cpus if loc else 0 for s, loc in zip(specs, local)]
     if force_cpu_gate or cpu_budget < max_workers or any(c not in (0, 1) for c in cpus):
         gates.append(CapacityGate("cpus", cpu_budget, cpus))
-    memory = {i: s.memory for i, s in enumerate(specs) if s.memory and local[i]}
-    if memory:
+    memory = [float(s.memory or 0) if loc else 0.0 for s, loc in zip(specs, local)]
+    if any(memory):
         gates.append(MemoryGate(memory_budget, memory))
     for pool, capacity in pools.items():
-        needs = {i: s.pools[pool] for i, s in enumerate(specs) if pool in s.pools}
-        if needs:
+        needs = [float(s.pools.get(pool, 0)) for s in specs]
+        if any(needs):
             gates.append(CapacityGate(f"pool:{pool}", capacity, needs, track=True))
     return gates

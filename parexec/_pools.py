@@ -52,28 +52,34 @@ __all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown_process_pool"]
 
 
 class ThreadPool:
-    """Daemon worker threads for one run. Only the scheduler thread calls its methods."""
+    """Daemon worker threads for one run. Only the scheduler thread calls its methods.
 
-    def __init__(self, name: str = "parexec") -> None:
+    Args:
+        name: Prefix of the threads' names.
+        max_threads: Most threads started; tasks handed over beyond that wait in the queue.
+    """
+
+    def __init__(self, name: str = "parexec", max_threads: int = 1 << 30) -> None:
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._name = name
+        self.max_threads = max_threads
         self._nthreads = 0
         self.nbusy = 0  # attempts handed out and not yet reported back (scheduler-owned)
         self._counter = itertools.count(1)
 
     def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Run ``fn(*args, **kwargs)`` on a worker thread; report on ``attempt.queue``."""
+        """Run ``fn(*args, **kwargs)`` on a worker thread; report on ``attempt.queue``.
+
+        The scheduler decrements ``nbusy`` when it handles the report, so a new thread is
+        started only when every thread is (or may still be) busy.
+        """
         self.nbusy += 1
-        if self.nbusy > self._nthreads:
+        if self.nbusy > self._nthreads and self._nthreads < self.max_threads:
             self._nthreads += 1
             t = threading.Thread(target=_thread_worker, args=(self._queue,), daemon=True,
                                  name=f"{self._name}-{next(self._counter)}")
             t.start()
         self._queue.put((attempt, fn, args, kwargs))
-
-    def done(self) -> None:
-        """The scheduler processed one report of this pool."""
-        self.nbusy -= 1
 
     def kill(self, attempt: Any) -> bool:
         """Threads cannot be killed: return False (the caller sets the cancel flag)."""
@@ -96,6 +102,12 @@ def _thread_worker(inbox: SimpleQueue[Any]) -> None:
             return
         attempt, fn, args, kwargs = item
         del item
+        if attempt.cancel_requested:  # cancelled while it waited in the queue: never starts
+            from ._errors import Cancelled
+            attempt.queue.put((attempt, False, Cancelled(
+                f"task {attempt.task_id!r} was cancelled before it started"), name, None))
+            del attempt, fn, args, kwargs
+            continue
         local.attempt = attempt
         try:
             value = fn(*args, **kwargs)

@@ -25,7 +25,8 @@ from ._errors import TaskOptionError
 if TYPE_CHECKING:
     from ._workflow import Workflow
 
-__all__ = ["Retry", "TaskRef", "TaskSpec", "TaskTemplate", "parse_size", "task"]
+__all__ = ["Retry", "TaskRef", "TaskSpec", "TaskTemplate", "parse_size", "resolve_args",
+           "resolve_refs", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -148,11 +149,12 @@ class TaskRef:
         workflow: The workflow the task belongs to.
     """
 
-    __slots__ = ("id", "workflow")
+    __slots__ = ("id", "workflow", "index")
 
-    def __init__(self, workflow: Workflow, id: str) -> None:
+    def __init__(self, workflow: Workflow, id: str, index: int) -> None:
         self.workflow = workflow
         self.id = id
+        self.index = index  # creation order = the task's index in the compiled graph
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r}>"
@@ -336,10 +338,19 @@ def find_refs(obj: Any, found: list[TaskRef]) -> None:
                 find_refs(item, found)
 
 
-def resolve_refs(obj: Any, value_of: Callable[[TaskRef], Any]) -> Any:
-    """Return ``obj`` with every TaskRef replaced by ``value_of(ref)``; containers are copied."""
+def resolve_args(args: tuple[Any, ...], values: list[Any]) -> tuple[Any, ...]:
+    """Positional arguments with refs replaced by ``values[ref.index]`` (the hot path: a flat
+    tuple of refs and plain values needs no recursion)."""
+    return tuple([values[a.index] if isinstance(a, TaskRef)
+                  else resolve_refs(a, values.__getitem__) if isinstance(a, _CONTAINERS) else a
+                  for a in args])
+
+
+def resolve_refs(obj: Any, value_of: Callable[[int], Any]) -> Any:
+    """Return ``obj`` with every TaskRef replaced by ``value_of(ref.index)``; containers are
+    copied."""
     if isinstance(obj, TaskRef):
-        return value_of(obj)
+        return value_of(obj.index)
     if isinstance(obj, dict):
         return type(obj)((k, resolve_refs(v, value_of)) for k, v in obj.items()) \
             if type(obj) is dict else _rebuild_mapping(obj, value_of)
@@ -351,7 +362,7 @@ def resolve_refs(obj: Any, value_of: Callable[[TaskRef], Any]) -> Any:
     return obj
 
 
-def _rebuild_mapping(obj: dict[Any, Any], value_of: Callable[[TaskRef], Any]) -> Any:
+def _rebuild_mapping(obj: dict[Any, Any], value_of: Callable[[int], Any]) -> Any:
     new = obj.copy()
     for k, v in obj.items():
         new[k] = resolve_refs(v, value_of)

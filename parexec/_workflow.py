@@ -143,9 +143,10 @@ class Workflow:
                     item = item.id
                 seen[item] = None
             deps = tuple(seen)
+        index = len(self._specs)
         self._specs[tid] = TaskSpec(tid, fn, args, kwargs, deps, bool(refs), options)
         self._graph = None
-        return TaskRef(self, tid)
+        return TaskRef(self, tid, index)
 
     def _auto_id(self, base: str) -> str:
         count = self._name_counts.get(base, 0)
