@@ -93,6 +93,7 @@ class ThreadPool:
 
 
 def _thread_worker(inbox: SimpleQueue[Any]) -> None:
+    from time import monotonic
     name = threading.current_thread().name
     local = _local
     get = inbox.get
@@ -109,12 +110,18 @@ def _thread_worker(inbox: SimpleQueue[Any]) -> None:
             del attempt, fn, args, kwargs
             continue
         local.attempt = attempt
+        attempt.t_start = monotonic()
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - every outcome is reported
+            attempt.t_end = monotonic()
+            tb = exc.__traceback__
+            if tb is not None:
+                exc.__traceback__ = tb.tb_next  # the user's frames only, as in processes
             attempt.queue.put((attempt, False, exc, name, None))
             del exc
         else:
+            attempt.t_end = monotonic()
             attempt.queue.put((attempt, True, value, name, None))
             del value
         local.attempt = None

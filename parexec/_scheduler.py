@@ -102,7 +102,7 @@ class _Attempt:
     """
 
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
-                 "cancel_requested", "final", "holding", "prefetched")
+                 "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
@@ -117,6 +117,8 @@ class _Attempt:
         self.final = False
         self.holding = True
         self.prefetched = False
+        self.t_start = 0.0  # set by a thread worker when it really starts (monotonic clock)
+        self.t_end = 0.0  # ... and when the function returned
 
 
 _last_result: RunResult | None = None
@@ -362,9 +364,9 @@ class _Scheduler:
         pool = attempt.pool
         if pool is self.threads:
             pool.nbusy -= 1
-            avg = self.mean_thread_duration
-            self.mean_thread_duration = avg + 0.2 * (
-                now + self.offset - (self.runs[attempt.index].started_at or 0.0) - avg)
+            if attempt.t_start:
+                avg = self.mean_thread_duration
+                self.mean_thread_duration = avg + 0.2 * (attempt.t_end - attempt.t_start - avg)
         if attempt.final:
             if attempt.holding:
                 self.zombies.discard(attempt)
@@ -385,7 +387,13 @@ class _Scheduler:
             if g.parked:
                 self.unpark(g)
         tr = self.runs[i]
-        tr.finished_at = now + self.offset
+        if attempt.t_start:  # thread tasks: the worker's own clock readings are exact
+            tr.started_at = attempt.t_start + self.offset
+            tr.finished_at = attempt.t_end + self.offset
+            if attempt.number == 1:
+                tr.first_started_at = tr.started_at
+        else:
+            tr.finished_at = now + self.offset
         tr.worker = worker
         if ok:
             self.values[i] = value

@@ -1,0 +1,127 @@
+"""Task functions used by the tests; importable by process workers."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import parexec as px
+
+
+def noop(*args, **kwargs):
+    return None
+
+
+def add(a, b):
+    return a + b
+
+
+def echo(*args, **kwargs):
+    return args, kwargs
+
+
+def pid():
+    return os.getpid()
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def sleep_pid(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def boom(message="boom"):
+    raise ValueError(message)
+
+
+class CustomError(Exception):
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def inner_raise():
+    raise CustomError("deep failure", 42)
+
+
+def raise_custom():
+    inner_raise()
+
+
+def crash_exit():
+    os._exit(3)
+
+
+def crash_sigkill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_segfault():
+    ctypes.string_at(0)
+
+
+def raise_memory_error():
+    raise MemoryError("simulated allocation failure")
+
+
+def return_unpicklable():
+    return threading.Lock()
+
+
+def spawn_child_and_hang(pidfile):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(pidfile, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(120)
+
+
+def flaky(counter_path, failures, value="ok"):
+    """Fail ``failures`` times (counted in a file, so it works across processes), then return."""
+    n = 0
+    if os.path.exists(counter_path):
+        with open(counter_path) as f:
+            n = int(f.read() or 0)
+    with open(counter_path, "w") as f:
+        f.write(str(n + 1))
+    if n < failures:
+        raise OSError(f"transient failure {n + 1}")
+    return value
+
+
+def cooperative(started, seconds=30):
+    """Loop until cancelled; ``started`` is a threading.Event set once running."""
+    started.set()
+    ctx = px.current()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ctx.check()
+        time.sleep(0.005)
+    return "finished"
+
+
+def ignore_cancel(release, started=None):
+    """Block on ``release`` (a threading.Event), ignoring any cancel flag."""
+    if started is not None:
+        started.set()
+    release.wait(30)
+    return "late"
+
+
+def context_info():
+    ctx = px.current()
+    return ctx.task_id, ctx.attempt, ctx.cancelled()
+
+
+def unpicklable_error_class():
+    # A class created at run time in the worker cannot be found by the parent.
+    Error = type("LocalOnlyError", (Exception,), {"__module__": "nowhere_module"})
+    raise Error("only in the worker")

@@ -1,0 +1,359 @@
+"""Tests of parexec._scheduler: dispatch order, concurrency, failures, retries, timeouts,
+cancellation, Ctrl-C, scale."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+import parexec as px
+from helpers import (boom, cooperative, flaky, ignore_cancel, noop, sleep_pid, sleep_then)
+
+ISOLATIONS = ["thread", "process"]
+
+
+def record_starts():
+    order = []
+    return order, (lambda e: order.append(e.task_id) if e.kind == "task:started" else None)
+
+
+def test_priority_then_critical_path_then_creation_order():
+    """With one slot, ready tasks start by priority, then remaining path, then creation."""
+    with px.Workflow("w") as wf:
+        wf.add(px.task(noop).options(id="plain"))
+        wf.add(px.task(noop).options(id="urgent", priority=5))
+        head = wf.add(px.task(noop).options(id="long-head"))
+        wf.add(px.task(noop).options(id="long-tail", estimate=10), head)
+        wf.add(px.task(noop).options(id="plain-2"))
+    order, cb = record_starts()
+    px.run(wf, max_workers=1, on_event=cb, progress=False)
+    assert order == ["urgent", "long-head", "plain", "plain-2", "long-tail"] or \
+        order[:3] == ["urgent", "long-head", "long-tail"]
+    assert order[0] == "urgent" and order[1] == "long-head"
+    assert order.index("plain") < order.index("plain-2")
+
+
+def test_parallel_false_is_deterministic_and_sequential():
+    """parallel=False runs one task at a time in the same topological order every time."""
+    rng = random.Random(3)
+    with px.Workflow("w") as wf:
+        refs = []
+        for i in range(40):
+            deps = rng.sample(refs, min(len(refs), 2))
+            refs.append(wf.add(px.task(noop).options(id=f"t{i}"), *deps))
+    orders = []
+    for _ in range(3):
+        order, cb = record_starts()
+        result = px.run(wf, parallel=False, on_event=cb, progress=False)
+        assert result.stats.max_concurrency == 1
+        orders.append(order)
+    assert orders[0] == orders[1] == orders[2]
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_max_workers_bounds_concurrency(isolation):
+    """No more than max_workers tasks run at once, on threads and processes."""
+    with px.Workflow("w", isolation=isolation) as wf:
+        for _ in range(6):
+            wf.add(sleep_then, 0.3)
+    result = px.run(wf, max_workers=2, progress=False)
+    assert result.ok and result.stats.max_concurrency == 2
+    assert result.stats.makespan >= 0.85  # three waves of 0.3 s
+
+
+def test_results_flow_along_edges():
+    """Values of upstream tasks arrive as arguments, positional and keyword."""
+    with px.Workflow("w") as wf:
+        a = wf.add(sleep_then, 0.0, 2)
+        b = wf.add(sleep_then, 0.0, 3)
+        c = wf.add(lambda x, y=0: x * y, a, y=b)
+    assert px.run(wf, progress=False)[c] == 6
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_on_error_fail_stops_the_run(isolation):
+    """on_error='fail': the run fails, pending tasks are cancelled, results so far kept."""
+    with px.Workflow("w", isolation=isolation) as wf:
+        ok = wf.add(px.task(noop).options(id="ok"))
+        bad = wf.add(px.task(boom).options(id="bad", after=[ok]))
+        wf.add(px.task(noop).options(id="after-bad"), bad)
+    result = px.run(wf, check=False, progress=False)
+    assert result.status == "failed" and not result.ok
+    assert result.tasks["ok"].status == "succeeded"
+    assert result.tasks["bad"].status == "failed"
+    assert result.tasks["after-bad"].status == "cancelled"
+    assert isinstance(result.errors["bad"], ValueError)
+    with pytest.raises(px.WorkflowFailed) as info:
+        px.run(wf, progress=False)
+    assert info.value.result.tasks["ok"].status == "succeeded"
+    assert isinstance(info.value.exceptions[0], ValueError)
+
+
+def test_on_error_skip_and_ignore():
+    """skip: dependents skipped, independent work goes on; ignore: dependents get default."""
+    with px.Workflow("w") as wf:
+        bad = wf.add(px.task(boom).options(id="bad", on_error="skip"))
+        child = wf.add(px.task(noop).options(id="child"), bad)
+        wf.add(px.task(noop).options(id="grandchild"), child)
+        wf.add(px.task(sleep_then).options(id="independent"), 0.05, "fine")
+        soft = wf.add(px.task(boom).options(id="soft", on_error="ignore", default=-1))
+        uses = wf.add(px.task(lambda v: v * 2).options(id="uses"), soft)
+    events = []
+    result = px.run(wf, on_event=lambda e: events.append((e.kind, e.task_id)), progress=False)
+    assert result.status == "partial"
+    assert [result.tasks[t].status for t in ("bad", "child", "grandchild")] == \
+        ["failed", "skipped", "skipped"]
+    assert result["independent"] == "fine" and result[uses] == -2
+    assert result.tasks["soft"].status == "failed" and "soft" in result.errors
+    assert [k for k, t in events if t == "child"] == ["task:skipped"]
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_retry_with_backoff(isolation, tmp_path):
+    """A flaky task is retried with the policy's delays; waiting holds no slot."""
+    counter = tmp_path / "count"
+    policy = px.Retry(3, initial_delay=0.2, backoff=2.0, on=(OSError,))
+    with px.Workflow("w", isolation=isolation) as wf:
+        f = wf.add(px.task(flaky).options(retry=policy), str(counter), 2, "done")
+        wf.add(sleep_then, 0.1, "other")
+    events = []
+    result = px.run(wf, max_workers=1, on_event=events.append, progress=False)
+    assert result[f] == "done" and result.tasks["flaky"].attempts == 3
+    kinds = [e.kind for e in events if e.task_id == "flaky"]
+    assert kinds == ["task:queued", "task:started", "task:retrying", "task:started",
+                     "task:retrying", "task:started", "task:completed"]
+    retry_t = [e.time for e in events if e.task_id == "flaky" and e.kind == "task:retrying"]
+    start_t = [e.time for e in events if e.task_id == "flaky" and e.kind == "task:started"]
+    assert start_t[1] - retry_t[0] >= 0.19 and start_t[2] - retry_t[1] >= 0.39
+    # the slot was free while flaky waited: the other task ran in between
+    assert result.tasks["sleep_then"].finished_at <= result.tasks["flaky"].finished_at
+
+
+def test_retry_only_matching_exceptions():
+    """An exception outside Retry.on fails at once."""
+    with px.Workflow("w") as wf:
+        wf.add(px.task(boom).options(retry=px.Retry(3, initial_delay=0, on=(OSError,))))
+    result = px.run(wf, check=False, progress=False)
+    assert result.tasks["boom"].attempts == 1 and result.status == "failed"
+
+
+def test_process_timeout_kills_only_that_worker():
+    """A process task that overruns is killed; a sibling in another worker is undisturbed."""
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(px.task(sleep_pid).options(id="slow", timeout=0.5, on_error="ignore"), 30)
+        wf.add(px.task(sleep_pid).options(id="sibling"), 2.0)
+    t0 = time.monotonic()
+    result = px.run(wf, max_workers=2, progress=False)
+    slow, sib = result.tasks["slow"], result.tasks["sibling"]
+    assert slow.status == "timed_out" and isinstance(slow.error, px.TaskTimeout)
+    assert isinstance(slow.error, TimeoutError)
+    assert slow.duration < 5
+    assert sib.status == "succeeded" and sib.attempts == 1 and sib.value == sib.worker
+    assert time.monotonic() - t0 < 10
+
+
+def test_process_timeout_is_retried():
+    """A timed-out attempt counts as a failure the retry policy may retry."""
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(px.task(sleep_pid).options(timeout=0.3, retry=px.Retry(1, initial_delay=0),
+                                           on_error="ignore"), 30)
+    result = px.run(wf, progress=False)
+    assert result.tasks["sleep_pid"].attempts == 2
+    assert result.tasks["sleep_pid"].status == "timed_out"
+
+
+def test_thread_timeout_marks_timed_out_and_holds_the_slot():
+    """A thread task that overruns is timed out at once but keeps its slot until it returns."""
+    release = threading.Event()
+    with px.Workflow("w") as wf:
+        wf.add(px.task(ignore_cancel).options(id="stuck", timeout=0.2, on_error="ignore"),
+               release)
+        wf.add(px.task(noop).options(id="next"))
+    events = []
+
+    def on_event(e):
+        events.append((e.kind, e.task_id, time.monotonic()))
+        if e.kind == "task:timeout":
+            threading.Timer(0.5, release.set).start()
+
+    result = px.run(wf, max_workers=1, on_event=on_event, progress=False)
+    assert result.tasks["stuck"].status == "timed_out"
+    timeout_t = next(t for k, tid, t in events if k == "task:timeout")
+    next_start = next(t for k, tid, t in events if k == "task:started" and tid == "next")
+    assert next_start - timeout_t >= 0.4  # "next" waited for the stuck thread to return
+
+
+def test_cancel_flag_reaches_cooperative_thread_task():
+    """run.cancel() sets the flag; a task calling check() ends as cancelled."""
+    started = threading.Event()
+    with px.Workflow("w") as wf:
+        wf.add(px.task(cooperative).options(id="coop"), started)
+        wf.add(px.task(noop).options(id="later", after=["coop"]))
+    handle = px.start(wf, progress=False)
+    assert started.wait(10)
+    handle.cancel()
+    result = handle.wait(10)
+    assert result.status == "cancelled"
+    assert result.tasks["coop"].status == "cancelled"
+    assert result.tasks["later"].status == "cancelled"
+    assert handle.done()
+
+
+def test_cancel_stops_process_tasks_at_once():
+    """Cancelling kills running process tasks instead of waiting for them."""
+    with px.Workflow("w", isolation="process") as wf:
+        for _ in range(2):
+            wf.add(sleep_pid, 30)
+    events = []
+    started = threading.Event()
+    handle = px.start(wf, max_workers=2, progress=False,
+                      on_event=lambda e: started.set() if e.kind == "task:started" else None)
+    assert started.wait(10)
+    time.sleep(0.3)  # let both workers pick their task up
+    t0 = time.monotonic()
+    handle.cancel()
+    result = handle.wait(10)
+    assert time.monotonic() - t0 < 3
+    assert {t.status for t in result.tasks.values()} == {"cancelled"}
+    _ = events
+
+
+def test_grace_period_warns_about_thread_tasks_ignoring_the_flag(monkeypatch):
+    """A thread task ignoring cancellation delays the end by the grace period, with a warning."""
+    from parexec import _scheduler
+    monkeypatch.setattr(_scheduler, "GRACE", 0.5)
+    release, started = threading.Event(), threading.Event()
+    with px.Workflow("w") as wf:
+        wf.add(px.task(ignore_cancel).options(id="deaf"), release, started)
+    handle = px.start(wf, progress=False)
+    assert started.wait(10)
+    handle.cancel()
+    with pytest.warns(RuntimeWarning, match="deaf"):
+        result = handle.wait(10)
+    release.set()
+    assert result.tasks["deaf"].status == "cancelled"
+
+
+def test_start_wait_timeout_and_done():
+    """wait(timeout) raises WaitTimeout while running; done() tells the state."""
+    with px.Workflow("w") as wf:
+        wf.add(sleep_then, 0.5, "v")
+    handle = px.start(wf, progress=False)
+    with pytest.raises(px.WaitTimeout):
+        handle.wait(0.05)
+    assert not handle.done()
+    assert handle.wait(10)["sleep_then"] == "v"
+    assert handle.done() and handle.result is not None
+
+
+def test_pause_and_resume():
+    """While paused no task starts; running ones finish; events mark both."""
+    gate = threading.Event()
+    with px.Workflow("w") as wf:
+        first = wf.add(px.task(ignore_cancel).options(id="first"), gate)
+        wf.add(px.task(noop).options(id="second"), first)
+    events = []
+    handle = px.start(wf, progress=False, on_event=lambda e: events.append(e.kind))
+    handle.pause()
+    time.sleep(0.1)
+    gate.set()
+    time.sleep(0.3)
+    assert "task:completed" in events and events.count("task:started") == 1
+    handle.resume()
+    result = handle.wait(10)
+    assert result.ok
+    assert events.index("workflow:paused") < events.index("workflow:resumed")
+
+
+def test_workflow_timeout_stops_the_run():
+    """run(timeout=) stops the run with status timed_out and keeps finished results."""
+    with px.Workflow("w", isolation="process") as wf:
+        quick = wf.add(sleep_then, 0.0, "q")
+        wf.add(px.task(sleep_then).options(after=[quick]), 30)
+    t0 = time.monotonic()
+    result = px.run(wf, timeout=1.0, check=False, progress=False)
+    assert time.monotonic() - t0 < 6
+    assert result.status == "timed_out" and result[quick] == "q"
+    with pytest.raises(px.WorkflowFailed):
+        px.run(wf, timeout=0.5, progress=False)
+
+
+def test_current_outside_a_task_is_an_error():
+    """px.current() outside a task raises a ParexecError."""
+    with pytest.raises(px.ParexecError, match="inside a running task"):
+        px.current()
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_current_gives_task_id_and_attempt(isolation):
+    """Inside a task, px.current() tells the id and attempt number."""
+    from helpers import context_info
+    with px.Workflow("w", isolation=isolation) as wf:
+        wf.add(px.task(context_info).options(id="who"))
+    assert px.run(wf, progress=False)["who"] == ("who", 1, False)
+
+
+def test_ctrl_c_cancels_keeps_partial_result_and_leaves_no_worker(tmp_path):
+    """SIGINT during a run of process tasks: KeyboardInterrupt after cleanup, the partial result
+    at px.last_result(), and no worker process left."""
+    script = tmp_path / "ctrlc.py"
+    script.write_text(
+        "import sys, time\n"
+        "import parexec as px\n"
+        "def work(i):\n"
+        "    if i < 2:\n"
+        "        return i\n"
+        "    time.sleep(60)\n"
+        "with px.Workflow('cc', max_workers=4, isolation='process') as wf:\n"
+        "    for i in range(6):\n"
+        "        wf.add(work, i)\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    px.run(wf, progress=False)\n"
+        "except KeyboardInterrupt:\n"
+        "    r = px.last_result()\n"
+        "    print('INTERRUPTED', r.status, sorted(r.results.values()), flush=True)\n"
+        "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len([c for c in parent.children() if "parexec-worker" in " ".join(c.cmdline())]) < 4:
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        workers = [c for c in parent.children(recursive=True)]
+        time.sleep(0.5)  # the two quick tasks finish
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "INTERRUPTED cancelled [0, 1]" in out
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive
+
+
+def test_layered_graph_of_100000_tiny_thread_tasks():
+    """A 100,000-task layered graph runs to the end, every task once, in dependency order."""
+    rng = random.Random(0)
+    n_layers, per = 100, 1000
+    wf = px.Workflow("big")
+    prev = []
+    for _ in range(n_layers):
+        cur = [wf.add(noop, *rng.sample(prev, 2)) if prev else wf.add(noop) for _ in range(per)]
+        prev = cur
+    result = px.run(wf, progress=False)
+    assert result.ok and len(result.tasks) == 100_000
+    assert all(t.attempts == 1 for t in result.tasks.values())
+    last = result.tasks[prev[-1].id]
+    first = result.tasks[wf.graph().ids[0]]
+    assert last.started_at >= first.finished_at

@@ -1,0 +1,114 @@
+"""Tests of parexec._task: the decorator, options, sizes, Retry, refs in arguments."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import parexec as px
+from parexec._task import find_refs, resolve_refs
+
+
+def test_bare_decorator_calls_function_outside_workflow():
+    """Outside a workflow, a template is a plain call."""
+    @px.task
+    def double(x):
+        return 2 * x
+
+    assert double(21) == 42
+    assert double.fn(2) == 4
+    assert double.__name__ == "double"
+
+
+def test_decorator_with_options_and_options_override():
+    """Options are kept on the template; .options() returns a new template."""
+    @px.task(timeout=5, priority=3)
+    def f(x):
+        return x
+
+    g = f.options(id="f-b", timeout=1)
+    assert f.default_options == {"timeout": 5.0, "priority": 3}
+    assert g.default_options == {"timeout": 1.0, "priority": 3, "id": "f-b"}
+    assert g(7) == 7
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"timeout": 0}, "timeout=0 must be a positive number"),
+    ({"timeout": -1}, "timeout=-1 must be a positive number"),
+    ({"isolation": "fork"}, "isolation='fork' is unknown"),
+    ({"cpus": 0}, "cpus=0 must be a number > 0"),
+    ({"memory": "2 bananas"}, "unknown unit 'bananas'"),
+    ({"memory": -5}, "must be a positive size"),
+    ({"on_error": "explode"}, "on_error='explode' is unknown"),
+    ({"retry": "twice"}, "must be px.Retry"),
+    ({"priority": 1.5}, "priority=1.5 must be an integer"),
+    ({"pools": {"db": 0}}, "whole numbers of units >= 1"),
+    ({"timout": 3}, "did you mean 'timeout'"),
+])
+def test_bad_options_name_the_task_and_the_fix(options, fragment):
+    """Each bad option value is a TaskOptionError naming the task and the problem."""
+    def fit():
+        pass
+
+    with pytest.raises(px.TaskOptionError, match="task 'fit'") as info:
+        px.task(**options)(fit)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, px.WorkflowError)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("512MB", 512 * 10**6), ("2GiB", 2 * 2**30), ("1.5 gb", 1_500_000_000), (1024, 1024),
+    ("100", 100), ("3k", 3000), ("1KiB", 1024),
+])
+def test_parse_size(text, expected):
+    """Decimal and binary units, case-insensitive, plain numbers are bytes."""
+    assert px.parse_size(text) == expected
+
+
+def test_retry_delays_follow_backoff_and_cap():
+    """delay(n) = min(max_delay, initial * backoff**(n-1)); jitter stays within bounds."""
+    r = px.Retry(5, initial_delay=0.5, backoff=2.0, max_delay=3.0)
+    assert [r.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    j = px.Retry(3, initial_delay=1.0, backoff=1.0, jitter=0.25)
+    rng = random.Random(1)
+    delays = [j.delay(1, rng) for _ in range(200)]
+    assert all(0.75 <= d <= 1.25 for d in delays) and max(delays) - min(delays) > 0.2
+
+
+def test_retry_filters_exception_types():
+    """Only exceptions matching `on` are retried; a bare class is accepted."""
+    r = px.Retry(2, on=OSError)
+    assert r.on == (OSError,)
+    assert r.retries(FileNotFoundError()) and not r.retries(ValueError())
+
+
+@pytest.mark.parametrize("kwargs", [{"max_retries": -1}, {"max_retries": 1, "backoff": 0.5},
+                                    {"max_retries": 1, "on": (int,)},
+                                    {"max_retries": 1, "initial_delay": -1}])
+def test_retry_rejects_bad_values(kwargs):
+    """Nonsense retry policies fail at construction."""
+    with pytest.raises(px.TaskOptionError):
+        px.Retry(**kwargs)
+
+
+def test_find_and_resolve_refs_in_nested_containers():
+    """Refs nested in list/tuple/dict/set are found and replaced; containers are copied."""
+    with px.Workflow("w") as wf:
+        a = wf.add(lambda: 1)
+        b = wf.add(lambda: 2)
+    arg = ([a, (b, 3)], {"k": a, "s": {b}}, "plain")
+    found = []
+    find_refs(arg, found)
+    assert [r.id for r in found] == ["<lambda>", "<lambda>-2", "<lambda>", "<lambda>-2"]
+    values = {a.index: 10, b.index: 20}
+    assert resolve_refs(arg, values.__getitem__) == ([10, (20, 3)], {"k": 10, "s": {20}}, "plain")
+
+
+def test_taskref_cannot_be_pickled():
+    """Passing a ref where a value is expected fails with an explanation."""
+    import pickle
+    with px.Workflow("w") as wf:
+        a = wf.add(lambda: 1)
+    with pytest.raises(TypeError, match="future value"):
+        pickle.dumps(a)
