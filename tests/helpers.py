@@ -122,6 +122,12 @@ def context_info():
 
 
 def unpicklable_error_class():
-    # A class created at run time in the worker cannot be found by the parent.
-    Error = type("LocalOnlyError", (Exception,), {"__module__": "nowhere_module"})
-    raise Error("only in the worker")
+    """Raise an error whose class lives in a module only this worker can import."""
+    import importlib
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="parexec-worker-only-")
+    with open(os.path.join(folder, "worker_only_module.py"), "w") as f:
+        f.write("class LocalOnlyError(Exception):\n    pass\n")
+    sys.path.insert(0, folder)
+    module = importlib.import_module("worker_only_module")
+    raise module.LocalOnlyError("only in the worker")

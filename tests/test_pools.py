@@ -1,0 +1,162 @@
+"""Tests of parexec._pools: daemon threads, reusable process workers, crashes, kills."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+import parexec as px
+from parexec import _pools
+import helpers
+from helpers import pid, sleep_pid
+
+
+def run_one(fn, *args, **options):
+    with px.Workflow("one", isolation="process") as wf:
+        wf.add(px.task(fn).options(id="t", **options), *args)
+    return px.run(wf, check=False, progress=False)
+
+
+def test_process_workers_are_reused_across_runs():
+    """A second run in the same interpreter reuses the first run's worker processes."""
+    first = run_one(pid)["t"]
+    second = run_one(pid)["t"]
+    assert first == second
+    assert first in _pools.process_pool().pids
+
+
+# The crash matrix: how a task ends -> the error it fails with, and words of its message.
+CRASHES = [
+    ("os._exit(3)", helpers.crash_exit, px.WorkerCrashed, "exit code 3"),
+    ("SIGKILL", helpers.crash_sigkill, px.WorkerCrashed, "SIGKILL(-9)"),
+    ("segfault", helpers.crash_segfault, px.WorkerCrashed, "SIGSEGV(-11)"),
+    ("MemoryError raised", helpers.raise_memory_error, MemoryError, "simulated allocation"),
+    ("unpicklable return", helpers.return_unpicklable, px.PicklingError, "cannot be pickled"),
+    ("error class unknown to the parent", helpers.unpicklable_error_class, px.RemoteError,
+     "LocalOnlyError"),
+]
+
+
+@pytest.mark.parametrize("name, fn, error, words", CRASHES, ids=[c[0] for c in CRASHES])
+def test_crash_matrix(name, fn, error, words):
+    """Each crash fails only its task with a clear error; retries apply; the next run works."""
+    with px.Workflow("crash", isolation="process") as wf:
+        wf.add(px.task(fn).options(id="bad", on_error="ignore",
+                                   retry=px.Retry(1, initial_delay=0)))
+        wf.add(px.task(sleep_pid).options(id="sibling"), 0.5)
+    result = px.run(wf, max_workers=2, progress=False)
+    bad = result.tasks["bad"]
+    assert bad.status == "failed" and isinstance(bad.error, error), repr(bad.error)
+    assert words in str(bad.error) and "'bad'" in str(bad.error) or words in str(bad.error)
+    assert bad.attempts == 2  # the retry policy applied
+    assert result.tasks["sibling"].status == "succeeded"
+    assert result.tasks["sibling"].attempts == 1
+    assert run_one(pid).ok  # the next run in this interpreter works
+
+
+def test_crash_reports_exit_code_attribute():
+    """WorkerCrashed carries the exit code (negative for a signal)."""
+    result = run_one(helpers.crash_sigkill)
+    assert result.errors["t"].exitcode == -signal.SIGKILL
+
+
+def test_timeout_kills_the_tasks_child_processes_too(tmp_path):
+    """A timed-out process task that started a child process: the child dies with it."""
+    pidfile = tmp_path / "child.pid"
+    result = run_one(helpers.spawn_child_and_hang, str(pidfile), timeout=2.0)
+    assert result.tasks["t"].status == "timed_out"
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the task's child outlived the timeout"
+        time.sleep(0.05)
+
+
+def test_process_function_that_cannot_be_pickled_fails_before_running():
+    """A process task whose function cannot be pickled is a PicklingError naming the task."""
+    import threading
+    lock = threading.Lock()
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(px.task(lambda: lock).options(id="holds-lock"))
+    with pytest.raises(px.PicklingError, match="'holds-lock'"):
+        px.run(wf, progress=False)
+
+
+def test_process_argument_that_cannot_be_pickled_fails_the_task():
+    """An argument that cannot be pickled fails that task with an error naming it."""
+    import threading
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(px.task(helpers.echo).options(id="bad-arg"), threading.Lock())
+    result = px.run(wf, check=False, progress=False)
+    assert isinstance(result.errors["bad-arg"], px.PicklingError)
+    assert "'bad-arg'" in str(result.errors["bad-arg"])
+
+
+def test_functions_defined_in_main_run_in_processes(run_script):
+    """Functions and classes defined in __main__ (like notebook cells) work in processes."""
+    proc = run_script("""
+        import parexec as px
+        class Box:
+            def __init__(self, v): self.v = v
+        def make(v):
+            return Box(v * 2)
+        with px.Workflow("m", isolation="process") as wf:
+            b = wf.add(make, 21)
+        print(px.run(wf, progress=False)[b].v)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "42"
+
+
+def test_stuck_thread_task_does_not_block_interpreter_exit(run_script):
+    """A thread task that never returns does not keep the interpreter alive."""
+    proc = run_script("""
+        import threading, parexec as px
+        never = threading.Event()
+        with px.Workflow("w") as wf:
+            wf.add(px.task(never.wait).options(timeout=0.2, on_error="ignore"))
+        r = px.run(wf, progress=False)
+        print(r.tasks["wait"].status)
+    """, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "timed_out"
+
+
+def test_workers_ignore_sigint():
+    """SIGINT sent to a worker (a notebook interrupt hits the process group) does not kill it."""
+    worker = run_one(pid)["t"]
+    os.kill(worker, signal.SIGINT)
+    time.sleep(0.2)
+    assert run_one(pid)["t"] == worker
+
+
+def test_workers_die_when_the_parent_is_killed(run_script, tmp_path):
+    """SIGKILL of the parent while workers run tasks: no worker outlives it."""
+    import subprocess
+    import sys
+    script = tmp_path / "victim.py"
+    script.write_text(
+        "import time, parexec as px\n"
+        "with px.Workflow('v', max_workers=2, isolation='process') as wf:\n"
+        "    for _ in range(2):\n"
+        "        wf.add(time.sleep, 60)\n"
+        "px.run(wf, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(parent.children()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)
+        workers = parent.children(recursive=True)
+        proc.kill()
+        proc.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+    finally:
+        proc.kill()
