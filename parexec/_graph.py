@@ -3,7 +3,7 @@
 ``compile_graph`` runs once per validation. Everything after it (levels, critical path, the
 scheduler's release of dependents) works on ints and lists, in O(V + E):
 
-* ``ids[i]``         task id of index ``i`` (indices follow creation order)
+* ``ids[i]``         task id of index ``i`` (indices follow creation order, as ``ref.index``)
 * ``deps[i]``        indices ``i`` depends on
 * ``dependents[i]``  indices that depend on ``i``
 * ``order``          a topological order (Kahn's algorithm, creation order among equals)
@@ -27,7 +27,6 @@ class Graph:
     """A validated task graph; see the module docstring for the fields."""
 
     ids: list[str]
-    index: dict[str, int]
     deps: list[list[int]]
     dependents: list[list[int]]
     order: list[int]
@@ -88,7 +87,7 @@ def compile_graph(specs: Mapping[str, TaskSpec], workflow: str = "",
         below = dependents[i]
         if below:
             rank[i] = est[i] + max(rank[j] for j in below)
-    return Graph(ids, index, deps, dependents, order, est, rank)
+    return Graph(ids, deps, dependents, order, est, rank)
 
 
 def _missing(task: str, dep: str, ids: Sequence[str], workflow: str) -> MissingDependencyError:

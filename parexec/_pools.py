@@ -216,6 +216,14 @@ class ProcessPool:
             workers = list(self._workers.values())
             self._workers.clear()
             self._idle.clear()
+        # The reader must leave poll() first: the kernel keeps every polled socket open for
+        # the duration of the call, so closing our ends would not give the workers EOF.
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout=2)
         for w in workers:
             w.killed = True
             try:
@@ -227,10 +235,11 @@ class ProcessPool:
             if w.process.exitcode is None:
                 _kill_tree(w.pid)
                 w.process.join(timeout=2)
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def pids(self) -> list[int]:

@@ -59,8 +59,9 @@ class TaskRun:
         self.worker: int | str | None = None
         self.peak_memory: int | None = None
         self.first_started_at: float | None = None
-        # Earlier attempts: (number, started_at, finished_at, worker, outcome)
-        self.history: list[tuple[int, float, float, int | str | None, str]] = []
+        # Earlier attempts, (number, started_at, finished_at, worker, outcome); None until a
+        # retry happens (most tasks never retry, and an empty list per task costs 56 bytes).
+        self.history: list[tuple[int, float, float, int | str | None, str]] | None = None
 
     @property
     def duration(self) -> float | None:

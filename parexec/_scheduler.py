@@ -146,7 +146,6 @@ class _Scheduler:
         self.graph = graph
         self.specs = specs = list(wf.tasks.values())
         n = self.n = len(specs)
-        self.index = graph.index
         self.dependents = graph.dependents
         self.npending = [len(d) for d in graph.deps]
         self.state = [TaskState.WAITING] * n
@@ -480,6 +479,8 @@ class _Scheduler:
         policy = spec.retry
         if (retryable and policy is not None and not self.stopping
                 and attempt.number <= policy.max_retries and policy.retries(error)):
+            if tr.history is None:
+                tr.history = []
             tr.history.append((attempt.number, tr.started_at or 0.0, tr.finished_at or 0.0,
                                tr.worker, "timed_out" if timed_out else "failed"))
             self.state[i] = TaskState.RETRY_WAIT
@@ -651,7 +652,7 @@ class _Scheduler:
         makespan = end - self.t0
         spans: list[tuple[float, float]] = []
         for tr in self.runs:
-            for _, s, f, _, _ in tr.history:
+            for _, s, f, _, _ in tr.history or ():
                 spans.append((s, f))
             if tr.started_at is not None and tr.finished_at is not None:
                 spans.append((tr.started_at, tr.finished_at))

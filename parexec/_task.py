@@ -166,6 +166,9 @@ class TaskRef:
             "value before the call)")
 
 
+_NO_POOLS: dict[str, int] = {}  # shared by every task without pools; never mutated
+
+
 class TaskSpec:
     """One task of a workflow, as declared (what ``wf[id]`` returns).
 
@@ -195,7 +198,7 @@ class TaskSpec:
         self.on_error: OnError = options.get("on_error", "fail")
         self.cpus: float = options.get("cpus", 1)
         self.memory: int | None = options.get("memory")
-        self.pools: dict[str, int] = options.get("pools", {})
+        self.pools: dict[str, int] = options.get("pools", _NO_POOLS)
         self.default: Any = options.get("default")
         self.kind = "task"
 

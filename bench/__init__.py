@@ -1,0 +1,1 @@
+"""parexec's benchmarks against its peers; run ``python -m bench``."""
