@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import parexec as px  # noqa: E402
-from bench.tasks import burn, noop, sleep_ms  # noqa: E402
+from bench.tasks import burn, noop, sleep_ms, touch  # noqa: E402
 
 REPS = 5
 
@@ -353,7 +353,7 @@ def stg_graph(n: int, seed: int) -> tuple[list[list[int]], list[float]]:
 
 
 def bench_schedule(quick: bool) -> list[Row]:
-    cases = [(50, 1), (120, 2)] if quick else [(50, 1), (100, 2), (200, 3), (300, 4)]
+    cases = [(60, 1)] if quick else [(50, 1), (100, 2), (200, 3), (300, 4)]
     procs = [2, 4] if quick else [2, 4, 8, 16]
     ms = 1.0  # one cost unit = 1 ms of sleep
     out: list[Row] = []
@@ -436,8 +436,73 @@ def px_workflow_unvalidated(deps: list[list[int]]) -> px.Workflow:
     return wf
 
 
+# 6. Memory pressure ---------------------------------------------------------------------------
+
+class MemorySampler:
+    """Peak system memory in use above the level at start, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        import threading
+        import psutil
+        self._psutil = psutil
+        self.base = psutil.virtual_memory().used
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._psutil.virtual_memory().used - self.base)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def bench_memory(quick: bool) -> list[Row]:
+    ntasks, gib, need, budget = (4, 0.25, "0.4GB", "1GB") if quick else \
+        (8, 1.0, "1.2GB", "3GB")
+    case = f"{ntasks} x {gib:g} GiB, budget {budget}"
+    wf = px.Workflow("memory", isolation="process")
+    for _ in range(ntasks):
+        wf.add(px.task(touch).options(memory=need), gib)
+    px.run(px_workflow([[] for _ in range(ntasks)], isolation="process"), max_workers=ntasks,
+           progress=False)  # warm: start the workers
+    ppe = ProcessPoolExecutor(ntasks)
+    [f.result() for f in [ppe.submit(noop) for _ in range(ntasks)]]
+    rows = [Row("memory-pressure", case, "ProcessPoolExecutor: makespan", reference=True),
+            Row("memory-pressure", case, "parexec memory gate: makespan")]
+    peak_case = f"{ntasks} x {gib:g} GiB, peak in use"
+    peaks = [Row("memory-pressure", peak_case, "ProcessPoolExecutor", unit="GiB",
+                 scale=1 / 2**30, reference=True),
+             Row("memory-pressure", peak_case, "parexec memory gate", unit="GiB",
+                 scale=1 / 2**30)]
+
+    def measured(fn: Callable[[], Any], peak: Row) -> float:
+        gc.collect()
+        time.sleep(0.5)  # let the previous run's memory go back to the system
+        sampler = MemorySampler()
+        t = time.perf_counter()
+        fn()
+        took = time.perf_counter() - t
+        peak.samples.append(float(sampler.stop()))
+        return took
+
+    alternate(rows, [
+        lambda: measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
+                                                       for _ in range(ntasks)]], peaks[0]),
+        lambda: measured(lambda: px.run(wf, max_workers=ntasks, memory_budget=budget,
+                                        progress=False), peaks[1])], REPS)
+    ppe.shutdown()
+    for row in peaks:
+        row.note = f"budget {budget}"
+    return rows + peaks
+
+
 BENCHES = {"threads": bench_threads, "processes": bench_processes, "cpu": bench_cpu,
-           "schedule": bench_schedule, "scale": bench_scale}
+           "schedule": bench_schedule, "scale": bench_scale, "memory": bench_memory}
 
 
 def machine() -> str:

@@ -19,6 +19,15 @@ def burn(n: int) -> int:
     return s
 
 
+def touch(gib: float) -> int:
+    """Allocate and touch ``gib`` GiB, hold it briefly, and return the number of bytes."""
+    block = bytearray(int(gib * 2**30))
+    for k in range(0, len(block), 4096):
+        block[k] = 1
+    time.sleep(0.2)
+    return len(block)
+
+
 def sleep_ms(ms: float, *deps: Any) -> None:
     """Sleep ``ms`` milliseconds: a task of known cost that needs no CPU."""
     time.sleep(ms / 1000)

@@ -45,8 +45,8 @@ import threading
 from queue import SimpleQueue
 from typing import Any
 
-from ._errors import PicklingError, WorkerCrashed
-from ._worker import _local, decode_outcome, worker_main
+from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
+from ._worker import BlasCap, _local, decode_outcome, worker_main
 
 __all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown_process_pool"]
 
@@ -66,6 +66,7 @@ class ThreadPool:
         self._nthreads = 0
         self.nbusy = 0  # attempts handed out and not yet reported back (scheduler-owned)
         self._counter = itertools.count(1)
+        self.cap = BlasCap()
 
     def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Run ``fn(*args, **kwargs)`` on a worker thread; report on ``attempt.queue``.
@@ -76,7 +77,7 @@ class ThreadPool:
         self.nbusy += 1
         if self.nbusy > self._nthreads and self._nthreads < self.max_threads:
             self._nthreads += 1
-            t = threading.Thread(target=_thread_worker, args=(self._queue,), daemon=True,
+            t = threading.Thread(target=_thread_worker, args=(self._queue, self.cap), daemon=True,
                                  name=f"{self._name}-{next(self._counter)}")
             t.start()
         self._queue.put((attempt, fn, args, kwargs))
@@ -90,9 +91,10 @@ class ThreadPool:
         for _ in range(self._nthreads):
             self._queue.put(None)
         self._nthreads = 0
+        self.cap.restore()
 
 
-def _thread_worker(inbox: SimpleQueue[Any]) -> None:
+def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
     from time import monotonic
     name = threading.current_thread().name
     local = _local
@@ -110,6 +112,7 @@ def _thread_worker(inbox: SimpleQueue[Any]) -> None:
             del attempt, fn, args, kwargs
             continue
         local.attempt = attempt
+        cap.apply(attempt.cpus)
         attempt.t_start = monotonic()
         try:
             value = fn(*args, **kwargs)
@@ -173,6 +176,8 @@ class ProcessPool:
             worker = self._spawn()
         worker.attempt = attempt
         attempt.handle = worker
+        if attempt.monitor is not None:
+            attempt.monitor.watch(attempt, worker.pid)
         try:
             worker.conn.send_bytes(data)
         except OSError:
@@ -190,6 +195,19 @@ class ProcessPool:
             worker.killed = True
         _kill_tree(worker.pid)
         return True
+
+    def kill_for_memory(self, attempt: Any, used: int, limit: int) -> None:
+        """Called by the monitor: the attempt's worker uses more memory than declared."""
+        worker = attempt.handle
+        with self._lock:
+            if worker is None or worker.attempt is not attempt:
+                return
+            worker.killed = True
+        _kill_tree(worker.pid)
+        attempt.queue.put((attempt, False, MemoryLimitExceeded(
+            f"task {attempt.task_id!r} used {used / 1e6:,.0f} MB, above its declared "
+            f"memory={limit / 1e6:,.0f} MB; its worker was stopped. Raise the task's "
+            "memory= or make it use less"), worker.pid, None))
 
     def pid_of(self, attempt: Any) -> int | None:
         """The pid of the worker running ``attempt``, if it is still running."""
@@ -284,7 +302,11 @@ class ProcessPool:
                 return  # the scheduler already decided this attempt's outcome
             if not self._closed:
                 self._idle.append(worker)
-        ok, value, tb_text = decode_outcome(attempt.task_id, data)
+        ok, value, tb_text, peak = decode_outcome(attempt.task_id, data)
+        if attempt.monitor is not None:
+            attempt.monitor.unwatch(attempt)
+        if peak is not None and peak > (attempt.peak_memory or 0):
+            attempt.peak_memory = peak
         attempt.queue.put((attempt, ok, value, worker.pid, tb_text))
 
     def _reap(self, worker: _Worker) -> None:
@@ -299,6 +321,8 @@ class ProcessPool:
             worker.conn.close()
         except OSError:
             pass
+        if attempt is not None and attempt.monitor is not None:
+            attempt.monitor.unwatch(attempt)
         if attempt is not None and not worker.killed:
             attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
                                                              worker.process.exitcode),

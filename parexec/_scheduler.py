@@ -102,7 +102,8 @@ class _Attempt:
     """
 
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
-                 "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end")
+                 "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end",
+                 "monitor", "memory_limit", "peak_memory")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
@@ -119,6 +120,9 @@ class _Attempt:
         self.prefetched = False
         self.t_start = 0.0  # set by a thread worker when it really starts (monotonic clock)
         self.t_end = 0.0  # ... and when the function returned
+        self.monitor: Any = None  # samples a process attempt's worker (see _monitor)
+        self.memory_limit: int | None = None
+        self.peak_memory: int | None = None
 
 
 _last_result: RunResult | None = None
@@ -217,6 +221,8 @@ class _Scheduler:
             self.finish()
 
     def begin(self) -> None:
+        from ._monitor import Monitor
+        self.monitor = Monitor()
         self.emit("workflow:started")
         if self.debug:
             logger.debug("run of %r: %d tasks, gates %s", self.name, self.n, self.gates)
@@ -318,6 +324,9 @@ class _Scheduler:
         number = tr.attempts = tr.attempts + 1
         pool = self.pools[i]
         attempt = _Attempt(i, spec.id, number, self.queue, pool, spec.cpus)
+        if pool is not self.threads:
+            attempt.monitor = self.monitor
+            attempt.memory_limit = spec.memory
         if prefetch:  # queued beyond the slots: it takes no slot (see PREFETCH_BELOW)
             attempt.prefetched = True
             self.nprefetched += 1
@@ -393,6 +402,8 @@ class _Scheduler:
                 tr.first_started_at = tr.started_at
         else:
             tr.finished_at = now + self.offset
+            if attempt.peak_memory is not None:
+                tr.peak_memory = attempt.peak_memory
         tr.worker = worker
         if ok:
             self.values[i] = value
@@ -631,13 +642,26 @@ class _Scheduler:
     def finish(self) -> None:
         global _last_result
         self.threads.shutdown()
+        monitor = getattr(self, "monitor", None)
+        cpu = monitor.stop() if monitor is not None else None
         end = self.clock()
+        if monitor is not None:
+            threads, offset = self.threads, self.offset
+            for i, tr in enumerate(self.runs):
+                if self.pools[i] is threads and tr.started_at is not None \
+                        and tr.finished_at is not None:
+                    tr.peak_memory = monitor.peak_between(tr.started_at - offset,
+                                                          tr.finished_at - offset)
         for i in range(self.n):  # only after an internal error can tasks be left open
             if self.state[i] < _FINAL:
                 self.state[i] = TaskState.CANCELLED
                 self.runs[i].status = "cancelled"
         status = self.stopping or ("partial" if self.partial else "succeeded")
         stats = self.stats(end)
+        if monitor is not None:
+            stats.cpu_utilization = cpu
+            peaks = [tr.peak_memory for tr in self.runs if tr.peak_memory]
+            stats.peak_memory = max([monitor.peak, *peaks]) or None
         self.result = RunResult(self.name, status, {tr.id: tr for tr in self.runs},  # type: ignore[arg-type]
                                 stats, self.t0 + self.offset, end + self.offset)
         _last_result = self.result

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import threading
 import traceback
 from typing import Any
@@ -80,11 +81,133 @@ def current() -> TaskContext:
     return TaskContext(attempt.task_id, attempt.number, attempt)
 
 
+class BlasCap:
+    """Cap BLAS/OpenMP thread pools (threadpoolctl) at a task's ``cpus``.
+
+    Libraries loaded during the task (its first ``import numpy``) read their thread count
+    from the environment, so the variables of ``ENV`` are set too; libraries already loaded
+    are capped through threadpoolctl. That costs milliseconds (it scans the loaded
+    libraries), so it is re-applied only when the wanted count changes or modules were
+    imported since. BLAS pools are process-wide: in a process worker the cap is exactly the
+    task's; thread tasks share the driver's pools, so concurrent thread tasks with different
+    ``cpus`` get the cap of the one that started last. ``restore()`` puts back the limits
+    and variables found before the first cap.
+    """
+
+    ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+           "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+    def __init__(self) -> None:
+        self.current = 0
+        self._nmodules = -1
+        self._first: Any = None
+        self._saved_env: dict[str, str | None] | None = None
+        self._known: set[str] | None = None  # libraries loaded before the first cap
+        self._modules_at_start = 0
+
+    def apply(self, cpus: float) -> None:
+        """Cap the thread pools at ``max(1, int(cpus))`` threads."""
+        want = max(1, int(cpus))
+        nmodules = len(sys.modules)
+        if want == self.current and nmodules == self._nmodules:
+            return
+        if want != self.current:
+            if self._saved_env is None:
+                self._saved_env = {k: os.environ.get(k) for k in self.ENV}
+                self._modules_at_start = nmodules
+            for k in self.ENV:
+                os.environ[k] = str(want)
+        self.current, self._nmodules = want, nmodules
+        try:
+            from threadpoolctl import ThreadpoolController
+            controller = ThreadpoolController()
+            if self._known is None:
+                self._known = {c.filepath for c in controller.lib_controllers}
+            if controller.lib_controllers:
+                limiter = controller.limit(limits=want)
+                if self._first is None:
+                    self._first = limiter
+        except Exception:  # noqa: BLE001 - a missing or odd library must not fail the task
+            pass
+        self._nmodules = len(sys.modules)  # threadpoolctl's own imports do not count
+
+    def restore(self) -> None:
+        """Give back the limits that were in force before the first cap; libraries loaded
+        since get the thread count they would have chosen themselves."""
+        if self._first is not None:
+            try:
+                self._first.restore_original_limits()
+            except Exception:  # noqa: BLE001
+                pass
+            self._first = None
+        if self._saved_env is not None and len(sys.modules) != self._modules_at_start:
+            saved = self._saved_env.get("OPENBLAS_NUM_THREADS") or \
+                self._saved_env.get("OMP_NUM_THREADS")
+            default = int(saved) if saved and saved.isdigit() else len(os.sched_getaffinity(0))
+            try:
+                from threadpoolctl import ThreadpoolController
+                known = self._known or set()
+                for lib in ThreadpoolController().lib_controllers:
+                    if lib.filepath not in known:
+                        lib.set_num_threads(default)
+            except Exception:  # noqa: BLE001
+                pass
+        self._known = None
+        if self._saved_env is not None:
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            self._saved_env = None
+        self.current = 0
+
+
+class PeakMeter:
+    """The exact peak RSS of this process during one task (Linux: VmHWM, reset per task).
+
+    Writing ``5`` to ``/proc/self/clear_refs`` resets the high-water mark, so a reused worker
+    reports each task's own peak. Costs about 12 us per task; elsewhere it reports None.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._clear = os.open("/proc/self/clear_refs", os.O_WRONLY)
+            self._status = os.open("/proc/self/status", os.O_RDONLY)
+        except OSError:
+            self._clear = self._status = -1
+
+    def reset(self) -> None:
+        """Start measuring a new task."""
+        if self._clear >= 0:
+            try:
+                os.write(self._clear, b"5")
+            except OSError:
+                self._clear = -1
+
+    def peak(self) -> int | None:
+        """Peak RSS in bytes since the last ``reset()``."""
+        if self._status < 0:
+            return None
+        try:
+            data = os.pread(self._status, 4096, 0)
+            i = data.index(b"VmHWM:")
+            return int(data[i + 6:data.index(b"kB", i)]) * 1024
+        except (OSError, ValueError):
+            return None
+
+
 # Process workers ------------------------------------------------------------------------
+
+_cap = BlasCap()
+_meter: PeakMeter | None = None
+
 
 def worker_main(conn: Any) -> None:
     """Entry point of a process worker: serve payloads from ``conn`` until it closes."""
+    global _meter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _meter = PeakMeter()
     _watch_parent()
     recv, send = conn.recv_bytes, conn.send_bytes
     while True:
@@ -128,38 +251,47 @@ def run_payload(data: bytes) -> bytes:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, not raised
         return _error_outcome(task_id, exc, "could not unpickle the task in the worker: ")
     _local.context = TaskContext(task_id, attempt)
+    _cap.apply(cpus)
+    meter = _meter
+    if meter is not None:
+        meter.reset()
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001
         tb = exc.__traceback__
         if tb is not None:
             exc.__traceback__ = tb.tb_next  # hide this wrapper's frame
-        return _error_outcome(task_id, exc)
+        return _error_outcome(task_id, exc, peak=meter.peak() if meter else None)
     finally:
         _local.context = None
+    peak = meter.peak() if meter is not None else None
     try:
-        return pickle.dumps((True, value, None, None), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((True, value, None, peak), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - try harder below
         pass
     try:
         import cloudpickle
-        return cloudpickle.dumps((True, value, None, None), protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps((True, value, None, peak), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001
         from ._errors import PicklingError
         err = PicklingError(
             f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
             f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
             "with isolation='thread'")
-        return _error_outcome(task_id, err)
+        return _error_outcome(task_id, err, peak=peak)
 
 
-def _error_outcome(task_id: str, exc: BaseException, prefix: str = "") -> bytes:
-    """Pickle an error with its traceback (tblib), keeping its text as a fallback."""
+def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",
+                   peak: int | None = None) -> bytes:
+    """Pickle an error with its traceback (tblib), keeping its text as a fallback.
+
+    The outcome is ``(False, error bytes, traceback text, (type name, peak))``.
+    """
     tb_text = "".join(traceback.format_exception(exc))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     if prefix:
         err: BaseException = ParexecError(f"task {task_id!r}: {prefix}{type(exc).__name__}: {exc}")
-        return pickle.dumps((False, pickle.dumps(err), tb_text, type_name))
+        return pickle.dumps((False, pickle.dumps(err), tb_text, (type_name, peak)))
     try:
         from tblib import pickling_support
         import cloudpickle
@@ -167,28 +299,31 @@ def _error_outcome(task_id: str, exc: BaseException, prefix: str = "") -> bytes:
         blob = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # noqa: BLE001 - the parent rebuilds a RemoteError from the text
         blob = None
-    return pickle.dumps((False, blob, tb_text, type_name), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((False, blob, tb_text, (type_name, peak)),
+                        protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None]:
-    """Parent side of ``run_payload``: return ``(ok, value or error, traceback text)``."""
+def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, int | None]:
+    """Parent side of ``run_payload``: ``(ok, value or error, traceback text, peak bytes)``."""
     from ._errors import RemoteError
     try:
-        ok, payload, tb_text, type_name = pickle.loads(data)
+        ok, payload, tb_text, extra = pickle.loads(data)
     except BaseException as exc:  # noqa: BLE001
         return False, RemoteError(
             f"task {task_id!r}: its result could not be unpickled in the parent "
             f"({type(exc).__name__}: {exc}); make sure the modules it uses are importable "
-            "in the parent process"), None
+            "in the parent process"), None, None
     if ok:
-        return True, payload, None
+        return True, payload, None, extra
+    type_name, peak = extra
     if payload is not None:
         try:
-            return False, pickle.loads(payload), tb_text
+            return False, pickle.loads(payload), tb_text, peak
         except BaseException as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {exc}"
     else:
         reason = "it could not be pickled in the worker"
     return False, RemoteError(
         f"task {task_id!r} raised {type_name}, which could not be sent back as itself "
-        f"({reason}); its worker traceback follows", type_name or "", tb_text or ""), tb_text
+        f"({reason}); its worker traceback follows", type_name or "", tb_text or ""), \
+        tb_text, peak

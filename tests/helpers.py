@@ -131,3 +131,31 @@ def unpicklable_error_class():
     sys.path.insert(0, folder)
     module = importlib.import_module("worker_only_module")
     raise module.LocalOnlyError("only in the worker")
+
+
+def hold_memory(mib, seconds=0.3):
+    """Hold ``mib`` MiB (touched) for ``seconds``; return the number of bytes held."""
+    block = bytearray(mib * 2**20)
+    for k in range(0, len(block), 4096):
+        block[k] = 1
+    time.sleep(seconds)
+    return len(block)
+
+
+def leak_memory(step_mib=50, limit_mib=4000):
+    """Grow by ``step_mib`` MiB every 20 ms until ``limit_mib``: a runaway task."""
+    blocks = []
+    while len(blocks) * step_mib < limit_mib:
+        block = bytearray(step_mib * 2**20)
+        for k in range(0, len(block), 4096):
+            block[k] = 1
+        blocks.append(block)
+        time.sleep(0.02)
+    return len(blocks)
+
+
+def blas_threads():
+    """How many threads the BLAS library of numpy would use in this task."""
+    import numpy  # noqa: F401 - loads the BLAS library
+    from threadpoolctl import threadpool_info
+    return max(info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas")

@@ -20,6 +20,6 @@ def test_bench_quick_completes_and_prints_tables():
     out = proc.stdout
     assert out.startswith("machine: ")
     for bench in ("overhead-threads", "cold-start", "overhead-processes", "cpu-speedup",
-                  "schedule-quality", "scale"):
+                  "schedule-quality", "scale", "memory-pressure"):
         assert f"\n{bench} " in out, bench
     assert "parexec threads" in out and "ThreadPoolExecutor (no deps)" in out

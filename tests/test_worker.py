@@ -43,12 +43,12 @@ def test_run_payload_round_trip_in_process():
     """The worker protocol: a pickled call in, a pickled outcome out."""
     import cloudpickle
     data = cloudpickle.dumps(("t", 1, 1, helpers.add, (2, 3), {}))
-    assert decode_outcome("t", run_payload(data)) == (True, 5, None)
+    assert decode_outcome("t", run_payload(data)) == (True, 5, None, None)
 
 
 def test_run_payload_reports_unloadable_payload():
     """A payload the worker cannot unpickle comes back as an error naming the task."""
-    ok, err, _ = decode_outcome("t", run_payload(b"not a pickle"))
+    ok, err, _, _ = decode_outcome("t", run_payload(b"not a pickle"))
     assert not ok and "could not unpickle" in str(err)
 
 

@@ -1,0 +1,127 @@
+"""Measuring a run: memory of process workers, of the driver process, and CPU use.
+
+One ``Monitor`` per run samples, ``SAMPLES_PER_SECOND`` times a second on its own thread
+(never the scheduler's):
+
+* the RSS of every process worker running one of the run's tasks, children included: its
+  maximum becomes the task's ``peak_memory``, and a task that exceeds its declared ``memory``
+  is stopped at once by killing that worker alone (``MemoryLimitExceeded``);
+* the RSS of this process, from which thread tasks get their ``peak_memory`` (the
+  process-wide peak during their run) and the run its ``peak_memory``;
+* system CPU use, for ``RunStats.cpu_utilization``.
+
+Sampling every 0.1 s caught a task leaking memory long before it reached 4 GB on the test
+machine. The exact peak of a process task that ended between two samples comes from the
+worker itself (``VmHWM`` after resetting it with ``/proc/self/clear_refs``, see
+``_worker.PeakMeter``); the task's peak is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from typing import Any
+
+__all__ = ["Monitor", "SAMPLES_PER_SECOND"]
+
+SAMPLES_PER_SECOND = 10
+
+
+class Monitor:
+    """Samples memory and CPU while a run is going on (see the module docstring)."""
+
+    def __init__(self, interval: float = 1 / SAMPLES_PER_SECOND) -> None:
+        import psutil
+        self._psutil = psutil
+        self._interval = interval
+        self._me = psutil.Process()
+        self._lock = threading.Lock()
+        self._watched: dict[Any, tuple[int, Any]] = {}  # attempt -> (pid, psutil.Process)
+        self._stop = threading.Event()
+        self.times: list[float] = []  # monotonic time of each sample of this process
+        self.rss: list[int] = []      # ... and its RSS then
+        self.peak = 0                 # highest memory seen: this process or one worker
+        self._cpu_start = psutil.cpu_times()
+        self._t_start = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="parexec-monitor", daemon=True)
+        self._thread.start()
+
+    # Called from the scheduler thread or the process pool ----------------------------------
+
+    def watch(self, attempt: Any, pid: int) -> None:
+        """Sample the worker ``pid`` while it runs ``attempt``."""
+        try:
+            proc = self._psutil.Process(pid)
+        except self._psutil.Error:
+            return
+        with self._lock:
+            self._watched[attempt] = (pid, proc)
+
+    def unwatch(self, attempt: Any) -> None:
+        """Stop sampling for ``attempt`` (it ended)."""
+        with self._lock:
+            self._watched.pop(attempt, None)
+
+    def stop(self) -> float | None:
+        """Stop sampling; return the CPU utilization of the machine during the run (%)."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        try:
+            end = self._psutil.cpu_times()
+            busy = (sum(end) - end.idle - getattr(end, "iowait", 0.0)) - \
+                (sum(self._cpu_start) - self._cpu_start.idle - getattr(self._cpu_start, "iowait", 0.0))
+            total = sum(end) - sum(self._cpu_start)
+            return 100.0 * busy / total if total > 0 else None
+        except Exception:  # noqa: BLE001 - stats are best effort
+            return None
+
+    def peak_between(self, start: float, end: float) -> int | None:
+        """Highest RSS of this process sampled in ``[start, end]`` (monotonic seconds), or the
+        last sample before ``start`` when none falls inside; None when nothing was sampled."""
+        times = self.times
+        if not times:
+            return None
+        lo = bisect.bisect_left(times, start)
+        hi = bisect.bisect_right(times, end)
+        if lo < hi:
+            return max(self.rss[lo:hi])
+        return self.rss[lo - 1] if lo else self.rss[0]
+
+    # The sampling thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self._interval):
+                self._sample()
+                return
+
+    def _sample(self) -> None:
+        psutil = self._psutil
+        try:
+            rss = self._me.memory_info().rss
+        except psutil.Error:
+            return
+        self.times.append(time.monotonic())
+        self.rss.append(rss)
+        self.peak = max(self.peak, rss)
+        with self._lock:
+            watched = list(self._watched.items())
+        for attempt, (pid, proc) in watched:
+            try:
+                total = proc.memory_info().rss
+                for child in proc.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                continue  # the worker is gone; its pool reports why
+            if total > (attempt.peak_memory or 0):
+                attempt.peak_memory = total
+            self.peak = max(self.peak, total)
+            limit = attempt.memory_limit
+            if limit is not None and total > limit:
+                self.unwatch(attempt)
+                attempt.pool.kill_for_memory(attempt, total, limit)
