@@ -41,6 +41,9 @@ from ._scheduler import Run as Run
 from ._scheduler import last_result as last_result
 from ._scheduler import run as run
 from ._scheduler import start as start
+from ._task import GroupRef as GroupRef
+from ._task import MapRef as MapRef
+from ._task import Outcome as Outcome
 from ._task import Retry as Retry
 from ._task import TaskRef as TaskRef
 from ._task import TaskSpec as TaskSpec
@@ -50,16 +53,17 @@ from ._task import task as task
 from ._worker import TaskContext as TaskContext
 from ._worker import current as current
 from ._workflow import Workflow as Workflow
+from ._workflow import group as group
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event",
-    "MemoryLimitExceeded", "MissingDependencyError", "ParexecError", "PicklingError",
+    "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event", "GroupRef",
+    "MapRef", "MemoryLimitExceeded", "Outcome", "MissingDependencyError", "ParexecError", "PicklingError",
     "RemoteError", "ResourceError", "Retry", "Run", "RunResult", "RunStats", "StoreError",
     "TaskContext", "TaskOptionError", "TaskRef", "TaskRun", "TaskSpec", "TaskTemplate",
     "TaskTimeout", "WaitTimeout", "WorkerCrashed", "Workflow", "WorkflowError",
-    "WorkflowFailed", "current", "last_result", "parse_size", "run", "start", "task",
+    "WorkflowFailed", "current", "group", "last_result", "parse_size", "run", "start", "task",
 ]
 
 # Tracebacks and reprs say ``parexec.TaskTimeout``, not ``parexec._errors.TaskTimeout``.

@@ -126,12 +126,17 @@ class ProgressBar:
         self._bar = tqdm(total=total, desc=name, unit="task", dynamic_ncols=True, leave=True)
         self._running: set[str | None] = set()
         self._retrying: set[str | None] = set()
+        self._seen: set[str | None] = set()  # maps add tasks at run time: grow the total
         self.failed = 0
         self._closed = False
 
     def __call__(self, event: Event) -> None:
         """Update the bar from one event."""
         kind, tid = event.kind, event.task_id
+        if tid is not None and tid not in self._seen:
+            self._seen.add(tid)
+            if len(self._seen) > self._bar.total:
+                self._bar.total = len(self._seen)
         if kind == "task:started":
             self._running.add(tid)
             self._retrying.discard(tid)

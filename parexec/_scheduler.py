@@ -51,7 +51,8 @@ from ._gates import build_gates, check_resources
 from ._graph import critical_path
 from ._pools import ThreadPool, process_pool
 from ._results import RunResult, RunStats, TaskRun
-from ._task import resolve_args, resolve_refs
+from ._gates import CapacityGate
+from ._task import Outcome, TaskSpec, resolve_args, resolve_refs
 from ._workflow import Workflow, check_cpu_budget, check_max_workers, check_timeout
 
 __all__ = ["Run", "last_result", "run", "start"]
@@ -91,7 +92,24 @@ _STATUS = {TaskState.SUCCEEDED: "succeeded", TaskState.FAILED: "failed",
            TaskState.TIMED_OUT: "timed_out", TaskState.CACHED: "cached"}
 
 # Deadline kinds
-_TIMEOUT, _RETRY, _RUN_TIMEOUT, _GRACE, _RECHECK = range(5)
+_TIMEOUT, _RETRY, _RUN_TIMEOUT, _GRACE, _RECHECK, _GROUP_TIMEOUT = range(6)
+_DONE_OK = (TaskState.SUCCEEDED, TaskState.CACHED)
+
+
+class _Group:
+    """Run state of one group or map (members are task indices)."""
+
+    __slots__ = ("members", "wait", "output", "pending", "resolved", "started", "timeout")
+
+    def __init__(self, members: list[int], wait: str, output: str,
+                 timeout: float | None) -> None:
+        self.members = members
+        self.wait = wait
+        self.output = output
+        self.pending = len(members)
+        self.resolved = False
+        self.started = False
+        self.timeout = timeout
 
 
 class _Attempt:
@@ -162,10 +180,33 @@ class _Scheduler:
         self.threads = ThreadPool(f"parexec-{wf.name}", max_threads=max_workers)
         procs = process_pool() if "process" in isolation else None
         self.pools = [self.threads if iso == "thread" else procs for iso in isolation]
+        self.isolation = isolation
         self.gates = build_gates(specs, [iso != "cluster" for iso in isolation],
                                  max_workers=max_workers, cpu_budget=cpu_budget,
                                  memory_budget=memory_budget, pools=wf.pools,
                                  force_cpu_gate=force_cpu_gate)
+        # Groups and maps: member_of[i] lists the groups task i belongs to.
+        self.member_of: list[list[int] | None] = [None] * n
+        self.groups: dict[int, _Group] = {}
+        self.is_group = [s.group is not None for s in specs]
+        index = {s.id: i for i, s in enumerate(specs)}
+        for g, spec in enumerate(specs):
+            info = spec.group
+            if info is None:
+                continue
+            if info.dynamic is None:
+                members = [index[m] for m in info.members]
+                self.groups[g] = _Group(members, info.wait, info.output, info.timeout)
+                for m in members:
+                    self.member_of[m] = (self.member_of[m] or []) + [g]
+            else:
+                members = []
+            if info.max_concurrent is not None:
+                needs = [0.0] * n
+                for m in members:
+                    if not self.is_group[m]:
+                        needs[m] = 1.0
+                self.gates.append(CapacityGate(f"group:{spec.id}", info.max_concurrent, needs))
         self.plain = [iso == "thread" and s.timeout is None and not s.pools and not s.memory
                       for iso, s in zip(isolation, specs)]
         self.nprefetched = 0
@@ -288,9 +329,13 @@ class _Scheduler:
             for g in gates:
                 while g.parked:
                     heapq.heappush(ready, heapq.heappop(g.parked))
+        state = self.state
         while ready:
             key = ready[0]
             i = key[2]
+            if state[i] is not _READY:  # cancelled while it waited (a group resolved early)
+                heapq.heappop(ready)
+                continue
             for g in gates:
                 if not g.admits(i):
                     break
@@ -344,6 +389,8 @@ class _Scheduler:
             tr.first_started_at = started
         if spec.timeout is not None:
             self.add_deadline(now + spec.timeout, _TIMEOUT, attempt)
+        if self.member_of[i] is not None:
+            self.group_started(i, now)
         if self.em:
             self.emit("task:started", i, number)
         if self.debug:
@@ -415,15 +462,19 @@ class _Scheduler:
                 self.emit("task:completed", i, attempt.number, tr.duration)
             if self.debug:
                 logger.debug("succeeded %s", tr.id)
+            if self.member_of[i] is not None:
+                self.member_done(i)
             if not self.stopping:
                 self.release_dependents(i)
-        elif self.stopping:
-            # The run is stopping: a thread task that returned now is not retried.
+        elif self.stopping or attempt.cancel_requested:
+            # The run is stopping, or a group no longer needs this thread task: not retried.
             if isinstance(value, Cancelled):
                 self.finalize(i, TaskState.CANCELLED, "task:cancelled", number=attempt.number)
             else:
                 self.finalize(i, TaskState.FAILED, "task:failed", value, tb_text,
                               attempt.number)
+            if not self.stopping:
+                self.skip_downstream(i, TaskState.CANCELLED)
         else:
             self.attempt_failed(i, attempt, value, tb_text)
 
@@ -466,11 +517,17 @@ class _Scheduler:
             self.emit(kind, i, number, tr.duration, error)
         if self.debug:
             logger.debug("%s %s", tr.status, tr.id)
+        if self.member_of[i] is not None:
+            self.member_done(i)
 
     def release_dependents(self, i: int) -> None:
-        npending, state = self.npending, self.state
+        npending, state, is_group = self.npending, self.state, self.is_group
         now: float | None = None
         for j in self.dependents[i]:
+            if is_group[j]:
+                if j not in self.groups and state[j] is _WAITING:
+                    self.expand_map(j)  # a map over this task's result
+                continue  # a group learns of its members through member_done()
             k = npending[j] - 1
             npending[j] = k
             if not k and state[j] is _WAITING:
@@ -504,6 +561,14 @@ class _Scheduler:
             return
         self.finalize(i, TaskState.TIMED_OUT if timed_out else TaskState.FAILED, "task:failed",
                       error, tb_text, attempt.number)
+        if self.member_of[i] is not None and not self.stopping:
+            # A member's failure is its group's to judge; other dependents follow on_error.
+            if spec.on_error == "ignore":
+                self.values[i] = spec.default
+                self.release_dependents(i)
+            else:
+                self.skip_downstream(i)
+            return
         level = logging.WARNING if isinstance(error, (TaskTimeout, WorkerCrashed,
                                                       MemoryLimitExceeded)) else logging.INFO
         logger.log(level, "task %r failed: %s: %s", spec.id, type(error).__name__, error)
@@ -519,13 +584,18 @@ class _Scheduler:
             self.values[i] = spec.default
             self.release_dependents(i)
 
-    def skip_downstream(self, i: int) -> None:
+    def skip_downstream(self, i: int, status: TaskState = TaskState.SKIPPED) -> None:
+        """Finalize every waiting task downstream of ``i`` as skipped (or cancelled). Static
+        groups are not touched: they hear of their members through member_done()."""
         stack = list(self.dependents[i])
         state = self.state
+        kind = "task:skipped" if status is TaskState.SKIPPED else "task:cancelled"
         while stack:
             j = stack.pop()
-            if state[j] is TaskState.WAITING:
-                self.finalize(j, TaskState.SKIPPED, "task:skipped")
+            if state[j] is TaskState.WAITING and j not in self.groups:
+                self.finalize(j, status, kind)
+                if status is TaskState.SKIPPED:
+                    self.partial = True
                 stack.extend(self.dependents[j])
 
     # Deadlines ------------------------------------------------------------------------
@@ -552,6 +622,12 @@ class _Scheduler:
                 self.recheck_pending = False
                 if payload.parked:
                     self.unpark(payload)
+            elif kind == _GROUP_TIMEOUT:
+                group = self.groups.get(payload)
+                if group is not None and not group.resolved and not self.stopping:
+                    self.resolve_group(payload, False, error=TaskTimeout(
+                        f"group {self.specs[payload].id!r} did not resolve within its "
+                        f"timeout of {group.timeout:g}s"), timed_out=True)
 
     def timed_out(self, attempt: _Attempt) -> None:
         i = attempt.index
@@ -579,6 +655,204 @@ class _Scheduler:
             return True
         attempt.cancel_requested = True
         return False
+
+    # Groups and maps ------------------------------------------------------------------
+
+    def group_started(self, i: int, now: float) -> None:
+        """A member of groups started: start their clocks (and their parents')."""
+        for g in self.member_of[i] or ():
+            group = self.groups.get(g)
+            if group is None or group.started:
+                continue
+            group.started = True
+            self.runs[g].started_at = self.runs[g].first_started_at = now + self.offset
+            if group.timeout is not None:
+                self.add_deadline(now + group.timeout, _GROUP_TIMEOUT, g)
+            if self.member_of[g] is not None:
+                self.group_started(g, now)
+
+    def member_done(self, i: int) -> None:
+        """Task (or group) ``i`` reached a final state: let its groups decide."""
+        if self.stopping:
+            return
+        for g in self.member_of[i] or ():
+            group = self.groups.get(g)
+            if group is None or group.resolved:
+                continue
+            group.pending -= 1
+            ok = self.state[i] in _DONE_OK
+            wait = group.wait
+            if wait == "all":
+                if not ok:
+                    self.resolve_group(g, False, error=self.member_error(g, i))
+                elif not group.pending:
+                    self.resolve_group(g, True, self.collect(group))
+            elif wait == "any":
+                if ok:
+                    self.resolve_group(g, True, self.values[i])
+                elif not group.pending:
+                    errors = [self.member_error(g, m) for m in group.members]
+                    self.resolve_group(g, False, error=ExceptionGroup(
+                        f"group {self.specs[g].id!r}: every member failed", errors))
+            elif wait == "race":
+                if ok:
+                    self.resolve_group(g, True, self.values[i])
+                else:
+                    self.resolve_group(g, False, error=self.member_error(g, i))
+            elif not group.pending:  # all_settled
+                self.resolve_group(g, True, {
+                    self.specs[m].id: Outcome(True, self.values[m]) if self.state[m] in _DONE_OK
+                    else Outcome(False, None, self.member_error(g, m)) for m in group.members})
+
+    def member_error(self, g: int, m: int) -> Exception:
+        err = self.runs[m].error
+        if isinstance(err, Exception):
+            return err
+        return Cancelled(f"member {self.specs[m].id!r} of {self.specs[g].id!r} was "
+                         f"{self.runs[m].status}")
+
+    def collect(self, group: _Group) -> Any:
+        values = self.values
+        if group.output == "list":
+            return [values[m] for m in group.members]
+        return {self.specs[m].id: values[m] for m in group.members}
+
+    def resolve_group(self, g: int, ok: bool, value: Any = None,
+                      error: BaseException | None = None, timed_out: bool = False) -> None:
+        group = self.groups[g]
+        group.resolved = True
+        tr = self.runs[g]
+        tr.finished_at = self.clock() + self.offset
+        if tr.started_at is None:
+            tr.started_at = tr.first_started_at = tr.finished_at
+        self.cancel_members(g)
+        if ok:
+            self.values[g] = tr.value = value
+            self.finalize(g, TaskState.SUCCEEDED, "task:completed")
+            self.release_dependents(g)
+            return
+        spec = self.specs[g]
+        self.finalize(g, TaskState.TIMED_OUT if timed_out else TaskState.FAILED, "task:failed",
+                      error)
+        logger.info("%s %r failed: %s", "map" if group.output == "list" else "group", spec.id,
+                    error)
+        if self.stopping:
+            return
+        if self.member_of[g] is not None or spec.on_error == "skip":
+            self.partial = self.partial or self.member_of[g] is None
+            self.skip_downstream(g)
+        elif spec.on_error == "fail":
+            self.stop("failed")
+        else:
+            self.partial = True
+            self.values[g] = spec.default
+            self.release_dependents(g)
+
+    def cancel_members(self, g: int) -> None:
+        """Cancel the unfinished members of a resolved group, unless something else still
+        needs them (another task waiting on them, or another unresolved group)."""
+        for m in self.groups[g].members:
+            if self.state[m] >= _FINAL or self.needed_elsewhere(m, g):
+                continue
+            if m in self.groups:
+                self.groups[m].resolved = True
+                self.cancel_members(m)
+                self.runs[m].finished_at = self.clock() + self.offset
+                self.finalize(m, TaskState.CANCELLED, "task:cancelled")
+            elif self.state[m] is _RUNNING:
+                attempt = next((a for a in self.running if a.index == m), None)
+                if attempt is not None:
+                    if not self.kill_or_flag(attempt):
+                        # A thread cannot be stopped: cancelled now, its cancel flag set, its
+                        # slot held until the function returns (as for a thread timeout).
+                        attempt.final = True
+                        self.running.pop(attempt, None)
+                        self.zombies.add(attempt)
+                    self.runs[m].finished_at = self.clock() + self.offset
+                    self.finalize(m, TaskState.CANCELLED, "task:cancelled",
+                                  number=attempt.number)
+            else:
+                self.finalize(m, TaskState.CANCELLED, "task:cancelled")
+            self.skip_downstream(m, TaskState.CANCELLED)
+
+    def needed_elsewhere(self, m: int, g: int) -> bool:
+        for j in self.dependents[m]:
+            if j == g or self.state[j] >= _FINAL:
+                continue
+            group = self.groups.get(j)
+            if group is None or not group.resolved:
+                return True
+        return False
+
+    def expand_map(self, g: int) -> None:
+        """The source of a map is done: create one task per item of its value."""
+        spec = self.specs[g]
+        info = spec.group
+        assert info is not None and info.dynamic is not None
+        fn, options, kwargs, base = info.dynamic
+        source = self.values[self.graph.deps[g][0]]  # maps are declared, so g is in the graph
+        try:
+            items = list(source)
+        except TypeError:
+            self.groups[g] = _Group([], "all", "list", None)
+            self.resolve_group(g, False, error=TaskOptionError(
+                f"map {spec.id!r}: the value of {info.members[0]!r} is a "
+                f"{type(source).__name__}, not an iterable of items"))
+            return
+        members = [self.add_task(TaskSpec(f"{base}[{k}]", fn, (item,), kwargs, (), False,
+                                          options), g)
+                   for k, item in enumerate(items)]
+        self.groups[g] = _Group(members, "all", "list", None)
+        self.n += len(members)
+        if not members:
+            self.resolve_group(g, True, [])
+            return
+        now = self.clock() + self.offset
+        for m in members:
+            self.state[m] = _READY
+            self.runs[m].queued_at = now
+            heapq.heappush(self.ready, self.keys[m])
+            if self.em:
+                self.emit("task:queued", m)
+
+    def add_task(self, spec: TaskSpec, group: int) -> int:
+        """Append a task created at run time (a map item) to every per-task array."""
+        i = len(self.specs)
+        wf = self.wf
+        iso = spec.isolation or wf.isolation
+        self.specs.append(spec)
+        self.runs.append(TaskRun(spec.id))
+        self.state.append(TaskState.WAITING)
+        self.npending.append(0)
+        self.dependents.append([])
+        self.values.append(None)
+        self.keys.append((-spec.priority, -self.graph.rank[group] if group < len(
+            self.graph.rank) else 0.0, i))
+        if iso == "thread":
+            self.pools.append(self.threads)
+        else:
+            self.pools.append(process_pool())
+        self.plain.append(iso == "thread" and spec.timeout is None and not spec.pools
+                          and not spec.memory)
+        self.member_of.append([group])
+        self.is_group.append(False)
+        self.isolation.append(iso)
+        local = iso != "cluster"
+        gid = self.specs[group].id
+        for g in self.gates:
+            name = g.name
+            if name == "slots":
+                need = 1.0 if local else 0.0
+            elif name == "cpus":
+                need = spec.cpus if local else 0.0
+            elif name == "memory":
+                need = float(spec.memory or 0) if local else 0.0
+            elif name.startswith("pool:"):
+                need = float(spec.pools.get(name[5:], 0))
+            else:  # "group:<id>": the map's own max_concurrent
+                need = 1.0 if name == f"group:{gid}" else 0.0
+            g.needs.append(need)  # type: ignore[attr-defined]
+        return i
 
     # Stopping -------------------------------------------------------------------------
 
@@ -675,7 +949,9 @@ class _Scheduler:
     def stats(self, end: float) -> RunStats:
         makespan = end - self.t0
         spans: list[tuple[float, float]] = []
-        for tr in self.runs:
+        for i, tr in enumerate(self.runs):
+            if self.is_group[i]:
+                continue  # a group's span is its members' work
             for _, s, f, _, _ in tr.history or ():
                 spans.append((s, f))
             if tr.started_at is not None and tr.finished_at is not None:

@@ -25,8 +25,8 @@ from ._errors import TaskOptionError
 if TYPE_CHECKING:
     from ._workflow import Workflow
 
-__all__ = ["Retry", "TaskRef", "TaskSpec", "TaskTemplate", "parse_size", "resolve_args",
-           "resolve_refs", "task"]
+__all__ = ["GroupInfo", "GroupRef", "MapRef", "Outcome", "Retry", "TaskRef", "TaskSpec",
+           "TaskTemplate", "WAITS", "parse_size", "resolve_args", "resolve_refs", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -166,6 +166,52 @@ class TaskRef:
             "value before the call)")
 
 
+class GroupRef(TaskRef):
+    """A reference to a group's value (see ``px.group``); usable like a ``TaskRef``."""
+
+    __slots__ = ()
+
+
+class MapRef(GroupRef):
+    """A reference to a map's value, the list of its results in item order."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one member of an ``"all_settled"`` group ended.
+
+    Attributes:
+        ok: Whether the member produced a value.
+        value: The value (None if not ok).
+        error: The exception (None if ok; ``px.Cancelled`` for a member that never ran).
+    """
+
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+
+
+WAITS = ("all", "any", "all_settled", "race")
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """What makes a spec a group: its members and strategy (``TaskSpec.group``).
+
+    ``dynamic`` is set for a map over a task's result: ``(fn, options, fixed_kwargs, base)``,
+    expanded into member tasks ``base[0]``, ``base[1]``, ... once the source is done.
+    """
+
+    wait: str
+    members: tuple[str, ...]
+    max_concurrent: int | None = None
+    timeout: float | None = None
+    output: str = "dict"  # "dict" (group) or "list" (map)
+    dynamic: tuple[Any, ...] | None = None
+
+
 _NO_POOLS: dict[str, int] = {}  # shared by every task without pools; never mutated
 
 
@@ -178,7 +224,7 @@ class TaskSpec:
 
     __slots__ = ("id", "name", "fn", "args", "kwargs", "deps", "has_refs", "isolation",
                  "priority", "estimate", "timeout", "retry", "on_error", "cpus", "memory",
-                 "pools", "default", "kind")
+                 "pools", "default", "group")
 
     def __init__(self, id: str, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], deps: tuple[str, ...], has_refs: bool,
@@ -200,7 +246,7 @@ class TaskSpec:
         self.memory: int | None = options.get("memory")
         self.pools: dict[str, int] = options.get("pools", _NO_POOLS)
         self.default: Any = options.get("default")
-        self.kind = "task"
+        self.group: GroupInfo | None = None  # set for groups and maps
 
     def __repr__(self) -> str:
         fn = getattr(self.fn, "__qualname__", repr(self.fn))
@@ -424,6 +470,22 @@ class TaskTemplate(Generic[P, R]):
         if wf is None:
             return self.fn(*args, **kwargs)
         return wf._add(self.fn, args, kwargs, self._options)
+
+    def map(self, items: Any, *, max_concurrent: int | None = None, id: str | None = None,
+            **kwargs: Any) -> MapRef:
+        """Add one task per item (``fn(item, **kwargs)``) to the current workflow.
+
+        ``items`` may be an iterable, or a ``TaskRef`` whose result is one: the tasks are
+        then created at run time, when that result is known. The ``MapRef``'s value is the
+        list of results in item order. See ``Workflow.map``.
+        """
+        from ._workflow import current_workflow
+        wf = current_workflow()
+        if wf is None:
+            raise TaskOptionError(
+                f"{_fn_name(self.fn)}.map(...) must be called inside `with px.Workflow(...)`; "
+                "outside a workflow, call the function in a loop")
+        return wf.map(self, items, max_concurrent=max_concurrent, id=id, **kwargs)
 
     def __repr__(self) -> str:
         return f"<TaskTemplate {_fn_name(self.fn)} {self._options}>"

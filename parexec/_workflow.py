@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ._errors import DuplicateTaskError, MissingDependencyError, TaskOptionError
 from ._graph import Graph, compile_graph, critical_path, levels, to_dot
-from ._task import ISOLATIONS, TaskRef, TaskSpec, TaskTemplate, _fn_name, find_refs, parse_size
+from ._task import (ISOLATIONS, WAITS, GroupInfo, GroupRef, MapRef, TaskRef, TaskSpec,
+                    TaskTemplate, _fn_name, check_options, find_refs, parse_size)
 
 if TYPE_CHECKING:
     from ._events import Event
 
-__all__ = ["Workflow", "current_workflow"]
+__all__ = ["Workflow", "current_workflow", "group"]
 
 _active: contextvars.ContextVar[tuple[Workflow, ...]] = contextvars.ContextVar(
     "parexec_active_workflows", default=())
@@ -148,6 +149,87 @@ class Workflow:
         self._graph = None
         return TaskRef(self, tid, index)
 
+    def group(self, members: Iterable[TaskRef], *, wait: str = "all",
+              max_concurrent: int | None = None, timeout: float | None = None,
+              id: str | None = None, on_error: str = "fail", default: Any = None) -> GroupRef:
+        """Add a group of tasks resolved by a wait strategy; see ``px.group``."""
+        refs = list(members) if not isinstance(members, TaskRef) else None
+        gid = id or "group"
+        if not refs:
+            raise TaskOptionError(f"group {gid!r} needs a non-empty list of task refs")
+        for ref in refs:
+            if not isinstance(ref, TaskRef):
+                raise TaskOptionError(
+                    f"group {gid!r}: members must be refs returned by tasks of this workflow, "
+                    f"got {ref!r}")
+            self._check_ref(gid, ref)
+        if wait not in WAITS:
+            raise TaskOptionError(f"group {gid!r}: wait={wait!r} is unknown; use one of "
+                                  f"{', '.join(map(repr, WAITS))}")
+        info = GroupInfo(wait, tuple(dict.fromkeys(r.id for r in refs)),
+                         _check_concurrency(gid, max_concurrent),
+                         check_timeout(timeout, f"group {gid!r}"))
+        return self._add_group(info, id, "group", on_error, default, GroupRef)  # type: ignore[return-value]
+
+    def map(self, fn: Callable[..., Any] | TaskTemplate[Any, Any], items: Any, *,
+            max_concurrent: int | None = None, id: str | None = None,
+            **kwargs: Any) -> MapRef:
+        """Add one task per item, ``fn(item, **kwargs)``, and return a ``MapRef``.
+
+        Task ids are ``name[0]``, ``name[1]``, ... where ``name`` is ``id`` or the function's
+        name. The map's value is the list of results in item order; it fails like a group
+        with ``wait="all"``. ``max_concurrent`` caps how many items run at once.
+
+        Args:
+            fn: A function or ``px.task`` template (its options apply to every item).
+            items: An iterable, or a ``TaskRef`` whose result is an iterable (the tasks are
+                then created at run time).
+            max_concurrent: Most items running at once.
+            id: Name of the map (and prefix of its tasks' ids).
+            **kwargs: Fixed keyword arguments given to every call.
+        """
+        template = fn if isinstance(fn, TaskTemplate) else TaskTemplate(fn)
+        options = template._options
+        if id is not None and id in self._specs:
+            raise DuplicateTaskError(
+                f"workflow {self.name!r} already has a task with id {id!r}; give this map "
+                "another id=")
+        base = id if id is not None else self._auto_id(options.get("id") or _fn_name(template.fn))
+        limit = _check_concurrency(base, max_concurrent)
+        item_options = {k: v for k, v in options.items() if k not in ("id", "after")}
+        if isinstance(items, TaskRef):
+            self._check_ref(base, items)
+            info = GroupInfo("all", (items.id,), limit, None, "list",
+                             dynamic=(template.fn, item_options, kwargs, base))
+            return self._add_group(info, base, "map", options.get("on_error", "fail"),
+                                   options.get("default"), MapRef)  # type: ignore[return-value]
+        try:
+            values = list(items)
+        except TypeError:
+            raise TaskOptionError(
+                f"map {base!r}: items={items!r} must be an iterable or a task ref") from None
+        refs = [self._add(template.fn, (item,), kwargs, {**item_options, "id": f"{base}[{k}]"})
+                for k, item in enumerate(values)]
+        info = GroupInfo("all", tuple(r.id for r in refs), limit, None, "list")
+        return self._add_group(info, base, "map", "fail", None, MapRef)  # type: ignore[return-value]
+
+    def _add_group(self, info: GroupInfo, gid: str | None, kind: str, on_error: str,
+                   default: Any, ref_type: type[TaskRef]) -> TaskRef:
+        options = check_options(gid or kind, {"on_error": on_error, "default": default})
+        if gid is None:
+            gid = self._auto_id(kind)
+        elif gid in self._specs:
+            raise DuplicateTaskError(
+                f"workflow {self.name!r} already has a task with id {gid!r}; give this "
+                f"{kind} another id=")
+        index = len(self._specs)
+        deps = info.members
+        spec = TaskSpec(gid, _group_marker, (), {}, deps, False, options)
+        spec.group = info
+        self._specs[gid] = spec
+        self._graph = None
+        return ref_type(self, gid, index)
+
     def _auto_id(self, base: str) -> str:
         count = self._name_counts.get(base, 0)
         tid = base if count == 0 else f"{base}-{count + 1}"
@@ -251,6 +333,73 @@ class Workflow:
             raise TaskOptionError(f"wf.on({kind!r}, ...) needs a callable, got {callback!r}")
         self._listeners.append((kind, callback))
         return callback
+
+
+def _group_marker() -> None:
+    """Stands for a group's function: groups are resolved by the scheduler, never called."""
+    raise RuntimeError("a group is not a function")  # pragma: no cover
+
+
+def _check_concurrency(where: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaskOptionError(f"{where!r}: max_concurrent={value!r} must be an integer >= 1")
+    return value
+
+
+def group(members: Iterable[TaskRef], *, wait: str = "all", max_concurrent: int | None = None,
+          timeout: float | None = None, id: str | None = None, on_error: str = "fail",
+          default: Any = None) -> GroupRef:
+    """Group tasks under a wait strategy; the ``GroupRef`` is usable as an argument.
+
+    Usage::
+
+        with px.Workflow("fetch") as wf:
+            a, b, c = fetch("a"), fetch("b"), fetch("c")
+            first = px.group([a, b, c], wait="any", timeout=5.0)
+            report = summarize(first)
+
+    ======================  ===========================  ============================
+    ``wait``                value                        fails when
+    ======================  ===========================  ============================
+    ``"all"`` (default)     ``{id: value}``              any member fails
+    ``"any"``               first successful value       every member failed
+    ``"all_settled"``       ``{id: px.Outcome}``         never
+    ``"race"``              value of the first to end    the first to end failed
+    ======================  ===========================  ============================
+
+    When a group resolves before all members ended, the unfinished ones are cancelled (unless
+    another task still needs them): pending ones never start, process members are stopped,
+    thread members get their cancel flag. Failures of members are the group's to judge; the
+    group itself fails like a task with ``on_error``.
+
+    Args:
+        members: Refs of tasks (or groups, or maps) of one workflow.
+        wait: The strategy, see the table.
+        max_concurrent: Most members running at once (a member slot is refilled as soon as
+            any member finishes).
+        timeout: Seconds from the first member's start to the group's resolution.
+        id: The group's id (default ``"group"``, ``"group-2"``, ...).
+        on_error: ``"fail"``, ``"skip"`` or ``"ignore"``, as for tasks.
+        default: The value dependents receive when ``on_error="ignore"`` swallowed a failure.
+
+    Raises:
+        TaskOptionError: Bad arguments.
+    """
+    refs = list(members) if not isinstance(members, TaskRef) else [members]
+    wf = current_workflow()
+    if wf is None:
+        owners = {id_(r.workflow): r.workflow for r in refs if isinstance(r, TaskRef)}
+        if len(owners) != 1:
+            raise TaskOptionError(
+                "px.group(...) needs refs of one workflow (call it inside `with px.Workflow`)")
+        wf = next(iter(owners.values()))
+    return wf.group(refs, wait=wait, max_concurrent=max_concurrent, timeout=timeout, id=id,
+                    on_error=on_error, default=default)
+
+
+id_ = id
 
 
 def check_max_workers(value: Any, where: str) -> int | None:
