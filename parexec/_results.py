@@ -6,6 +6,8 @@ timeout, a cancellation or Ctrl-C only changes the status of the tasks that did 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -238,6 +240,48 @@ class RunResult:
                      f"task time {s.total_task_time:.3f}s, speedup {s.speedup:.2f}, "
                      f"max concurrency {s.max_concurrency}")
         return "\n".join(lines)
+
+    def to_chrome_trace(self, path: str | os.PathLike[str]) -> None:
+        """Write the run as Chrome/Perfetto trace JSON (open it in ui.perfetto.dev).
+
+        One complete event per attempt, one row per worker (thread or process), with the
+        task id, status, attempt and error in each event's ``args``.
+        """
+        rows: dict[str, int] = {}
+        events: list[dict[str, Any]] = []
+        t0 = self.started_at
+
+        def row(worker: Any) -> int:
+            key = "driver" if worker is None else str(worker)
+            if key not in rows:
+                rows[key] = len(rows) + 1
+            return rows[key]
+
+        def add(tid: str, start: float, end: float, worker: Any, status: str,
+                attempt: int, error: BaseException | None) -> None:
+            args: dict[str, Any] = {"task": tid, "status": status, "attempt": attempt}
+            if error is not None:
+                args["error"] = f"{type(error).__name__}: {error}"
+            events.append({"name": tid, "cat": status, "ph": "X", "pid": 1,
+                           "tid": row(worker), "ts": (start - t0) * 1e6,
+                           "dur": max(0.0, end - start) * 1e6, "args": args})
+
+        for tid, tr in self.tasks.items():
+            for number, start, end, worker, outcome in tr.history or ():
+                add(tid, start, end, worker, outcome, number, None)
+            if tr.started_at is not None and tr.finished_at is not None and tr.attempts:
+                add(tid, tr.started_at, tr.finished_at, tr.worker, tr.status, tr.attempts,
+                    tr.error)
+        meta = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0,
+                 "args": {"name": f"parexec: {self.workflow} ({self.status})"}}]
+        for name, number in rows.items():
+            label = f"process {name}" if name.isdigit() else name
+            meta.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": number,
+                         "args": {"name": label}})
+        with open(path, "w") as f:
+            json.dump({"traceEvents": meta + events, "displayTimeUnit": "ms",
+                       "otherData": {"workflow": self.workflow, "status": self.status,
+                                     "makespan": self.stats.makespan}}, f)
 
     def __repr__(self) -> str:
         return (f"<RunResult {self.workflow!r} {self.status} tasks={len(self.tasks)} "

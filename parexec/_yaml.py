@@ -1,0 +1,603 @@
+"""YAML pipelines: ``px.load("pipeline.yaml")`` builds an ordinary ``Workflow``.
+
+The format is the one users know from the seed documents (camelCase keys)::
+
+    name: build
+    version: 1.0.0
+    inputs: {target: release}          # defaults; null = required (--set NAME=VALUE)
+    parallel:
+      enabled: true                    # false: one step at a time
+      defaultMaxConcurrency: 4         # -> max_workers
+      resources: {cpu: 2, network: 5}  # -> named pools
+    timeout: 600
+    retry: {maxRetries: 2, initialDelay: 1, backoffFactor: 2}   # seconds
+    env: {LANG: C}
+    cwd: .
+    steps:
+      - id: compile
+        type: script                   # argv, no shell unless config.shell: true
+        config: {command: make, args: ["${inputs.target}"]}
+        parallel: {resource: cpu, isolateErrors: true}          # -> pools, on_error="skip"
+      - id: report
+        type: python
+        config: {call: "mypkg.reports:summarize", args: ["${steps.compile.output}"]}
+        dependsOn: [compile]
+        continueOnError: true                                   # -> on_error="ignore"
+
+``${steps.<id>.output}``, ``${inputs.<name>}`` and ``${env.<NAME>}`` are substituted inside
+each argument string, never through a shell; a step reference implies the dependency.
+Every problem of a file is collected and reported together, each with its line and column.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import re
+import selectors
+import signal
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._errors import ParexecError, WorkflowError
+from ._task import Retry, TaskRef, task
+from ._workflow import Workflow
+
+__all__ = ["ScriptError", "load", "loads"]
+
+TOP_KEYS = ("name", "version", "description", "parallel", "steps", "timeout", "retry", "env",
+            "cwd", "inputs")
+PARALLEL_KEYS = ("enabled", "defaultMaxConcurrency", "resources")
+STEP_KEYS = ("id", "name", "type", "config", "dependsOn", "parallel", "continueOnError",
+             "timeout", "retry", "env", "cwd", "priority")
+STEP_PARALLEL_KEYS = ("enabled", "maxConcurrency", "resource", "isolateErrors")
+RETRY_KEYS = ("maxRetries", "initialDelay", "backoffFactor")
+STEP_TYPES = {"script": ("command", "args", "shell", "env", "cwd"),
+              "python": ("call", "args", "kwargs", "isolation")}
+_REF = re.compile(r"\$\{([^}]*)\}")
+_EXCLUSIVE = "__exclusive__"  # the pool a step with parallel.enabled: false takes whole
+_EXCLUSIVE_UNITS = 1_000_000
+
+
+class ScriptError(ParexecError):
+    """A script step exited with a non-zero status.
+
+    Attributes:
+        step: The step id.
+        returncode: The exit status (negative: killed by that signal).
+        stderr: The last lines the step wrote to stderr.
+    """
+
+    def __init__(self, step: str, returncode: int, stderr: str) -> None:
+        self.step, self.returncode, self.stderr = step, returncode, stderr
+        tail = f"; last lines of stderr:\n{stderr}" if stderr.strip() else ""
+        super().__init__(f"step {step!r} exited with status {returncode}{tail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.returncode, self.stderr))
+
+
+def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None) -> Workflow:
+    """Read a YAML pipeline and return its ``Workflow``.
+
+    Args:
+        path: The file.
+        inputs: Values of the file's ``inputs`` (what ``--set NAME=VALUE`` gives).
+
+    Raises:
+        WorkflowError: Every problem of the file, each with ``file:line:column``.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise WorkflowError(f"{p}: cannot read the file ({exc.strerror})") from None
+    return loads(text, source=str(p), inputs=inputs, base=p.parent)
+
+
+def loads(text: str, *, source: str = "<string>", inputs: Mapping[str, str] | None = None,
+          base: str | os.PathLike[str] | None = None) -> Workflow:
+    """Build a ``Workflow`` from YAML text; see ``load``."""
+    return _Loader(text, source, dict(inputs or {}), Path(base or ".")).build()
+
+
+class _Loader:
+    def __init__(self, text: str, source: str, inputs: dict[str, str], base: Path) -> None:
+        self.text, self.source, self.given, self.base = text, source, inputs, base
+        self.problems: list[str] = []
+        self.marks: dict[tuple[Any, ...], tuple[int, int]] = {}
+
+    # Errors with positions ------------------------------------------------------------
+
+    def problem(self, path: tuple[Any, ...], message: str) -> None:
+        where = self.marks.get(path)
+        while where is None and path:
+            path = path[:-1]
+            where = self.marks.get(path)
+        pos = f":{where[0]}:{where[1]}" if where else ""
+        self.problems.append(f"{self.source}{pos}: {message}")
+
+    def check_keys(self, data: Mapping[str, Any], allowed: tuple[str, ...],
+                   path: tuple[Any, ...], what: str) -> None:
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else \
+                    f"; known keys: {', '.join(allowed)}"
+                self.problem(path + (key,), f"unknown key {key!r} in {what}{hint}")
+
+    def expect(self, value: Any, types: type | tuple[type, ...], path: tuple[Any, ...],
+               what: str) -> bool:
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
+                                                    else (types,)):
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple)
+                                                     else (types,)))
+            self.problem(path, f"{what} must be {names}, got {type(value).__name__} {value!r}")
+        return ok
+
+    # Parsing --------------------------------------------------------------------------
+
+    def parse(self) -> Any:
+        import yaml
+        try:
+            node = yaml.compose(self.text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(self.text)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            line = self.text.splitlines()[mark.line] if mark and mark.line < len(
+                self.text.splitlines()) else ""
+            if "\t" in line[:len(line) - len(line.lstrip())] or "'\\t'" in str(exc):
+                msg = "tab character used for indentation; YAML allows only spaces"
+            else:
+                msg = f"YAML syntax error: {exc.problem or exc}"
+            raise WorkflowError(f"{self.source}{pos}: {msg}") from None
+        self._marks(node, ())
+        return data
+
+    def _marks(self, node: Any, path: tuple[Any, ...]) -> None:
+        import yaml
+        if node is None:
+            return
+        self.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (key.value,)
+                self.marks[sub] = (key.start_mark.line + 1, key.start_mark.column + 1)
+                self._marks(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for k, item in enumerate(node.value):
+                self._marks(item, path + (k,))
+
+    # Building -------------------------------------------------------------------------
+
+    def build(self) -> Workflow:
+        data = self.parse()
+        if not isinstance(data, dict):
+            raise WorkflowError(f"{self.source}: a pipeline is a mapping with at least "
+                                "'name' and 'steps'")
+        self.check_keys(data, TOP_KEYS, (), "the pipeline")
+        name = data.get("name", Path(self.source).stem or "pipeline")
+        self.expect(name, str, ("name",), "name")
+        inputs = self.inputs(data.get("inputs") or {})
+        par = data.get("parallel") or {}
+        max_workers, pools = None, {}
+        sequential = False
+        if self.expect(par, dict, ("parallel",), "parallel"):
+            self.check_keys(par, PARALLEL_KEYS, ("parallel",), "parallel")
+            if par.get("enabled", True) is False:
+                sequential = True
+            if "defaultMaxConcurrency" in par and self.expect(
+                    par["defaultMaxConcurrency"], int, ("parallel", "defaultMaxConcurrency"),
+                    "defaultMaxConcurrency"):
+                max_workers = par["defaultMaxConcurrency"]
+                if max_workers < 1:
+                    self.problem(("parallel", "defaultMaxConcurrency"),
+                                 "defaultMaxConcurrency must be >= 1")
+                    max_workers = None
+            resources = par.get("resources") or {}
+            if self.expect(resources, dict, ("parallel", "resources"), "resources"):
+                for pool, cap in resources.items():
+                    if self.expect(cap, int, ("parallel", "resources", pool),
+                                   f"resource {pool!r}") and cap >= 1:
+                        pools[str(pool)] = cap
+                    elif isinstance(cap, int):
+                        self.problem(("parallel", "resources", pool),
+                                     f"resource {pool!r} needs a capacity >= 1")
+        if sequential:
+            max_workers = 1
+        timeout = self.seconds(data.get("timeout"), ("timeout",), "timeout")
+        retry = self.retry(data.get("retry"), ("retry",))
+        env = self.env(data.get("env") or {}, ("env",), inputs)
+        cwd = self.cwd(data.get("cwd"), ("cwd",), inputs, self.base)
+        steps = data.get("steps")
+        if not isinstance(steps, list) or not steps:
+            self.problem(("steps",) if "steps" in data else (),
+                         "'steps' must be a non-empty list of steps")
+            steps = []
+        ids: dict[str, int] = {}
+        for k, step in enumerate(steps):
+            sid = step.get("id") if isinstance(step, dict) else None
+            if isinstance(sid, str) and sid:
+                if sid in ids:
+                    self.problem((("steps", k, "id")), f"duplicate step id {sid!r} (first at "
+                                 f"step {ids[sid] + 1}); step ids must be unique")
+                else:
+                    ids[sid] = k
+        exclusive = any(isinstance(s, dict) and isinstance(s.get("parallel"), dict)
+                        and s["parallel"].get("enabled", True) is False for s in steps)
+        if exclusive:
+            pools[_EXCLUSIVE] = _EXCLUSIVE_UNITS
+        wf = Workflow(name if isinstance(name, str) else "pipeline",
+                      max_workers=max_workers, pools=pools or None, timeout=timeout,
+                      description=str(data.get("description") or ""))
+        wf.version = str(data.get("version", ""))  # type: ignore[attr-defined]
+        plans = [self.step(k, s, ids, inputs, env, cwd, retry, pools, exclusive)
+                 for k, s in enumerate(steps)]
+        if self.problems:
+            raise WorkflowError(f"{len(self.problems)} problem(s) in {self.source}:\n  "
+                                + "\n  ".join(self.problems))
+        refs: dict[str, TaskRef] = {}
+        pending = [p for p in plans if p is not None]
+        # Add steps upstream first (a step may name a later step in dependsOn).
+        order = _topo([p["id"] for p in pending], {p["id"]: p["deps"] for p in pending})
+        by_id = {p["id"]: p for p in pending}
+        for sid in order:
+            plan = by_id[sid]
+            refs[sid] = self.add(wf, plan, refs)
+        return wf
+
+    def inputs(self, declared: Any) -> dict[str, str]:
+        if not self.expect(declared, dict, ("inputs",), "inputs"):
+            return {}
+        out: dict[str, str] = {}
+        for name, default in declared.items():
+            if name in self.given:
+                out[name] = str(self.given[name])
+            elif default is None:
+                self.problem(("inputs", name), f"input {name!r} is required: give it with "
+                             f"--set {name}=VALUE")
+            else:
+                out[name] = str(default)
+        for name in self.given:
+            if name not in declared:
+                close = difflib.get_close_matches(name, list(declared), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.problem(("inputs",), f"--set {name}=... names an input the pipeline does "
+                             f"not declare{hint}")
+        return out
+
+    def seconds(self, value: Any, path: tuple[Any, ...], what: str) -> float | None:
+        if value is None:
+            return None
+        if self.expect(value, (int, float), path, what) and value > 0:
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.problem(path, f"{what} must be a positive number of seconds")
+        return None
+
+    def retry(self, value: Any, path: tuple[Any, ...]) -> Retry | None:
+        if value is None:
+            return None
+        if not self.expect(value, dict, path, "retry"):
+            return None
+        self.check_keys(value, RETRY_KEYS, path, "retry")
+        try:
+            return Retry(int(value.get("maxRetries", 0)),
+                         initial_delay=float(value.get("initialDelay", 1.0)),
+                         backoff=float(value.get("backoffFactor", 2.0)))
+        except (TypeError, ValueError, ParexecError) as exc:
+            self.problem(path, f"retry: {exc}")
+            return None
+
+    def env(self, value: Any, path: tuple[Any, ...], inputs: dict[str, str]) -> dict[str, str]:
+        if not self.expect(value, dict, path, "env"):
+            return {}
+        return {str(k): self.subst(str(v), path + (k,), inputs, None) for k, v in value.items()}
+
+    def cwd(self, value: Any, path: tuple[Any, ...], inputs: dict[str, str],
+            default: Path) -> Path:
+        if value is None:
+            return default
+        if not self.expect(value, str, path, "cwd"):
+            return default
+        return (self.base / self.subst(value, path, inputs, None)).resolve()
+
+    def subst(self, text: str, path: tuple[Any, ...], inputs: dict[str, str],
+              steps: set[str] | None, ids: Mapping[str, int] | None = None) -> str:
+        """Substitute ${inputs.X} and ${env.X}; check (and keep) ${steps.X.output}."""
+        def one(m: re.Match[str]) -> str:
+            ref = m.group(1).strip()
+            parts = ref.split(".")
+            if parts[0] == "inputs" and len(parts) == 2:
+                if parts[1] not in inputs:
+                    self.problem(path, f"${{{ref}}} refers to an input the pipeline does not "
+                                 "declare; add it under 'inputs:'")
+                    return ""
+                return inputs[parts[1]]
+            if parts[0] == "env" and len(parts) == 2:
+                return os.environ.get(parts[1], "")
+            if parts[0] == "steps" and len(parts) == 3 and parts[2] == "output":
+                if steps is None:
+                    self.problem(path, f"${{{ref}}} can only be used inside a step")
+                elif ids is not None and parts[1] not in ids:
+                    close = difflib.get_close_matches(parts[1], list(ids), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    self.problem(path, f"${{{ref}}} refers to unknown step {parts[1]!r}{hint}")
+                else:
+                    steps.add(parts[1])
+                return m.group(0)
+            self.problem(path, f"${{{ref}}} is not a known substitution; use "
+                         "${steps.<id>.output}, ${inputs.<name>} or ${env.<NAME>}")
+            return m.group(0)
+        return _REF.sub(one, text)
+
+    def step(self, k: int, step: Any, ids: Mapping[str, int], inputs: dict[str, str],
+             wf_env: dict[str, str], wf_cwd: Path, wf_retry: Retry | None,
+             pools: dict[str, int], exclusive: bool) -> dict[str, Any] | None:
+        path: tuple[Any, ...] = ("steps", k)
+        if not self.expect(step, dict, path, f"step {k + 1}"):
+            return None
+        sid = step.get("id")
+        if not isinstance(sid, str) or not sid:
+            self.problem(path, f"step {k + 1} needs an 'id' (a non-empty string)")
+            return None
+        self.check_keys(step, STEP_KEYS, path, f"step {sid!r}")
+        kind = step.get("type")
+        if kind not in STEP_TYPES:
+            self.problem(path + ("type",) if "type" in step else path,
+                         f"step {sid!r} has unknown type {kind!r}; known types: "
+                         f"{', '.join(STEP_TYPES)}")
+            return None
+        config = step.get("config") or {}
+        if not self.expect(config, dict, path + ("config",), f"step {sid!r} config"):
+            return None
+        self.check_keys(config, STEP_TYPES[kind], path + ("config",),
+                        f"the config of {kind} step {sid!r}")
+        deps: set[str] = set()
+        after = step.get("dependsOn") or []
+        if isinstance(after, str):
+            after = [after]
+        if self.expect(after, list, path + ("dependsOn",), "dependsOn"):
+            for j, dep in enumerate(after):
+                if dep not in ids:
+                    close = difflib.get_close_matches(str(dep), list(ids), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    self.problem(path + ("dependsOn", j),
+                                 f"step {sid!r} depends on unknown step {dep!r}{hint}")
+                else:
+                    deps.add(dep)
+        options: dict[str, Any] = {"id": sid, "name": step.get("name") or sid}
+        par = step.get("parallel") or {}
+        if self.expect(par, dict, path + ("parallel",), "parallel"):
+            self.check_keys(par, STEP_PARALLEL_KEYS, path + ("parallel",),
+                            f"the parallel settings of step {sid!r}")
+            step_pools: dict[str, int] = {}
+            resource = par.get("resource")
+            if resource is not None:
+                if resource not in pools or resource == _EXCLUSIVE:
+                    self.problem(path + ("parallel", "resource"),
+                                 f"step {sid!r} uses resource {resource!r}, which "
+                                 "parallel.resources does not declare")
+                else:
+                    step_pools[resource] = 1
+            if "maxConcurrency" in par:
+                # A step runs once, so at most one execution of it is ever concurrent.
+                mc = par["maxConcurrency"]
+                if self.expect(mc, int, path + ("parallel", "maxConcurrency"),
+                               "maxConcurrency") and mc < 1:
+                    self.problem(path + ("parallel", "maxConcurrency"),
+                                 "maxConcurrency must be >= 1")
+            if exclusive:
+                alone = par.get("enabled", True) is False
+                step_pools[_EXCLUSIVE] = _EXCLUSIVE_UNITS if alone else 1
+            if step_pools:
+                options["pools"] = step_pools
+            if par.get("isolateErrors") is True:
+                options["on_error"] = "skip"
+        if step.get("continueOnError") is True:
+            options["on_error"] = "ignore"
+        timeout = self.seconds(step.get("timeout"), path + ("timeout",), "timeout")
+        if timeout:
+            options["timeout"] = timeout
+        retry = self.retry(step.get("retry"), path + ("retry",)) if "retry" in step else wf_retry
+        if retry:
+            options["retry"] = retry
+        if "priority" in step and self.expect(step["priority"], int, path + ("priority",),
+                                              "priority"):
+            options["priority"] = step["priority"]
+        env = {**wf_env, **self.env(step.get("env") or {}, path + ("env",), inputs)}
+        cwd = self.cwd(step.get("cwd"), path + ("cwd",), inputs, wf_cwd)
+        plan: dict[str, Any] = {"id": sid, "type": kind, "options": options, "env": env,
+                                "cwd": str(cwd)}
+        cpath = path + ("config",)
+        if kind == "script":
+            command = config.get("command")
+            if not isinstance(command, str) or not command:
+                self.problem(cpath, f"script step {sid!r} needs config.command (a string)")
+                return None
+            args = config.get("args") or []
+            if not self.expect(args, list, cpath + ("args",), "args"):
+                args = []
+            plan["argv"] = [self.subst(command, cpath + ("command",), inputs, deps, ids)] + [
+                self.subst(str(a), cpath + ("args", j), inputs, deps, ids)
+                for j, a in enumerate(args)]
+            plan["shell"] = config.get("shell") is True
+            env.update(self.env(config.get("env") or {}, cpath + ("env",), inputs))
+            if "cwd" in config:
+                plan["cwd"] = str(self.cwd(config.get("cwd"), cpath + ("cwd",), inputs, cwd))
+        else:
+            call = config.get("call")
+            fn = self.resolve_call(call, cpath + ("call",), sid)
+            args = config.get("args") or []
+            kwargs = config.get("kwargs") or {}
+            if not self.expect(args, list, cpath + ("args",), "args"):
+                args = []
+            if not self.expect(kwargs, dict, cpath + ("kwargs",), "kwargs"):
+                kwargs = {}
+            plan["fn"] = fn
+            plan["args"] = [self.subst(a, cpath + ("args", j), inputs, deps, ids)
+                            if isinstance(a, str) else a for j, a in enumerate(args)]
+            plan["kwargs"] = {key: self.subst(v, cpath + ("kwargs", key), inputs, deps, ids)
+                              if isinstance(v, str) else v for key, v in kwargs.items()}
+            isolation = config.get("isolation", "thread")
+            if isolation not in ("thread", "process"):
+                self.problem(cpath + ("isolation",), f"isolation {isolation!r} is unknown; "
+                             "use 'thread' or 'process'")
+            options["isolation"] = isolation
+        plan["deps"] = sorted(deps)
+        return plan
+
+    def resolve_call(self, call: Any, path: tuple[Any, ...], sid: str) -> Any:
+        if not isinstance(call, str) or ":" not in call:
+            self.problem(path, f"python step {sid!r} needs config.call as "
+                         "'package.module:function'")
+            return None
+        module, _, attr = call.partition(":")
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except ImportError as exc:
+            self.problem(path, f"step {sid!r}: cannot import {module!r} ({exc})")
+            return None
+        except AttributeError:
+            self.problem(path, f"step {sid!r}: {module!r} has no {attr!r}")
+            return None
+        if not callable(obj):
+            self.problem(path, f"step {sid!r}: {call!r} is not callable")
+            return None
+        return obj
+
+    def add(self, wf: Workflow, plan: dict[str, Any], refs: dict[str, TaskRef]) -> TaskRef:
+        # Data dependencies: the upstream outputs. A step not built yet can only be part of
+        # a cycle; it goes in by id, and Workflow.validate() reports the cycle.
+        outputs = {d: refs[d] for d in plan["deps"] if d in refs}
+        options = dict(plan["options"], after=[d for d in plan["deps"] if d not in refs])
+        if plan["type"] == "script":
+            tmpl = task(run_script).options(**options)
+            return wf.add(tmpl, plan["id"], plan["argv"], plan["shell"], plan["env"],
+                          plan["cwd"], outputs)
+        tmpl = task(call_python).options(**options)
+        return wf.add(tmpl, plan["fn"], plan["args"], plan["kwargs"], outputs)
+
+
+def _topo(ids: list[str], deps: Mapping[str, list[str]]) -> list[str]:
+    """Ids with dependencies first (a cycle is left to Workflow.validate to report)."""
+    out: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(sid: str) -> None:
+        if state.get(sid):
+            return
+        state[sid] = 1
+        for d in deps.get(sid, ()):
+            if d in deps:
+                visit(d)
+        state[sid] = 2
+        out.append(sid)
+    for sid in ids:
+        visit(sid)
+    return out
+
+
+def _fill(text: str, outputs: Mapping[str, Any]) -> str:
+    def one(m: re.Match[str]) -> str:
+        parts = m.group(1).strip().split(".")
+        if len(parts) == 3 and parts[0] == "steps" and parts[1] in outputs:
+            value = outputs[parts[1]]
+            return "" if value is None else str(value)
+        return m.group(0)
+    return _REF.sub(one, text)
+
+
+def call_python(fn: Any, args: list[Any], kwargs: dict[str, Any],
+                outputs: Mapping[str, Any]) -> Any:
+    """Run a python step: substitute upstream outputs into string arguments, call."""
+    args = [_fill(a, outputs) if isinstance(a, str) else a for a in args]
+    kwargs = {k: _fill(v, outputs) if isinstance(v, str) else v for k, v in kwargs.items()}
+    return fn(*args, **kwargs)
+
+
+# Echo of step output (--verbose): set by the CLI, a callable(step_id, line).
+echo: Any = None
+
+
+def run_script(step: str, argv: list[str], shell: bool, env: Mapping[str, str], cwd: str,
+               outputs: Mapping[str, Any]) -> str:
+    """Run a script step in its own process group and return its stdout.
+
+    The step's cancel flag (set on timeout, cancellation or Ctrl-C) kills the whole process
+    group, so no grandchild survives. A non-zero exit raises ``ScriptError`` with the last
+    lines of stderr.
+    """
+    from ._worker import current
+    ctx = current()
+    argv = [_fill(a, outputs) for a in argv]
+    full_env = {**os.environ, **env}
+    try:
+        proc = subprocess.Popen(" ".join(argv) if shell else argv, shell=shell, cwd=cwd,
+                                env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except OSError as exc:
+        raise ScriptError(step, 127, f"cannot start {argv[0]!r}: {exc.strerror}") from None
+    out: list[bytes] = []
+    err: list[bytes] = []
+    partial = {"stdout": b"", "stderr": b""}
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
+    sel.register(proc.stdout, selectors.EVENT_READ, ("stdout", out))
+    sel.register(proc.stderr, selectors.EVENT_READ, ("stderr", err))
+    try:
+        while sel.get_map():
+            # Wake up at least every 0.1 s to honour the cancel flag: a thread task cannot be
+            # interrupted, so this loop is what stops the step's processes.
+            for key, _ in sel.select(timeout=0.1):
+                chunk = os.read(key.fd, 65536)
+                name, sink = key.data
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    if echo is not None and partial[name]:
+                        echo(step, partial[name].decode(errors="replace"))
+                    continue
+                sink.append(chunk)
+                if echo is not None:
+                    lines = (partial[name] + chunk).split(b"\n")
+                    partial[name] = lines.pop()
+                    for line in lines:
+                        echo(step, line.decode(errors="replace"))
+            if ctx.cancelled():
+                _kill_group(proc)
+                ctx.check()
+        proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    stdout = b"".join(out).decode(errors="replace")
+    if proc.returncode != 0:
+        tail = "\n".join(b"".join(err).decode(errors="replace").splitlines()[-10:])
+        raise ScriptError(step, proc.returncode, tail)
+    return stdout[:-1] if stdout.endswith("\n") else stdout
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+

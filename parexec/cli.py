@@ -1,0 +1,128 @@
+"""The ``parexec`` command: run, validate and draw YAML pipelines.
+
+::
+
+    parexec run FILE [--max-workers N] [--sequential] [--set NAME=VALUE]...
+                     [--trace OUT.json] [--quiet] [--verbose]
+    parexec validate FILE
+    parexec graph FILE [--format dot|levels|critical-path]
+
+Exit status: 0 succeeded, 1 the workflow failed or was partial, 2 invalid file or usage,
+130 interrupted. A user's mistake is reported in one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # usage errors: exit 2, as argparse does
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_INVALID, f"parexec: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="parexec", description="Run a pipeline of steps as a task graph.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run a YAML pipeline")
+    run.add_argument("file")
+    run.add_argument("--max-workers", type=int, metavar="N", help="steps running at once")
+    run.add_argument("--sequential", action="store_true", help="one step at a time")
+    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="value of an input declared under 'inputs:' (repeatable)")
+    run.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
+    run.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    run.add_argument("--verbose", action="store_true",
+                     help="stream each step's output, prefixed by its id")
+    val = sub.add_parser("validate", help="check a YAML pipeline without running it")
+    val.add_argument("file")
+    val.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    graph = sub.add_parser("graph", help="print the pipeline's graph")
+    graph.add_argument("file")
+    graph.add_argument("--format", choices=("dot", "levels", "critical-path"), default="dot")
+    graph.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``parexec`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from ._errors import WorkflowError
+    from ._yaml import load
+    inputs = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"parexec: --set needs NAME=VALUE, got {item!r}", file=sys.stderr)
+            return EXIT_INVALID
+        inputs[name] = value
+    try:
+        wf = load(args.file, inputs=inputs)
+        wf.validate()
+    except WorkflowError as exc:
+        print(f"parexec: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.command == "validate":
+        print(f"{args.file}: ok ({len(wf)} steps in {len(wf.levels())} levels)")
+        return EXIT_OK
+    if args.command == "graph":
+        if args.format == "dot":
+            sys.stdout.write(wf.to_dot())
+        elif args.format == "levels":
+            for k, level in enumerate(wf.levels()):
+                print(f"{k}: {' '.join(level)}")
+        else:
+            print(" -> ".join(wf.critical_path()))
+        return EXIT_OK
+    return _run(wf, args)
+
+
+def _run(wf: Any, args: argparse.Namespace) -> int:
+    import parexec as px
+    from . import _yaml
+    if args.max_workers is not None and args.max_workers < 1:
+        print("parexec: --max-workers must be >= 1", file=sys.stderr)
+        return EXIT_INVALID
+    lock = threading.Lock()
+    if args.verbose:
+        def echo(step: str, line: str) -> None:
+            with lock:
+                print(f"[{step}] {line}", flush=True)
+        _yaml.echo = echo
+    try:
+        result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
+                        progress=False if args.quiet else "auto", check=False)
+    except KeyboardInterrupt:
+        result = px.last_result()
+        if result is not None and not args.quiet:
+            print(result.summary(), file=sys.stderr)
+        print("parexec: interrupted; every step was stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except px.WorkflowError as exc:
+        print(f"parexec: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    finally:
+        _yaml.echo = None
+    if args.trace:
+        try:
+            result.to_chrome_trace(args.trace)
+        except OSError as exc:
+            print(f"parexec: cannot write the trace to {args.trace}: {exc.strerror}",
+                  file=sys.stderr)
+    if not args.quiet:
+        print(result.summary())
+    for tid, err in result.errors.items():
+        print(f"parexec: step {tid!r} failed: {err}", file=sys.stderr)
+    return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

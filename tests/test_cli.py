@@ -1,0 +1,96 @@
+"""Tests of parexec.cli: commands, exit statuses, messages without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "pipelines" / "complex.yaml"
+
+
+def parexec(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "parexec", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_run_prints_summary_and_writes_trace(tmp_path):
+    """`parexec run` succeeds (exit 0), prints the summary and writes a loadable trace."""
+    trace = tmp_path / "t.json"
+    proc = parexec("run", EXAMPLE, "--trace", trace)
+    assert proc.returncode == 0, proc.stderr
+    assert "Complex Parallel Workflow: succeeded (10 succeeded)" in proc.stdout
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len([e for e in events if e["ph"] == "X"]) == 10
+    assert any(e["ph"] == "M" and e["name"] == "thread_name" for e in events)
+
+
+def test_validate_and_graph_formats():
+    """validate says ok; graph prints dot, levels and the critical path."""
+    assert "ok (10 steps in 4 levels)" in parexec("validate", EXAMPLE).stdout
+    assert parexec("graph", EXAMPLE).stdout.startswith('digraph "Complex Parallel Workflow"')
+    levels = parexec("graph", EXAMPLE, "--format", "levels").stdout.splitlines()
+    assert levels[0] == "0: setup-env validate-config check-dependencies"
+    path = parexec("graph", EXAMPLE, "--format", "critical-path").stdout.strip()
+    assert path.endswith("-> deploy")
+
+
+@pytest.mark.parametrize("content, words", [
+    ("name: x\nsteps:\n\t- id: a\n", "tab character"),
+    ("name: x\nsteps:\n  - id: a\n    type: nope\n", "unknown type 'nope'"),
+    ("name: [unclosed\n", "YAML syntax error"),
+])
+def test_invalid_file_exits_2_without_traceback(tmp_path, content, words):
+    """A bad file: exit status 2, one clear message, no Python traceback."""
+    f = tmp_path / "bad.yaml"
+    f.write_text(content)
+    proc = parexec("run", f)
+    assert proc.returncode == 2 and words in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_usage_errors_exit_2():
+    """Unknown options and a missing file exit with status 2."""
+    assert parexec("run").returncode == 2
+    proc = parexec("run", "/nonexistent.yaml")
+    assert proc.returncode == 2 and "cannot read" in proc.stderr
+    assert parexec("run", EXAMPLE, "--set", "novalue").returncode == 2
+
+
+def test_failed_pipeline_exits_1_and_verbose_streams_output(tmp_path):
+    """A failing step: exit 1 with the error; --verbose prefixes lines with the step id."""
+    f = tmp_path / "p.yaml"
+    f.write_text("name: p\nsteps:\n"
+                 "  - id: talk\n    type: script\n    config: {command: python3, args: ['-c', "
+                 "'print(\"hello\")']}\n"
+                 "  - id: fail\n    type: script\n    config: {command: python3, args: ['-c', "
+                 "'import sys; sys.exit(3)']}\n    dependsOn: [talk]\n")
+    proc = parexec("run", f, "--verbose", "--quiet")
+    assert proc.returncode == 1
+    assert "[talk] hello" in proc.stdout
+    assert "step 'fail' failed: step 'fail' exited with status 3" in proc.stderr
+
+
+def test_ctrl_c_exits_130_and_stops_steps(tmp_path):
+    """SIGINT during a run: exit 130, and the step's process is gone."""
+    f = tmp_path / "slow.yaml"
+    f.write_text("name: slow\nsteps:\n  - id: wait\n    type: script\n"
+                 "    config: {command: python3, args: ['-c', 'import time; print(1, flush=True);"
+                 " time.sleep(60)']}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "parexec", "run", str(f), "--verbose",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "[wait] 1"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err

@@ -1,0 +1,167 @@
+"""Tests of parexec._yaml: loading pipelines, errors with positions, script and python steps."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import parexec as px
+
+EXAMPLES = Path(__file__).parent.parent / "examples" / "pipelines"
+PY = "python3"
+
+
+def test_complex_example_respects_order_and_pools():
+    """The seed's complex pipeline runs; dependencies, pools and overlap hold in the records."""
+    wf = px.load(EXAMPLES / "complex.yaml")
+    assert wf.max_workers == 6 and wf.pools == {"cpu": 2, "network": 4, "database": 1}
+    result = px.run(wf, progress=False)
+    assert result.ok
+    t = result.tasks
+    for step, deps in [("build-frontend", ["setup-env", "validate-config"]),
+                       ("test-backend", ["build-backend", "prepare-database"]),
+                       ("deploy", ["test-frontend", "test-backend", "integration-tests"])]:
+        for dep in deps:
+            assert t[step].started_at >= t[dep].finished_at
+    first = [t[s] for s in ("setup-env", "validate-config", "check-dependencies")]
+    assert max(r.started_at for r in first) < min(r.finished_at for r in first)  # overlap
+    assert result["deploy"] == "deployed: frontend tests passed backend tests passed"
+    assert result.stats.max_concurrency >= 3
+
+
+def test_all_problems_are_reported_together_with_positions(tmp_path):
+    """Unknown keys (with a suggestion), unknown type, unknown dependency, duplicate id and an
+    undeclared input are all reported at once, each with file:line:column."""
+    f = tmp_path / "bad.yaml"
+    f.write_text(
+        "name: bad\n"
+        "steps:\n"
+        "  - id: a\n"
+        "    type: script\n"
+        "    config: {command: echo}\n"
+        "    dependOn: [b]\n"
+        "  - id: a\n"
+        "    type: agent\n"
+        "  - id: c\n"
+        "    type: script\n"
+        "    config: {command: echo, args: ['${inputs.missing}']}\n"
+        "    dependsOn: [zz]\n")
+    with pytest.raises(px.WorkflowError) as info:
+        px.load(f)
+    msg = str(info.value)
+    assert f"{f}:6:5: unknown key 'dependOn' in step 'a'; did you mean 'dependsOn'?" in msg
+    assert "duplicate step id 'a'" in msg
+    assert "unknown type 'agent'; known types: script, python" in msg
+    assert "depends on unknown step 'zz'" in msg
+    assert "${inputs.missing} refers to an input the pipeline does not declare" in msg
+    assert msg.startswith("5 problem(s)")
+
+
+def test_tabs_are_named_with_their_position(tmp_path):
+    """Tab indentation gets a plain explanation and a position."""
+    f = tmp_path / "tabs.yaml"
+    f.write_text("name: t\nsteps:\n\t- id: a\n")
+    with pytest.raises(px.WorkflowError, match=r"tabs.yaml:3:1: tab character used for "
+                                               r"indentation"):
+        px.load(f)
+
+
+def test_cycle_is_reported_at_validate():
+    """A dependency cycle between steps is a CycleError naming the path."""
+    wf = px.loads("name: c\nsteps:\n"
+                  "  - {id: a, type: script, config: {command: echo}, dependsOn: [b]}\n"
+                  "  - {id: b, type: script, config: {command: echo}, dependsOn: [a]}\n")
+    with pytest.raises(px.CycleError, match="a -> b -> a|b -> a -> b"):
+        wf.validate()
+
+
+def test_inputs_defaults_required_and_substitution(tmp_path):
+    """Inputs have defaults, required ones must be set, values land inside arguments."""
+    text = ("name: i\ninputs: {who: world, count: null}\nenv: {GREETING: hello}\nsteps:\n"
+            "  - id: greet\n    type: script\n"
+            f"    config: {{command: {PY}, args: ['-c', 'import os,sys; "
+            "print(os.environ[\"GREETING\"], *sys.argv[1:])', '${inputs.who}', "
+            "'${inputs.count}']}\n")
+    with pytest.raises(px.WorkflowError, match="input 'count' is required"):
+        px.loads(text)
+    with pytest.raises(px.WorkflowError, match="did you mean 'count'"):
+        px.loads(text, inputs={"count": "1", "cuont": "2"})
+    wf = px.loads(text, inputs={"count": "3"})
+    assert px.run(wf, progress=False)["greet"] == "hello world 3"
+
+
+def test_step_output_flows_without_a_shell():
+    """${steps.X.output} implies the dependency and is substituted as one argument."""
+    wf = px.loads(
+        "name: s\nsteps:\n"
+        f"  - id: make\n    type: script\n    config: {{command: {PY}, args: ['-c', "
+        "'print(\"a; rm -rf / b\")']}\n"
+        f"  - id: use\n    type: script\n    config: {{command: {PY}, args: ['-c', "
+        "'import sys; print(len(sys.argv) - 1, sys.argv[1])', '${steps.make.output}']}\n")
+    assert wf["use"].deps == ("make",)
+    assert px.run(wf, progress=False)["use"] == "1 a; rm -rf / b"
+
+
+def test_failing_script_reports_status_and_stderr_tail():
+    """A non-zero exit fails the step with its exit status and the end of its stderr."""
+    wf = px.loads(f"name: f\nsteps:\n  - id: bad\n    type: script\n    config: {{command: "
+                  f"{PY}, args: ['-c', 'import sys; sys.stderr.write(\"disk full\\\\n\"); "
+                  "sys.exit(4)']}\n")
+    err = px.run(wf, check=False, progress=False).errors["bad"]
+    assert isinstance(err, px.ScriptError) and err.returncode == 4
+    assert "disk full" in str(err)
+
+
+def test_script_timeout_kills_the_whole_process_group(tmp_path):
+    """A timed-out script step is stopped with its children: no grandchild survives."""
+    pidfile = tmp_path / "grandchild.pid"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+              f"'import time; time.sleep(60)']); open({str(pidfile)!r}, 'w').write(str(p.pid));"
+              " time.sleep(60)")
+    wf = px.loads(f"name: t\nsteps:\n  - id: slow\n    type: script\n    timeout: 1.0\n"
+                  f"    continueOnError: true\n    config: {{command: {PY}, args: ['-c', "
+                  f"{script!r}]}}\n")
+    t0 = time.monotonic()
+    result = px.run(wf, progress=False)
+    assert result.tasks["slow"].status == "timed_out" and time.monotonic() - t0 < 10
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(grandchild) and \
+            psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "a grandchild outlived its step"
+        time.sleep(0.05)
+
+
+def test_python_steps_and_error_settings():
+    """python steps call package.module:function; isolateErrors/continueOnError map to
+    on_error skip/ignore; resource maps to one pool unit."""
+    wf = px.loads(
+        "name: p\nparallel: {resources: {db: 1}}\nsteps:\n"
+        "  - id: join\n    type: python\n    config: {call: 'os.path:join', args: [a, b]}\n"
+        "    parallel: {resource: db}\n"
+        "  - id: soft\n    type: python\n    config: {call: 'json:loads', args: ['{bad']}\n"
+        "    continueOnError: true\n"
+        "  - id: iso\n    type: python\n    config: {call: 'json:loads', args: ['{bad']}\n"
+        "    parallel: {isolateErrors: true}\n")
+    assert wf["join"].pools == {"db": 1}
+    assert wf["soft"].on_error == "ignore" and wf["iso"].on_error == "skip"
+    result = px.run(wf, progress=False)
+    assert result["join"] == os.path.join("a", "b") and result.status == "partial"
+
+
+def test_parallel_disabled_runs_alone():
+    """A step with parallel.enabled: false never overlaps another step."""
+    step = "    type: script\n    config: {command: " + PY + ", args: ['-c', 'import time; " \
+        "time.sleep(0.3)']}\n"
+    wf = px.loads("name: a\nsteps:\n" + "".join(
+        f"  - id: s{k}\n{step}" for k in range(3)) +
+        f"  - id: alone\n{step}    parallel: {{enabled: false}}\n")
+    result = px.run(wf, max_workers=4, progress=False)
+    alone = result.tasks["alone"]
+    for k in range(3):
+        other = result.tasks[f"s{k}"]
+        assert other.finished_at <= alone.started_at or other.started_at >= alone.finished_at
