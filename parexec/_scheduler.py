@@ -85,6 +85,7 @@ class TaskState(enum.IntEnum):
 
 
 _FINAL = TaskState.SUCCEEDED
+_MISSING = object()
 _WAITING, _READY, _RUNNING = TaskState.WAITING, TaskState.READY, TaskState.RUNNING
 heappush = heapq.heappush
 _STATUS = {TaskState.SUCCEEDED: "succeeded", TaskState.FAILED: "failed",
@@ -161,10 +162,11 @@ class _Scheduler:
     def __init__(self, wf: Workflow, *, max_workers: int, cpu_budget: float,
                  memory_budget: int, timeout: float | None,
                  subscribers: list[tuple[str, Callable[[Event], Any]]],
-                 force_cpu_gate: bool) -> None:
+                 force_cpu_gate: bool, store: Any = None, resume: bool = False) -> None:
         self.wf = wf
         self.name = wf.name
-        graph = wf.graph()
+        # Durations recorded by earlier runs stand in for missing estimates.
+        graph = wf.graph(store.durations(wf.name) if store is not None else None)
         self.graph = graph
         self.specs = specs = list(wf.tasks.values())
         n = self.n = len(specs)
@@ -232,6 +234,15 @@ class _Scheduler:
         self.offset = time.time() - time.monotonic()
         self.result: RunResult | None = None
         self.crash: BaseException | None = None
+        self.store = store
+        self.fps: list[str | None] = []
+        self.cached: dict[str, Any] = {}
+        if store is not None:
+            from ._store import fingerprints
+            self.fps = fingerprints(specs, graph.order, graph.deps)
+            if resume:
+                self.cached = store.cached(wf.name, {s.id: fp for s, fp in zip(specs, self.fps)
+                                                     if fp is not None})
 
     # Events ---------------------------------------------------------------------------
 
@@ -271,8 +282,10 @@ class _Scheduler:
         now = self.clock() + self.offset
         npending, state, runs, keys, ready = self.npending, self.state, self.runs, self.keys, \
             self.ready
+        if self.cached:
+            self.serve_cached()
         for i in range(self.n):
-            if not npending[i]:
+            if not npending[i] and state[i] is _WAITING and i not in self.groups:
                 state[i] = TaskState.READY
                 runs[i].queued_at = now
                 ready.append(keys[i])
@@ -307,6 +320,24 @@ class _Scheduler:
                     handle(queue.get_nowait(), now)
             if deadlines and deadlines[0][0] <= clock():
                 self.fire_deadlines()
+
+    def serve_cached(self) -> None:
+        """Tasks recorded as succeeded with the same fingerprint are not run (resume)."""
+        cached, specs = self.cached, self.specs
+        now = self.clock() + self.offset
+        served = []
+        for i in self.graph.order:  # mark them all first: releasing one must not make a
+            value = cached.get(specs[i].id, _MISSING)  # cached dependent ready to run
+            if value is _MISSING or self.is_group[i]:
+                continue
+            tr = self.runs[i]
+            self.values[i] = tr.value = value
+            tr.queued_at = tr.started_at = tr.finished_at = now
+            self.finalize(i, TaskState.CACHED, "task:completed")
+            served.append(i)
+        for i in served:
+            self.release_dependents(i)
+        logger.info("run of %r: %d task(s) served from the store", self.name, len(cached))
 
     def start_grace(self) -> None:
         """Wait for thread attempts to return, but at most ``GRACE`` seconds from now."""
@@ -458,6 +489,8 @@ class _Scheduler:
             self.state[i] = TaskState.SUCCEEDED
             self.nfinal += 1
             tr.status = "succeeded"
+            if self.store is not None:
+                self.store.record(self.name, tr, self.fps[i] if i < len(self.fps) else None)
             if self.em:
                 self.emit("task:completed", i, attempt.number, tr.duration)
             if self.debug:
@@ -513,6 +546,8 @@ class _Scheduler:
         if error is not None:
             tr.error = error
             tr.traceback = tb_text or "".join(traceback.format_exception(error))
+        if self.store is not None and state is not TaskState.CACHED and not self.is_group[i]:
+            self.store.record(self.name, tr, self.fps[i] if i < len(self.fps) else None)
         if self.em:
             self.emit(kind, i, number, tr.duration, error)
         if self.debug:
@@ -916,6 +951,8 @@ class _Scheduler:
     def finish(self) -> None:
         global _last_result
         self.threads.shutdown()
+        if self.store is not None:
+            self.store.close()  # commits every queued record
         monitor = getattr(self, "monitor", None)
         cpu = monitor.stop() if monitor is not None else None
         end = self.clock()
@@ -1076,8 +1113,6 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
         mem_budget = wf.memory_budget
     if resume and store is None:
         raise TaskOptionError("resume=True needs store='path.db' (the store to resume from)")
-    if store is not None:
-        raise TaskOptionError("store= is not available in this version of parexec")
     graph = wf.graph()
     specs = list(wf.tasks.values())
     if mem_budget is None and any(s.memory for s in specs):
@@ -1090,6 +1125,10 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
                 f"task {s.id!r} has isolation='cluster', but this version of parexec has no "
                 "cluster support; use isolation='process'")
     _check_picklable(wf, specs)
+    opened = None
+    if store is not None:
+        from ._store import Store
+        opened = store if isinstance(store, Store) else Store(store)
     subscribers = list(wf._listeners)
     if on_event is not None:
         if not callable(on_event):
@@ -1099,7 +1138,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
         subscribers.append(("*", ProgressBar(len(specs), wf.name)))
     scheduler = _Scheduler(wf, max_workers=max_workers, cpu_budget=cpus,
                            memory_budget=mem_budget or 0, timeout=timeout,
-                           subscribers=subscribers, force_cpu_gate=explicit_cpu is not None)
+                           subscribers=subscribers, force_cpu_gate=explicit_cpu is not None,
+                           store=opened, resume=resume)
     return Run(scheduler, check)
 
 

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="value of an input declared under 'inputs:' (repeatable)")
     run.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
+    run.add_argument("--store", metavar="DB", help="record finished steps in this SQLite file")
+    run.add_argument("--resume", action="store_true",
+                     help="skip steps recorded as succeeded in --store with the same inputs")
     run.add_argument("--quiet", action="store_true", help="no progress and no summary")
     run.add_argument("--verbose", action="store_true",
                      help="stream each step's output, prefixed by its id")
@@ -99,14 +102,15 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
         _yaml.echo = echo
     try:
         result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
-                        progress=False if args.quiet else "auto", check=False)
+                        progress=False if args.quiet else "auto", check=False,
+                        store=args.store, resume=args.resume)
     except KeyboardInterrupt:
         result = px.last_result()
         if result is not None and not args.quiet:
             print(result.summary(), file=sys.stderr)
         print("parexec: interrupted; every step was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except px.WorkflowError as exc:
+    except (px.WorkflowError, px.StoreError) as exc:
         print(f"parexec: {exc}", file=sys.stderr)
         return EXIT_INVALID
     finally:

@@ -94,3 +94,22 @@ def test_ctrl_c_exits_130_and_stops_steps(tmp_path):
         proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_store_and_resume_from_the_command_line(tmp_path):
+    """--store records steps; --resume skips the ones that succeeded; a bad store exits 2."""
+    f = tmp_path / "p.yaml"
+    marker = tmp_path / "count"
+    f.write_text("name: p\nsteps:\n  - id: count\n    type: script\n    config: {command: "
+                 f"python3, args: ['-c', 'open({str(marker)!r}, \"a\").write(\"x\"); "
+                 "print(\"counted\")']}\n")
+    db = tmp_path / "s.db"
+    assert parexec("run", f, "--store", db, "--quiet").returncode == 0
+    proc = parexec("run", f, "--store", db, "--resume")
+    assert proc.returncode == 0 and " cached " in proc.stdout
+    assert marker.read_text() == "x"
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"junk" * 1000)
+    proc = parexec("run", f, "--store", junk)
+    assert proc.returncode == 2 and "not a parexec store" in proc.stderr
+    assert "Traceback" not in proc.stderr
