@@ -100,9 +100,10 @@ def test_store_and_resume_from_the_command_line(tmp_path):
     """--store records steps; --resume skips the ones that succeeded; a bad store exits 2."""
     f = tmp_path / "p.yaml"
     marker = tmp_path / "count"
-    f.write_text("name: p\nsteps:\n  - id: count\n    type: script\n    config: {command: "
-                 f"python3, args: ['-c', 'open({str(marker)!r}, \"a\").write(\"x\"); "
-                 "print(\"counted\")']}\n")
+    step = tmp_path / "step.py"
+    step.write_text(f"open({str(marker)!r}, 'a').write('x')\nprint('counted')\n")
+    f.write_text("name: p\nsteps:\n  - id: count\n    type: script\n"
+                 f"    config: {{command: python3, args: [{str(step)!r}]}}\n")
     db = tmp_path / "s.db"
     assert parexec("run", f, "--store", db, "--quiet").returncode == 0
     proc = parexec("run", f, "--store", db, "--resume")
