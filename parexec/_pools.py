@@ -302,11 +302,13 @@ class ProcessPool:
                 return  # the scheduler already decided this attempt's outcome
             if not self._closed:
                 self._idle.append(worker)
-        ok, value, tb_text, peak = decode_outcome(attempt.task_id, data)
+        ok, value, tb_text, (peak, t0, t1) = decode_outcome(attempt.task_id, data)
         if attempt.monitor is not None:
             attempt.monitor.unwatch(attempt)
         if peak is not None and peak > (attempt.peak_memory or 0):
             attempt.peak_memory = peak
+        if t0 is not None and t1 is not None:
+            attempt.t_start, attempt.t_end = t0, t1  # the worker's own clock: exact
         attempt.queue.put((attempt, ok, value, worker.pid, tb_text))
 
     def _reap(self, worker: _Worker) -> None:

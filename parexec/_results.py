@@ -283,6 +283,26 @@ class RunResult:
                        "otherData": {"workflow": self.workflow, "status": self.status,
                                      "makespan": self.stats.makespan}}, f)
 
+    def plot(self, ax: Any = None) -> Any:
+        """A Gantt chart of the run: one row per worker (thread or process), one bar per
+        attempt coloured by outcome, the critical path outlined.
+
+        Args:
+            ax: A matplotlib Axes to draw into (default: a new Figure).
+
+        Returns:
+            The matplotlib ``Figure`` (save it with ``fig.savefig("run.png")``).
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install 'parexec[plot]'``).
+        """
+        from ._display import result_plot
+        return result_plot(self, ax)
+
+    def _repr_html_(self) -> str:
+        from ._display import result_html
+        return result_html(self)
+
     def __repr__(self) -> str:
         return (f"<RunResult {self.workflow!r} {self.status} tasks={len(self.tasks)} "
                 f"makespan={self.stats.makespan:.3f}s>")

@@ -450,7 +450,7 @@ class _Scheduler:
         pool = attempt.pool
         if pool is self.threads:
             pool.nbusy -= 1
-            if attempt.t_start:
+            if attempt.t_start and attempt.t_end:
                 avg = self.mean_thread_duration
                 self.mean_thread_duration = avg + 0.2 * (attempt.t_end - attempt.t_start - avg)
         if attempt.final:
@@ -473,15 +473,15 @@ class _Scheduler:
             if g.parked:
                 self.unpark(g)
         tr = self.runs[i]
-        if attempt.t_start:  # thread tasks: the worker's own clock readings are exact
+        if attempt.t_end:  # the worker's own clock readings are exact
             tr.started_at = attempt.t_start + self.offset
             tr.finished_at = attempt.t_end + self.offset
             if attempt.number == 1:
                 tr.first_started_at = tr.started_at
         else:
             tr.finished_at = now + self.offset
-            if attempt.peak_memory is not None:
-                tr.peak_memory = attempt.peak_memory
+        if attempt.peak_memory is not None:
+            tr.peak_memory = attempt.peak_memory
         tr.worker = worker
         if ok:
             self.values[i] = value

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import traceback
+from time import monotonic
 from typing import Any
 
 from ._errors import Cancelled, ParexecError
@@ -255,43 +256,48 @@ def run_payload(data: bytes) -> bytes:
     meter = _meter
     if meter is not None:
         meter.reset()
+    t0 = monotonic()  # CLOCK_MONOTONIC is system-wide: the parent can use these readings
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001
+        t1 = monotonic()
         tb = exc.__traceback__
         if tb is not None:
             exc.__traceback__ = tb.tb_next  # hide this wrapper's frame
-        return _error_outcome(task_id, exc, peak=meter.peak() if meter else None)
+        return _error_outcome(task_id, exc, meta=(meter.peak() if meter else None, t0, t1))
     finally:
         _local.context = None
-    peak = meter.peak() if meter is not None else None
+    meta = (meter.peak() if meter is not None else None, t0, monotonic())
     try:
-        return pickle.dumps((True, value, None, peak), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((True, value, None, meta), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - try harder below
         pass
     try:
         import cloudpickle
-        return cloudpickle.dumps((True, value, None, peak), protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps((True, value, None, meta), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001
         from ._errors import PicklingError
         err = PicklingError(
             f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
             f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
             "with isolation='thread'")
-        return _error_outcome(task_id, err, peak=peak)
+        return _error_outcome(task_id, err, meta=meta)
+
+
+Meta = tuple[int | None, float | None, float | None]  # peak bytes, start, end (monotonic)
 
 
 def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",
-                   peak: int | None = None) -> bytes:
+                   meta: Meta = (None, None, None)) -> bytes:
     """Pickle an error with its traceback (tblib), keeping its text as a fallback.
 
-    The outcome is ``(False, error bytes, traceback text, (type name, peak))``.
+    The outcome is ``(False, error bytes, traceback text, (type name, meta))``.
     """
     tb_text = "".join(traceback.format_exception(exc))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     if prefix:
         err: BaseException = ParexecError(f"task {task_id!r}: {prefix}{type(exc).__name__}: {exc}")
-        return pickle.dumps((False, pickle.dumps(err), tb_text, (type_name, peak)))
+        return pickle.dumps((False, pickle.dumps(err), tb_text, (type_name, meta)))
     try:
         from tblib import pickling_support
         import cloudpickle
@@ -299,12 +305,14 @@ def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",
         blob = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # noqa: BLE001 - the parent rebuilds a RemoteError from the text
         blob = None
-    return pickle.dumps((False, blob, tb_text, (type_name, peak)),
+    return pickle.dumps((False, blob, tb_text, (type_name, meta)),
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, int | None]:
-    """Parent side of ``run_payload``: ``(ok, value or error, traceback text, peak bytes)``."""
+def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, Meta]:
+    """Parent side of ``run_payload``: ``(ok, value or error, traceback text, meta)`` where
+    meta is ``(peak bytes, start, end)`` as measured in the worker (None where unknown)."""
+    unknown: Meta = (None, None, None)
     from ._errors import RemoteError
     try:
         ok, payload, tb_text, extra = pickle.loads(data)
@@ -312,13 +320,13 @@ def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, in
         return False, RemoteError(
             f"task {task_id!r}: its result could not be unpickled in the parent "
             f"({type(exc).__name__}: {exc}); make sure the modules it uses are importable "
-            "in the parent process"), None, None
+            "in the parent process"), None, unknown
     if ok:
         return True, payload, None, extra
-    type_name, peak = extra
+    type_name, meta = extra
     if payload is not None:
         try:
-            return False, pickle.loads(payload), tb_text, peak
+            return False, pickle.loads(payload), tb_text, meta
         except BaseException as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {exc}"
     else:
@@ -326,4 +334,4 @@ def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, in
     return False, RemoteError(
         f"task {task_id!r} raised {type_name}, which could not be sent back as itself "
         f"({reason}); its worker traceback follows", type_name or "", tb_text or ""), \
-        tb_text, peak
+        tb_text, meta

@@ -272,6 +272,10 @@ class Workflow:
     def __repr__(self) -> str:
         return f"<Workflow {self.name!r} tasks={len(self._specs)}>"
 
+    def _repr_html_(self) -> str:
+        from ._display import workflow_html
+        return workflow_html(self)
+
     # Checking and analysis ------------------------------------------------------------
 
     def validate(self) -> Workflow:

@@ -144,7 +144,8 @@ def test_group_all_fails_as_soon_as_one_member_fails():
 def test_group_any_resolves_at_first_success_not_the_slowest():
     """wait='any' resolves when the first success arrives; its dependent runs right then."""
     with px.Workflow("g", isolation="process") as wf:
-        fast = wf.add(px.task(sleep_then).options(id="fast"), 0.2, "fast")
+        # 1 s: enough for "failing" to have failed first even when workers start slowly
+        fast = wf.add(px.task(sleep_then).options(id="fast"), 1.0, "fast")
         slow = wf.add(px.task(sleep_then).options(id="slow"), 30, "slow")
         failing = wf.add(px.task(boom).options(id="failing"))
         g = px.group([failing, slow, fast], wait="any", id="first")
