@@ -122,7 +122,15 @@ class ProgressBar:
     _FINAL = ("task:completed", "task:failed", "task:skipped", "task:cancelled")
 
     def __init__(self, total: int, name: str) -> None:
-        from tqdm.auto import tqdm
+        tqdm: Any
+        if _in_notebook():
+            try:  # a widget needs ipywidgets; without it, text (tqdm.auto would warn)
+                import ipywidgets  # noqa: F401
+                from tqdm.notebook import tqdm
+            except ImportError:
+                from tqdm.std import tqdm
+        else:
+            from tqdm.std import tqdm
         self._bar = tqdm(total=total, desc=name, unit="task", dynamic_ncols=True, leave=True)
         self._running: set[str | None] = set()
         self._retrying: set[str | None] = set()
