@@ -501,8 +501,41 @@ def bench_memory(quick: bool) -> list[Row]:
     return rows + peaks
 
 
+# 7. Cluster -----------------------------------------------------------------------------------
+
+def bench_cluster(quick: bool) -> list[Row]:
+    if not have("distributed"):
+        return []
+    from distributed import Client, LocalCluster
+    sizes = [200] if quick else [200, 1_000]
+    out: list[Row] = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        for n in sizes:
+            deps = shape_deps("layered", n)
+            case = f"layered N={n:,}, LocalCluster(2)"
+            wf = px_workflow(deps, isolation="cluster")
+            rows = [Row("cluster", case, "dask client.get", unit="us/task", scale=1e6 / n,
+                        reference=True),
+                    Row("cluster", case, "parexec isolation='cluster'", unit="us/task",
+                        scale=1e6 / n)]
+            counter = iter(range(10**6))
+
+            def plain(deps: list[list[int]] = deps) -> None:
+                r = next(counter)  # fresh keys: dask returns results it still holds
+                dsk = {(f"d{r}", i): (noop, *[(f"d{r}", j) for j in d]) for i, d in
+                       enumerate(deps)}
+                client.get(dsk, list(dsk))
+
+            alternate(rows, [plain, lambda wf=wf: px.run(wf, cluster=client, progress=False)],
+                      REPS)
+            out += rows
+    return out
+
+
 BENCHES = {"threads": bench_threads, "processes": bench_processes, "cpu": bench_cpu,
-           "schedule": bench_schedule, "scale": bench_scale, "memory": bench_memory}
+           "schedule": bench_schedule, "scale": bench_scale, "memory": bench_memory,
+           "cluster": bench_cluster}
 
 
 def machine() -> str:

@@ -162,7 +162,8 @@ class _Scheduler:
     def __init__(self, wf: Workflow, *, max_workers: int, cpu_budget: float,
                  memory_budget: int, timeout: float | None,
                  subscribers: list[tuple[str, Callable[[Event], Any]]],
-                 force_cpu_gate: bool, store: Any = None, resume: bool = False) -> None:
+                 force_cpu_gate: bool, store: Any = None, resume: bool = False,
+                 cluster: Any = None) -> None:
         self.wf = wf
         self.name = wf.name
         # Durations recorded by earlier runs stand in for missing estimates.
@@ -181,7 +182,13 @@ class _Scheduler:
         self.queue: SimpleQueue[Any] = SimpleQueue()
         self.threads = ThreadPool(f"parexec-{wf.name}", max_threads=max_workers)
         procs = process_pool() if "process" in isolation else None
-        self.pools = [self.threads if iso == "thread" else procs for iso in isolation]
+        self.cluster = None
+        if "cluster" in isolation:
+            from ._pools import ClusterPool
+            import uuid
+            self.cluster = ClusterPool(cluster, f"parexec-{wf.name}-{uuid.uuid4().hex[:8]}")
+        self.pools = [self.threads if iso == "thread" else procs if iso == "process"
+                      else self.cluster for iso in isolation]
         self.isolation = isolation
         self.gates = build_gates(specs, [iso != "cluster" for iso in isolation],
                                  max_workers=max_workers, cpu_budget=cpu_budget,
@@ -401,8 +408,9 @@ class _Scheduler:
         pool = self.pools[i]
         attempt = _Attempt(i, spec.id, number, self.queue, pool, spec.cpus)
         if pool is not self.threads:
-            attempt.monitor = self.monitor
             attempt.memory_limit = spec.memory
+            if pool is not self.cluster:
+                attempt.monitor = self.monitor
         if prefetch:  # queued beyond the slots: it takes no slot (see PREFETCH_BELOW)
             attempt.prefetched = True
             self.nprefetched += 1
@@ -429,10 +437,17 @@ class _Scheduler:
         try:
             args, kwargs = spec.args, spec.kwargs
             if spec.has_refs:
-                values = self.values
-                args = resolve_args(args, values)
-                if kwargs:
-                    kwargs = resolve_refs(kwargs, values.__getitem__)
+                if pool is self.cluster and pool is not None:
+                    # Upstream results still on the cluster go as Dask futures (no round
+                    # trip through the driver); the rest as values.
+                    futures, values = pool.futures, self.values
+                    args = resolve_refs(args, lambda j: futures.get(j, values[j]))
+                    kwargs = resolve_refs(kwargs, lambda j: futures.get(j, values[j]))
+                else:
+                    values = self.values
+                    args = resolve_args(args, values)
+                    if kwargs:
+                        kwargs = resolve_refs(kwargs, values.__getitem__)
             pool.submit(attempt, spec.fn, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails this task only
             attempt.final = True
@@ -448,6 +463,11 @@ class _Scheduler:
             self.control(ok)
             return
         pool = attempt.pool
+        if ok is None:  # a Dask future: read it here, never on Dask's thread
+            if attempt.final:
+                return
+            ok, value, tb_text = pool.decode(attempt, value)
+            worker = pool.address
         if pool is self.threads:
             pool.nbusy -= 1
             if attempt.t_start and attempt.t_end:
@@ -865,8 +885,10 @@ class _Scheduler:
             self.graph.rank) else 0.0, i))
         if iso == "thread":
             self.pools.append(self.threads)
-        else:
+        elif iso == "process":
             self.pools.append(process_pool())
+        else:
+            self.pools.append(self.cluster)
         self.plain.append(iso == "thread" and spec.timeout is None and not spec.pools
                           and not spec.memory)
         self.member_of.append([group])
@@ -951,6 +973,8 @@ class _Scheduler:
     def finish(self) -> None:
         global _last_result
         self.threads.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
         if self.store is not None:
             self.store.close()  # commits every queued record
         monitor = getattr(self, "monitor", None)
@@ -1119,11 +1143,12 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
         import psutil
         mem_budget = int(psutil.virtual_memory().available * 0.9)
     check_resources(wf, graph, cpu_budget=cpus, memory_budget=mem_budget, specs=specs)
-    for s in specs:
-        if (s.isolation or wf.isolation) == "cluster":
-            raise WorkflowError(
-                f"task {s.id!r} has isolation='cluster', but this version of parexec has no "
-                "cluster support; use isolation='process'")
+    if cluster is None:
+        for s in specs:
+            if (s.isolation or wf.isolation) == "cluster" and s.group is None:
+                raise WorkflowError(
+                    f"task {s.id!r} has isolation='cluster' but no cluster was given: pass "
+                    "cluster=distributed.Client(...) or a scheduler address to px.run")
     _check_picklable(wf, specs)
     opened = None
     if store is not None:
@@ -1139,7 +1164,7 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     scheduler = _Scheduler(wf, max_workers=max_workers, cpu_budget=cpus,
                            memory_budget=mem_budget or 0, timeout=timeout,
                            subscribers=subscribers, force_cpu_gate=explicit_cpu is not None,
-                           store=opened, resume=resume)
+                           store=opened, resume=resume, cluster=cluster)
     return Run(scheduler, check)
 
 
