@@ -268,7 +268,7 @@ def bench_processes(quick: bool) -> list[Row]:
         px.run(px_workflow([[], []], isolation="process"), max_workers=workers, progress=False)
         runners: list[Callable[[], Any]] = [
             lambda n=n: [f.result() for f in [ex.submit(noop) for _ in range(n)]],
-            lambda n=n: [f.result() for f in [ppe.submit(noop) for _ in range(n)]],
+            lambda n=n, ppe=ppe: [f.result() for f in [ppe.submit(noop) for _ in range(n)]],
             lambda wf=wf: px.run(wf, max_workers=workers, progress=False)]
         if have("joblib"):
             from joblib import Parallel, delayed
@@ -378,7 +378,7 @@ def bench_schedule(quick: bool) -> list[Row]:
             runners: list[Callable[[], Any]] = [
                 lambda wf=wf_e, p=p: px.run(wf, max_workers=p, progress=False),
                 lambda wf=wf_n, p=p: px.run(wf, max_workers=p, progress=False),
-                lambda deps=deps, p=p: level_by_level(deps, p, costs_ms)]
+                lambda deps=deps, p=p, costs=costs_ms: level_by_level(deps, p, costs)]
             if have("dask"):
                 import dask.threaded
                 dsk, keys = dask_graph(deps, sleep_ms, costs_ms)
@@ -521,7 +521,7 @@ def bench_cluster(quick: bool) -> list[Row]:
                         scale=1e6 / n)]
             counter = iter(range(10**6))
 
-            def plain(deps: list[list[int]] = deps) -> None:
+            def plain(deps: list[list[int]] = deps, counter: Any = counter) -> None:
                 r = next(counter)  # fresh keys: dask returns results it still holds
                 dsk = {(f"d{r}", i): (noop, *[(f"d{r}", j) for j in d]) for i, d in
                        enumerate(deps)}

@@ -138,10 +138,7 @@ def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
     """
     specs = list(wf.tasks.values()) if specs is None else specs
     for spec in specs:
-        if spec.isolation == "cluster":
-            local = False
-        else:
-            local = True
+        local = (spec.isolation or wf.isolation) != "cluster"  # Dask places cluster tasks
         for pool, units in spec.pools.items():
             capacity = wf.pools.get(pool)
             if capacity is None:

@@ -108,7 +108,7 @@ class Monitor:
         self.peak = max(self.peak, rss)
         with self._lock:
             watched = list(self._watched.items())
-        for attempt, (pid, proc) in watched:
+        for attempt, (_, proc) in watched:
             try:
                 total = proc.memory_info().rss
                 for child in proc.children(recursive=True):

@@ -211,7 +211,6 @@ def test_cancel_stops_process_tasks_at_once():
     with px.Workflow("w", isolation="process") as wf:
         for _ in range(2):
             wf.add(sleep_pid, 30)
-    events = []
     started = threading.Event()
     handle = px.start(wf, max_workers=2, progress=False,
                       on_event=lambda e: started.set() if e.kind == "task:started" else None)
@@ -222,7 +221,6 @@ def test_cancel_stops_process_tasks_at_once():
     result = handle.wait(10)
     assert time.monotonic() - t0 < 3
     assert {t.status for t in result.tasks.values()} == {"cancelled"}
-    _ = events
 
 
 def test_grace_period_warns_about_thread_tasks_ignoring_the_flag(monkeypatch):
