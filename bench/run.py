@@ -212,7 +212,7 @@ def _distributed_row(case: str, deps: list[list[int]], scale: float) -> Row:
     row = Row("overhead-threads", case, "dask distributed (threads)", unit="us/task",
               scale=scale, note="separate cluster, timed after the others")
     with LocalCluster(processes=False, n_workers=1, threads_per_worker=2,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         for r in range(REPS):
             dsk, keys = dask_graph(deps)
             dsk = {(f"t{r}", k[1]): tuple((f"t{r}", a[1]) if isinstance(a, tuple) else a
@@ -510,7 +510,7 @@ def bench_cluster(quick: bool) -> list[Row]:
     sizes = [200] if quick else [200, 1_000]
     out: list[Row] = []
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
         for n in sizes:
             deps = shape_deps("layered", n)
             case = f"layered N={n:,}, LocalCluster(2)"

@@ -54,6 +54,7 @@ from ._worker import TaskContext as TaskContext
 from ._worker import current as current
 from ._workflow import Workflow as Workflow
 from ._yaml import ScriptError as ScriptError
+from ._yaml import StepOutput as StepOutput
 from ._yaml import load as load
 from ._yaml import loads as loads
 from ._workflow import group as group
@@ -64,7 +65,7 @@ __all__ = [
     "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event", "GroupRef",
     "MapRef", "MemoryLimitExceeded", "Outcome", "MissingDependencyError", "ParexecError", "PicklingError",
     "RemoteError", "ResourceError", "Retry", "Run", "RunResult", "RunStats", "ScriptError",
-    "StoreError",
+    "StepOutput", "StoreError",
     "TaskContext", "TaskOptionError", "TaskRef", "TaskRun", "TaskSpec", "TaskTemplate",
     "TaskTimeout", "WaitTimeout", "WorkerCrashed", "Workflow", "WorkflowError",
     "WorkflowFailed", "current", "group", "last_result", "load", "loads", "parse_size", "run", "start", "task",

@@ -46,7 +46,7 @@ from ._errors import ParexecError, WorkflowError
 from ._task import Retry, TaskRef, task
 from ._workflow import Workflow
 
-__all__ = ["ScriptError", "load", "loads"]
+__all__ = ["ScriptError", "StepOutput", "load", "loads"]
 
 TOP_KEYS = ("name", "version", "description", "parallel", "steps", "timeout", "retry", "env",
             "cwd", "inputs")
@@ -78,6 +78,28 @@ class ScriptError(ParexecError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.step, self.returncode, self.stderr))
+
+
+class StepOutput(str):
+    """The output of a script step: its stdout text (without the final newline), with the
+    stderr it wrote and its exit status kept alongside.
+
+    Attributes:
+        stderr: Everything the step wrote to stderr.
+        returncode: Its exit status (0 for a step that succeeded).
+    """
+
+    stderr: str
+    returncode: int
+
+    def __new__(cls, stdout: str, stderr: str = "", returncode: int = 0) -> StepOutput:
+        self = super().__new__(cls, stdout)
+        self.stderr = stderr
+        self.returncode = returncode
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StepOutput, (str(self), self.stderr, self.returncode))
 
 
 def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None) -> Workflow:
@@ -531,8 +553,9 @@ echo: Any = None
 
 
 def run_script(step: str, argv: list[str], shell: bool, env: Mapping[str, str], cwd: str,
-               outputs: Mapping[str, Any]) -> str:
-    """Run a script step in its own process group and return its stdout.
+               outputs: Mapping[str, Any]) -> StepOutput:
+    """Run a script step in its own process group and return its stdout (a ``StepOutput``,
+    whose ``.stderr`` keeps what the step wrote there).
 
     The step's cancel flag (set on timeout, cancellation or Ctrl-C) kills the whole process
     group, so no grandchild survives. A non-zero exit raises ``ScriptError`` with the last
@@ -585,10 +608,10 @@ def run_script(step: str, argv: list[str], shell: bool, env: Mapping[str, str], 
         proc.stdout.close()
         proc.stderr.close()
     stdout = b"".join(out).decode(errors="replace")
+    stderr = b"".join(err).decode(errors="replace")
     if proc.returncode != 0:
-        tail = "\n".join(b"".join(err).decode(errors="replace").splitlines()[-10:])
-        raise ScriptError(step, proc.returncode, tail)
-    return stdout[:-1] if stdout.endswith("\n") else stdout
+        raise ScriptError(step, proc.returncode, "\n".join(stderr.splitlines()[-10:]))
+    return StepOutput(stdout[:-1] if stdout.endswith("\n") else stdout, stderr, 0)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

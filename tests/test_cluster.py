@@ -16,7 +16,7 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+                                       dashboard_address=":0")
     c = distributed.Client(cluster)
     yield c
     c.close()
@@ -85,3 +85,43 @@ def test_cluster_task_without_cluster_is_an_error_before_running():
     with pytest.raises(px.WorkflowError, match="'remote'.*cluster="):
         px.run(wf, progress=False)
     assert ran == []
+
+
+@pytest.mark.timeout(120)
+def test_worker_loss_retries_only_the_task_it_ran(client, tmp_path):
+    """A worker process that dies under a task: Dask reruns that task on a fresh worker; the
+    task on the other worker is not touched."""
+    from helpers import die_once
+    with px.Workflow("c") as wf:
+        wf.add(px.task(die_once).options(id="dies", isolation="cluster"),
+               str(tmp_path / "died"))
+        wf.add(px.task(sleep_pid).options(id="other", isolation="cluster"), 1.0)
+    result = px.run(wf, cluster=client, progress=False)
+    assert result["dies"] == "survived"
+    assert result.tasks["other"].status == "succeeded"
+
+
+@pytest.mark.timeout(120)
+def test_cpus_become_dask_worker_resources():
+    """When workers declare a CPU resource, a task's cpus are passed to Dask: two cpus=2
+    tasks never share a 2-CPU worker, two cpus=1 tasks do."""
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                       dashboard_address=":0", resources={"CPU": 2})
+    try:
+        with distributed.Client(cluster) as c:
+            with px.Workflow("r", isolation="cluster") as wf:
+                for k in range(2):
+                    wf.add(px.task(sleep_then).options(id=f"big-{k}", cpus=2), 0.5)
+                for k in range(2):
+                    wf.add(px.task(sleep_then).options(id=f"small-{k}", cpus=1,
+                                                       after=["big-0", "big-1"]), 0.5)
+            result = px.run(wf, cluster=c, progress=False)
+    finally:
+        cluster.close()
+    t = result.tasks
+    # A cluster task's started_at is when it was handed to Dask, so judge by completions:
+    # the two big tasks ran one after the other, the two small ones side by side.
+    bigs_done = max(t["big-0"].finished_at, t["big-1"].finished_at) - result.started_at
+    assert bigs_done >= 0.95
+    smalls = [t["small-0"], t["small-1"]]
+    assert max(s.finished_at for s in smalls) - min(s.started_at for s in smalls) < 0.95

@@ -165,3 +165,54 @@ def test_parallel_disabled_runs_alone():
     for k in range(3):
         other = result.tasks[f"s{k}"]
         assert other.finished_at <= alone.started_at or other.started_at >= alone.finished_at
+
+
+PIPELINES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
+
+
+def overlap(spans):
+    points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
+    cur = peak = 0
+    for _, d in points:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_example_pipelines_keep_order_overlap_and_pools(name):
+    """Each example pipeline runs; every step starts after its dependencies end; no pool holds
+    more steps than its capacity; parallel.enabled false means no overlap at all."""
+    import yaml
+    raw = yaml.safe_load((EXAMPLES / name).read_text())
+    wf = px.load(EXAMPLES / name)
+    result = px.run(wf, check=False, progress=False)
+    t = result.tasks
+    assert result.status in ("succeeded", "partial")
+    for step in raw["steps"]:
+        for dep in step.get("dependsOn", []):
+            assert t[step["id"]].started_at >= t[dep].finished_at - 1e-3, (step["id"], dep)
+    spans = {k: (v.started_at, v.finished_at) for k, v in t.items() if v.started_at}
+    for pool, capacity in (raw.get("parallel", {}).get("resources") or {}).items():
+        users = [s["id"] for s in raw["steps"] if s.get("parallel", {}).get("resource") == pool]
+        assert overlap([spans[u] for u in users]) <= capacity, pool
+    if raw.get("parallel", {}).get("enabled") is False:
+        assert overlap(list(spans.values())) == 1
+    elif name == "auto-parallel.yaml":
+        assert overlap([spans["lint"], spans["type-check"]]) == 2
+    if name == "resources.yaml":
+        db = [spans[f"db-migration-{k}"] for k in (1, 2, 3)]
+        assert overlap(db) == 2  # the database pool is full, never over
+    if name == "error-handling.yaml":
+        assert result.status == "partial"
+        assert result["report"] == "report: critical done | no optional data"
+        assert "optional service unavailable" in str(result.errors["optional-step"])
+
+
+def test_step_output_keeps_stderr():
+    """A script step's output is its stdout; what it wrote to stderr stays reachable."""
+    wf = px.loads(f"name: e\nsteps:\n  - id: talk\n    type: script\n    config: {{command: "
+                  f"{PY}, args: ['-c', 'import sys; print(\"out\"); sys.stderr.write(\"note\")']}}\n")
+    out = px.run(wf, progress=False)["talk"]
+    assert out == "out" and isinstance(out, px.StepOutput)
+    assert out.stderr == "note" and out.returncode == 0
