@@ -38,6 +38,7 @@ class Monitor:
         self._me = psutil.Process()
         self._lock = threading.Lock()
         self._watched: dict[Any, tuple[int, Any]] = {}  # attempt -> (pid, psutil.Process)
+        self._procs: dict[int, Any] = {}  # pid -> psutil.Process, reused across tasks
         self._stop = threading.Event()
         self.times: list[float] = []  # monotonic time of each sample of this process
         self.rss: list[int] = []      # ... and its RSS then
@@ -51,10 +52,12 @@ class Monitor:
 
     def watch(self, attempt: Any, pid: int) -> None:
         """Sample the worker ``pid`` while it runs ``attempt``."""
-        try:
-            proc = self._psutil.Process(pid)
-        except self._psutil.Error:
-            return
+        proc = self._procs.get(pid)
+        if proc is None:  # psutil.Process() costs ~30 us: once per worker, not per task
+            try:
+                proc = self._procs[pid] = self._psutil.Process(pid)
+            except self._psutil.Error:
+                return
         with self._lock:
             self._watched[attempt] = (pid, proc)
 
