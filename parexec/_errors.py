@@ -55,6 +55,12 @@ __all__ = [
 class ParexecError(Exception):
     """Base class of every exception raised by parexec."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Explicit, so that pickling never takes tblib's path for classes it thinks have a
+        # custom __init__ (installed globally by distributed): that path rebuilds through
+        # ``MemoryError.__new__``, which CPython refuses for MemoryLimitExceeded.
+        return (type(self), self.args, self.__dict__ or None)
+
 
 class WorkflowError(ParexecError):
     """The workflow definition is invalid; nothing was run."""

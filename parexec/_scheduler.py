@@ -736,6 +736,9 @@ class _Scheduler:
                 continue
             group.pending -= 1
             ok = self.state[i] in _DONE_OK
+            if not ok and group.output == "list" and self.specs[i].on_error == "ignore" \
+                    and self.state[i] in (TaskState.FAILED, TaskState.TIMED_OUT):
+                ok = True  # a map item that failed under on_error="ignore": its default
             wait = group.wait
             if wait == "all":
                 if not ok:

@@ -52,6 +52,9 @@ def test_notebook_example_runs_in_a_real_kernel(tmp_path):
     assert "Workflow notebook-analysis" in outputs(cells[2])
     shown = outputs(cells[3])
     assert "notebook-analysis" in shown and "partial" in shown and "<table>" in shown
+    # the progress bar is a widget in a notebook
+    assert any("application/vnd.jupyter.widget-view+json" in out.get("data", {})
+               for out in cells[3].outputs)
     assert "'draws': 1800000" in outputs(cells[4])
     tb = outputs(cells[5])
     assert tb.startswith("ZeroDivisionError") and "in fragile" in tb

@@ -304,15 +304,19 @@ def test_dynamic_map_of_nothing_and_of_a_non_iterable():
 
 
 def test_failing_map_item_follows_its_on_error():
-    """An item that fails fails the map; with on_error='ignore' the map still completes."""
+    """A failing item follows its on_error: 'ignore' puts its default in the map's list;
+    'fail' fails the map."""
     def maybe(x):
         if x == 2:
             raise ValueError("bad item")
         return x
 
     with px.Workflow("m") as wf:
-        m = px.task(maybe).options(on_error="ignore", default=None).map(numbers(4))
+        m = px.task(maybe).options(on_error="ignore", default=-1).map(numbers(4))
     result = px.run(wf, check=False, progress=False)
     assert isinstance(result.errors["maybe[2]"], ValueError)
-    assert result.tasks["maybe"].status == "failed"
-    assert result.tasks["maybe[3]"].status == "succeeded" and m.id == "maybe"
+    assert result[m] == [0, 1, -1, 3] and result.tasks["maybe"].status == "succeeded"
+    with px.Workflow("m") as wf:
+        px.task(maybe).options(id="strict").map(numbers(4))
+    result = px.run(wf, check=False, progress=False)
+    assert result.tasks["strict"].status == "failed" and result.status == "failed"
