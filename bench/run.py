@@ -303,7 +303,7 @@ def calibrate(seconds: float) -> int:
 
 
 def bench_cpu(quick: bool) -> list[Row]:
-    ntasks, each = (8, 0.1) if quick else (16, 0.25)
+    ntasks, each = (8, 0.08) if quick else (16, 0.25)
     loops = calibrate(each)
     workers = 2
     case = f"{ntasks} tasks x {each}s pure Python"
@@ -394,7 +394,7 @@ def bench_schedule(quick: bool) -> list[Row]:
 # 5. Scale ------------------------------------------------------------------------------------
 
 def bench_scale(quick: bool) -> list[Row]:
-    sizes = [10_000, 30_000] if quick else [10_000, 100_000, 1_000_000]
+    sizes = [10_000, 20_000] if quick else [10_000, 100_000, 1_000_000]
     out: list[Row] = []
     for n in sizes:
         deps = shape_deps("layered", n)
@@ -507,7 +507,7 @@ def bench_cluster(quick: bool) -> list[Row]:
     if not have("distributed"):
         return []
     from distributed import Client, LocalCluster
-    sizes = [200] if quick else [200, 1_000]
+    sizes = [100] if quick else [200, 1_000]
     out: list[Row] = []
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
