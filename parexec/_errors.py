@@ -206,7 +206,7 @@ class WaitTimeout(ParexecError, TimeoutError):
     """``Run.wait(timeout=...)`` returned before the run finished."""
 
 
-class WorkflowFailed(ExceptionGroup, ParexecError):  # type: ignore[misc]
+class WorkflowFailed(ExceptionGroup, ParexecError):
     """Raised by ``run(check=True)`` when the run failed or timed out.
 
     It is an ``ExceptionGroup`` of the errors of the failed tasks, so ``except*`` works on
@@ -228,7 +228,7 @@ class WorkflowFailed(ExceptionGroup, ParexecError):  # type: ignore[misc]
                  result: RunResult | None = None) -> None:
         super().__init__(message, exceptions)
 
-    def derive(self, excs: Any) -> ExceptionGroup[Exception]:  # noqa: D102 - ExceptionGroup API
+    def derive(self, excs: Any) -> ExceptionGroup[Exception]:  # type: ignore[override]  # noqa: D102
         return ExceptionGroup(self.message, excs)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -106,7 +106,7 @@ def _in_notebook() -> bool:
     if shell is None:
         return False
     try:
-        ip = shell.get_ipython()  # type: ignore[attr-defined]
+        ip = shell.get_ipython()
     except Exception:  # noqa: BLE001
         return False
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
@@ -122,16 +122,17 @@ class ProgressBar:
     _FINAL = ("task:completed", "task:failed", "task:skipped", "task:cancelled")
 
     def __init__(self, total: int, name: str) -> None:
-        tqdm: Any
+        import importlib
+        module = "tqdm.std"
         if _in_notebook():
             try:  # a widget needs ipywidgets; without it, text (tqdm.auto would warn)
-                import ipywidgets  # noqa: F401
-                from tqdm.notebook import tqdm
+                importlib.import_module("ipywidgets")
+                module = "tqdm.notebook"
             except ImportError:
-                from tqdm.std import tqdm
-        else:
-            from tqdm.std import tqdm
-        self._bar = tqdm(total=total, desc=name, unit="task", dynamic_ncols=True, leave=True)
+                pass
+        bar_type: Any = importlib.import_module(module).tqdm
+        self._bar = bar_type(total=total, desc=name, unit="task", dynamic_ncols=True,
+                             leave=True)
         self._running: set[str | None] = set()
         self._retrying: set[str | None] = set()
         self._seen: set[str | None] = set()  # maps add tasks at run time: grow the total

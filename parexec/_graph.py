@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ._errors import CycleError, MissingDependencyError
 from ._task import TaskSpec
@@ -180,7 +181,7 @@ def to_dot(graph: Graph, specs: Mapping[str, TaskSpec], name: str = "workflow") 
 
 def _data_deps(spec: TaskSpec) -> set[str]:
     from ._task import find_refs
-    found: list = []
+    found: list[Any] = []
     find_refs(spec.args, found)
     find_refs(spec.kwargs, found)
     return {r.id for r in found}

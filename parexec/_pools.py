@@ -406,7 +406,7 @@ class ClusterPool:
     def __init__(self, cluster: Any, prefix: str) -> None:
         from distributed import Client
         self._own = isinstance(cluster, str)
-        self.client = Client(cluster) if self._own else cluster
+        self.client = Client(cluster) if self._own else cluster  # type: ignore[no-untyped-call]
         self.prefix = prefix
         self.futures: dict[int, Any] = {}  # task index -> future of its successful attempt
         info = self.client.scheduler_info().get("workers", {})

@@ -220,7 +220,7 @@ class _Scheduler:
                       for iso, s in zip(isolation, specs)]
         self.nprefetched = 0
         self.mean_thread_duration = 1.0  # running average (seconds), starts "slow"
-        self.ready: list[tuple[int, float, int]] = []
+        self.ready: list[tuple[Any, ...]] = []
         self.deadlines: list[tuple[float, int, int, Any]] = []
         self.seq = itertools.count()
         self.running: dict[_Attempt, None] = {}  # attempts whose outcome is undecided
@@ -448,6 +448,7 @@ class _Scheduler:
                     args = resolve_args(args, values)
                     if kwargs:
                         kwargs = resolve_refs(kwargs, values.__getitem__)
+            assert pool is not None  # every task's pool exists: start() checked cluster=
             pool.submit(attempt, spec.fn, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails this task only
             attempt.final = True
@@ -911,7 +912,7 @@ class _Scheduler:
                 need = float(spec.pools.get(name[5:], 0))
             else:  # "group:<id>": the map's own max_concurrent
                 need = 1.0 if name == f"group:{gid}" else 0.0
-            g.needs.append(need)  # type: ignore[attr-defined]
+            g.needs.append(need)
         return i
 
     # Stopping -------------------------------------------------------------------------

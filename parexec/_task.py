@@ -443,7 +443,7 @@ class TaskTemplate(Generic[P, R]):
             raise TaskOptionError(f"px.task needs a callable, got {fn!r}")
         self.fn = fn
         self._options = check_options(_fn_name(fn), options or {})
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     @property
     def default_options(self) -> dict[str, Any]:

@@ -274,7 +274,9 @@ def run_payload(data: bytes) -> bytes:
         pass
     try:
         import cloudpickle
-        return cloudpickle.dumps((True, value, None, meta), protocol=pickle.HIGHEST_PROTOCOL)
+        out: bytes = cloudpickle.dumps((True, value, None, meta),
+                                       protocol=pickle.HIGHEST_PROTOCOL)
+        return out
     except Exception as exc:  # noqa: BLE001
         from ._errors import PicklingError
         err = PicklingError(

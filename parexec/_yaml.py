@@ -504,11 +504,10 @@ class _Loader:
         outputs = {d: refs[d] for d in plan["deps"] if d in refs}
         options = dict(plan["options"], after=[d for d in plan["deps"] if d not in refs])
         if plan["type"] == "script":
-            tmpl = task(run_script).options(**options)
-            return wf.add(tmpl, plan["id"], plan["argv"], plan["shell"], plan["env"],
-                          plan["cwd"], outputs)
-        tmpl = task(call_python).options(**options)
-        return wf.add(tmpl, plan["fn"], plan["args"], plan["kwargs"], outputs)
+            return wf.add(task(run_script).options(**options), plan["id"], plan["argv"],
+                          plan["shell"], plan["env"], plan["cwd"], outputs)
+        return wf.add(task(call_python).options(**options), plan["fn"], plan["args"],
+                      plan["kwargs"], outputs)
 
 
 def _topo(ids: list[str], deps: Mapping[str, list[str]]) -> list[str]:

@@ -105,9 +105,9 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
                         progress=False if args.quiet else "auto", check=False,
                         store=args.store, resume=args.resume)
     except KeyboardInterrupt:
-        result = px.last_result()
-        if result is not None and not args.quiet:
-            print(result.summary(), file=sys.stderr)
+        partial = px.last_result()
+        if partial is not None and not args.quiet:
+            print(partial.summary(), file=sys.stderr)
         print("parexec: interrupted; every step was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (px.WorkflowError, px.StoreError) as exc:

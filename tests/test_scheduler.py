@@ -258,12 +258,22 @@ def test_pause_and_resume():
         first = wf.add(px.task(ignore_cancel).options(id="first"), gate)
         wf.add(px.task(noop).options(id="second"), first)
     events = []
-    handle = px.start(wf, progress=False, on_event=lambda e: events.append(e.kind))
+    paused, first_done = threading.Event(), threading.Event()
+
+    def on_event(e):
+        events.append(e.kind)
+        if e.kind == "workflow:paused":
+            paused.set()
+        elif e.kind == "task:completed":
+            first_done.set()
+
+    handle = px.start(wf, progress=False, on_event=on_event)
     handle.pause()
-    time.sleep(0.1)
+    assert paused.wait(10)
     gate.set()
-    time.sleep(0.3)
-    assert "task:completed" in events and events.count("task:started") == 1
+    assert first_done.wait(10)
+    time.sleep(0.3)  # a window in which "second" would have started, were the run not paused
+    assert events.count("task:started") == 1
     handle.resume()
     result = handle.wait(10)
     assert result.ok
