@@ -38,8 +38,9 @@ def test_memory_limit_stops_a_runaway_task_alone():
     """A leaking process task above its declared memory is killed with MemoryLimitExceeded,
     retried per its policy, while a sibling finishes undisturbed."""
     with px.Workflow("m", isolation="process") as wf:
+        # 20 MiB every 20 ms: a sample delayed by load still catches it well under 1.5 GB
         wf.add(px.task(leak_memory).options(id="leak", memory="300MB", on_error="ignore",
-                                            retry=px.Retry(1, initial_delay=0)))
+                                            retry=px.Retry(1, initial_delay=0)), 20)
         wf.add(px.task(sleep_pid).options(id="sibling"), 1.5)
     result = px.run(wf, max_workers=2, progress=False)
     leak = result.tasks["leak"]

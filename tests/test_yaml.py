@@ -122,7 +122,7 @@ def test_script_timeout_kills_the_whole_process_group(tmp_path):
     script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
               f"'import time; time.sleep(60)']); open({str(pidfile)!r}, 'w').write(str(p.pid));"
               " time.sleep(60)")
-    wf = px.loads(f"name: t\nsteps:\n  - id: slow\n    type: script\n    timeout: 1.0\n"
+    wf = px.loads(f"name: t\nsteps:\n  - id: slow\n    type: script\n    timeout: 3.0\n"
                   f"    continueOnError: true\n    config: {{command: {PY}, args: ['-c', "
                   f"{script!r}]}}\n")
     t0 = time.monotonic()
