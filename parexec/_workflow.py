@@ -415,21 +415,20 @@ def check_max_workers(value: Any, where: str) -> int | None:
     return value
 
 
-def check_cpu_budget(value: Any, where: str) -> float | None:
-    """Validate a ``cpu_budget`` setting."""
+def _positive(value: Any, where: str, field: str, meaning: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not (value > 0 and math.isfinite(value)):
-        raise TaskOptionError(f"{where}: cpu_budget={value!r} must be a number of cores > 0")
+        raise TaskOptionError(f"{where}: {field}={value!r} must be {meaning}")
     return float(value)
+
+
+def check_cpu_budget(value: Any, where: str) -> float | None:
+    """Validate a ``cpu_budget`` setting."""
+    return _positive(value, where, "cpu_budget", "a number of cores > 0")
 
 
 def check_timeout(value: Any, where: str) -> float | None:
     """Validate a workflow-level ``timeout`` setting."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not (value > 0 and math.isfinite(value)):
-        raise TaskOptionError(f"{where}: timeout={value!r} must be a positive number of seconds")
-    return float(value)
+    return _positive(value, where, "timeout", "a positive number of seconds")
