@@ -12,6 +12,9 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Any
 
+from ._results import _bytes as _mem
+from ._results import _secs
+
 if TYPE_CHECKING:
     from ._results import RunResult
     from ._workflow import Workflow
@@ -21,16 +24,6 @@ __all__ = ["COLORS", "result_html", "result_plot", "workflow_html"]
 COLORS = {"succeeded": "#2e7d32", "cached": "#81c784", "failed": "#c62828",
           "timed_out": "#ef6c00", "cancelled": "#757575", "skipped": "#bdbdbd",
           "pending": "#90a4ae"}
-
-
-def _secs(x: float | None) -> str:
-    if x is None:
-        return ""
-    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def _mem(n: int | None) -> str:
-    return "" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def result_html(result: RunResult, max_rows: int = 200) -> str:

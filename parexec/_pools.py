@@ -209,11 +209,6 @@ class ProcessPool:
             f"memory={limit / 1e6:,.0f} MB; its worker was stopped. Raise the task's "
             "memory= or make it use less"), worker.pid, None))
 
-    def pid_of(self, attempt: Any) -> int | None:
-        """The pid of the worker running ``attempt``, if it is still running."""
-        worker = attempt.handle
-        return worker.pid if worker is not None and worker.attempt is attempt else None
-
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=worker_main, args=(child_conn,),

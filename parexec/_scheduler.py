@@ -189,7 +189,6 @@ class _Scheduler:
             self.cluster = ClusterPool(cluster, f"parexec-{wf.name}-{uuid.uuid4().hex[:8]}")
         self.pools = [self.threads if iso == "thread" else procs if iso == "process"
                       else self.cluster for iso in isolation]
-        self.isolation = isolation
         self.gates = build_gates(specs, [iso != "cluster" for iso in isolation],
                                  max_workers=max_workers, cpu_budget=cpu_budget,
                                  memory_budget=memory_budget, pools=wf.pools,
@@ -198,13 +197,12 @@ class _Scheduler:
         self.member_of: list[list[int] | None] = [None] * n
         self.groups: dict[int, _Group] = {}
         self.is_group = [s.group is not None for s in specs]
-        index = {s.id: i for i, s in enumerate(specs)}
         for g, spec in enumerate(specs):
             info = spec.group
             if info is None:
                 continue
             if info.dynamic is None:
-                members = [index[m] for m in info.members]
+                members = list(graph.deps[g])  # a group's dependencies are its members
                 self.groups[g] = _Group(members, info.wait, info.output, info.timeout)
                 for m in members:
                     self.member_of[m] = (self.member_of[m] or []) + [g]
@@ -897,7 +895,6 @@ class _Scheduler:
                           and not spec.memory)
         self.member_of.append([group])
         self.is_group.append(False)
-        self.isolation.append(iso)
         local = iso != "cluster"
         gid = self.specs[group].id
         for g in self.gates:

@@ -259,11 +259,15 @@ _OPTIONS = ("id", "name", "isolation", "priority", "estimate", "timeout", "retry
             "cpus", "memory", "pools", "after", "default")
 
 
-def _positive(task: str, field: str, value: Any) -> float:
+def check_positive(value: Any, where: str, field: str,
+                   meaning: str = "a positive number of seconds") -> float | None:
+    """Validate an optional positive finite number (None passes); ``where`` prefixes the
+    message, e.g. ``"task 'fit'"``."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not (value > 0 and math.isfinite(value)):
-        raise TaskOptionError(
-            f"task {task!r}: {field}={value!r} must be a positive number of seconds")
+        raise TaskOptionError(f"{where}: {field}={value!r} must be {meaning}")
     return float(value)
 
 
@@ -304,7 +308,7 @@ def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
                 value = float(value)
         elif key == "timeout":
             if value is not None:
-                value = _positive(task, "timeout", value)
+                value = check_positive(value, f"task {task!r}", "timeout")
         elif key == "retry":
             if value is None or value == 0:
                 value = None

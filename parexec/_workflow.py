@@ -8,7 +8,6 @@ settings. Running it is the scheduler's business (``px.run`` / ``px.start``).
 from __future__ import annotations
 
 import contextvars
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from ._errors import DuplicateTaskError, MissingDependencyError, TaskOptionError
 from ._graph import Graph, compile_graph, critical_path, levels, to_dot
 from ._task import (ISOLATIONS, WAITS, GroupInfo, GroupRef, MapRef, TaskRef, TaskSpec,
-                    TaskTemplate, _fn_name, check_options, find_refs, parse_size)
+                    TaskTemplate, _fn_name, check_options, check_positive, find_refs,
+                    parse_size)
 
 if TYPE_CHECKING:
     from ._events import Event
@@ -415,20 +415,11 @@ def check_max_workers(value: Any, where: str) -> int | None:
     return value
 
 
-def _positive(value: Any, where: str, field: str, meaning: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not (value > 0 and math.isfinite(value)):
-        raise TaskOptionError(f"{where}: {field}={value!r} must be {meaning}")
-    return float(value)
-
-
 def check_cpu_budget(value: Any, where: str) -> float | None:
     """Validate a ``cpu_budget`` setting."""
-    return _positive(value, where, "cpu_budget", "a number of cores > 0")
+    return check_positive(value, where, "cpu_budget", "a number of cores > 0")
 
 
 def check_timeout(value: Any, where: str) -> float | None:
     """Validate a workflow-level ``timeout`` setting."""
-    return _positive(value, where, "timeout", "a positive number of seconds")
+    return check_positive(value, where, "timeout")
