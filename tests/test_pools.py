@@ -140,20 +140,23 @@ def test_workers_die_when_the_parent_is_killed(run_script, tmp_path):
     import subprocess
     import sys
     script = tmp_path / "victim.py"
+    marker = tmp_path / "running"
     script.write_text(
-        "import time, parexec as px\n"
+        "import sys, time, parexec as px\n"
+        "def hold(marker):\n"
+        "    open(marker, 'a').write('x\\n')\n"
+        "    time.sleep(60)\n"
         "with px.Workflow('v', max_workers=2, isolation='process') as wf:\n"
         "    for _ in range(2):\n"
-        "        wf.add(time.sleep, 60)\n"
+        "        wf.add(hold, sys.argv[1])\n"
         "px.run(wf, progress=False)\n")
-    proc = subprocess.Popen([sys.executable, str(script)])
+    proc = subprocess.Popen([sys.executable, str(script), str(marker)])
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 30
-        while len(parent.children()) < 2:
+        while not marker.exists() or len(marker.read_text().split()) < 2:  # mid-task
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        time.sleep(1.0)
         workers = parent.children(recursive=True)
         proc.kill()
         proc.wait(10)

@@ -211,11 +211,10 @@ def test_cancel_stops_process_tasks_at_once():
     with px.Workflow("w", isolation="process") as wf:
         for _ in range(2):
             wf.add(sleep_pid, 30)
-    started = threading.Event()
+    starts = threading.Semaphore(0)
     handle = px.start(wf, max_workers=2, progress=False,
-                      on_event=lambda e: started.set() if e.kind == "task:started" else None)
-    assert started.wait(10)
-    time.sleep(0.3)  # let both workers pick their task up
+                      on_event=lambda e: starts.release() if e.kind == "task:started" else None)
+    assert starts.acquire(timeout=10) and starts.acquire(timeout=10)
     t0 = time.monotonic()
     handle.cancel()
     result = handle.wait(10)
@@ -315,13 +314,15 @@ def test_ctrl_c_cancels_keeps_partial_result_and_leaves_no_worker(tmp_path):
     script.write_text(
         "import sys, time\n"
         "import parexec as px\n"
-        "def work(i):\n"
+        "def work(i, marker=None):\n"
         "    if i < 2:\n"
         "        return i\n"
+        "    open(marker, 'a').write('started\\n')\n"
         "    time.sleep(60)\n"
         "with px.Workflow('cc', max_workers=4, isolation='process') as wf:\n"
-        "    for i in range(6):\n"
-        "        wf.add(work, i)\n"
+        "    quick = [wf.add(work, i) for i in range(2)]\n"
+        "    for i in range(2, 6):\n"
+        "        wf.add(px.task(work).options(after=quick), i, sys.argv[1])\n"
         "print('ready', flush=True)\n"
         "try:\n"
         "    px.run(wf, progress=False)\n"
@@ -329,17 +330,18 @@ def test_ctrl_c_cancels_keeps_partial_result_and_leaves_no_worker(tmp_path):
         "    r = px.last_result()\n"
         "    print('INTERRUPTED', r.status, sorted(r.results.values()), flush=True)\n"
         "    sys.exit(130)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+    marker = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, str(script), str(marker)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 30
-        while len([c for c in parent.children() if "parexec-worker" in " ".join(c.cmdline())]) < 4:
-            assert time.monotonic() < deadline, "workers did not start"
+        # the long tasks run after the quick ones and announce themselves: wait for all
+        while not marker.exists() or len(marker.read_text().split()) < 4:
+            assert time.monotonic() < deadline, "the long tasks did not start"
             time.sleep(0.05)
         workers = [c for c in parent.children(recursive=True)]
-        time.sleep(0.5)  # the two quick tasks finish
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
