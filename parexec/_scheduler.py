@@ -53,6 +53,7 @@ from ._pools import ThreadPool, process_pool
 from ._results import RunResult, RunStats, TaskRun
 from ._gates import CapacityGate
 from ._task import Outcome, TaskSpec, resolve_args, resolve_refs
+from ._worker import STARTED
 from ._workflow import Workflow, check_cpu_budget, check_max_workers, check_timeout
 
 __all__ = ["Run", "last_result", "run", "start"]
@@ -118,11 +119,14 @@ class _Attempt:
 
     ``final`` is set once the scheduler has decided the outcome (a timeout, a kill); a
     report arriving later only gives back the resources it still ``holding``.
+
+    ``on_cancel`` is set by whatever runs the attempt and can stop it when asked (a thread
+    worker running a coroutine, a nested run); ``request_cancel()`` calls it once.
     """
 
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
                  "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end",
-                 "monitor", "memory_limit", "peak_memory")
+                 "monitor", "memory_limit", "peak_memory", "on_cancel")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
@@ -142,6 +146,22 @@ class _Attempt:
         self.monitor: Any = None  # samples a process attempt's worker (see _monitor)
         self.memory_limit: int | None = None
         self.peak_memory: int | None = None
+        self.on_cancel: Callable[[], Any] | None = None
+
+    def request_cancel(self) -> None:
+        """Set the cancel flag (``px.current().cancelled()``) and call ``on_cancel``.
+
+        Whoever installs ``on_cancel`` must check ``cancel_requested`` right after, since the
+        flag may have been set just before.
+        """
+        if not self.cancel_requested:
+            self.cancel_requested = True
+            hook = self.on_cancel
+            if hook is not None:
+                try:
+                    hook()
+                except Exception:  # noqa: BLE001 - a failing hook must not break the run
+                    logger.debug("on_cancel hook of %s failed", self.task_id, exc_info=True)
 
 
 _last_result: RunResult | None = None
@@ -184,7 +204,7 @@ class _Scheduler:
         procs = process_pool() if "process" in isolation else None
         self.cluster = None
         if "cluster" in isolation:
-            from ._pools import ClusterPool
+            from ._cluster import ClusterPool
             import uuid
             self.cluster = ClusterPool(cluster, f"parexec-{wf.name}-{uuid.uuid4().hex[:8]}")
         self.pools = [self.threads if iso == "thread" else procs if iso == "process"
@@ -424,11 +444,11 @@ class _Scheduler:
         tr.started_at = started = now + self.offset
         if number == 1:
             tr.first_started_at = started
-        if spec.timeout is not None:
+        if spec.timeout is not None and not getattr(pool, "reports_start", False):
             self.add_deadline(now + spec.timeout, _TIMEOUT, attempt)
         if self.member_of[i] is not None:
             self.group_started(i, now)
-        if self.em:
+        if self.em and not prefetch:  # a prefetched attempt says when it really starts
             self.emit("task:started", i, number)
         if self.debug:
             logger.debug("start %s (attempt %d)", spec.id, number)
@@ -460,6 +480,9 @@ class _Scheduler:
         attempt, ok, value, worker, tb_text = msg
         if attempt is None:
             self.control(ok)
+            return
+        if ok is STARTED:
+            self.attempt_started(attempt, value, worker)
             return
         pool = attempt.pool
         if ok is None:  # a Dask future: read it here, never on Dask's thread
@@ -529,6 +552,24 @@ class _Scheduler:
                 self.skip_downstream(i, TaskState.CANCELLED)
         else:
             self.attempt_failed(i, attempt, value, tb_text)
+
+    def attempt_started(self, attempt: _Attempt, t_start: float, worker: Any) -> None:
+        """A worker took an attempt that waited after its hand-over: the run's clock for it
+        (its timeout, ``task:started``, its worker) starts now."""
+        if attempt.final or attempt not in self.running:
+            return
+        i = attempt.index
+        tr = self.runs[i]
+        tr.started_at = t_start + self.offset
+        if attempt.number == 1:
+            tr.first_started_at = tr.started_at
+        if worker is not None:
+            tr.worker = worker
+        timeout = self.specs[i].timeout
+        if timeout is not None and getattr(attempt.pool, "reports_start", False):
+            self.add_deadline(t_start + timeout, _TIMEOUT, attempt)
+        if self.em:
+            self.emit("task:started", i, attempt.number)
 
     def release(self, attempt: _Attempt) -> None:
         """Give back the resources ``attempt`` holds, and let parked tasks retry admission."""
@@ -707,7 +748,7 @@ class _Scheduler:
             attempt.final = True
             self.release(attempt)
             return True
-        attempt.cancel_requested = True
+        attempt.request_cancel()
         return False
 
     # Groups and maps ------------------------------------------------------------------
@@ -946,7 +987,7 @@ class _Scheduler:
                 self.runs[i].finished_at = self.clock() + self.offset
                 self.finalize(i, TaskState.CANCELLED, "task:cancelled", number=attempt.number)
         for attempt in self.zombies:
-            attempt.cancel_requested = True
+            attempt.request_cancel()
         if self.running or self.zombies:
             self.start_grace()  # thread attempts may still return; wait for them, briefly
 

@@ -25,7 +25,13 @@ from typing import Any
 
 from ._errors import Cancelled, ParexecError
 
-__all__ = ["TaskContext", "current"]
+__all__ = ["STARTED", "TaskContext", "current"]
+
+# The ``ok`` field of a report that says an attempt really started (rather than finished):
+# ``(attempt, STARTED, monotonic start time, worker, None)``. Sent for attempts that may wait
+# after their hand-over (prefetched thread tasks, cluster tasks queued in Dask), so events,
+# timeouts and the worker column follow the real start.
+STARTED = "started"
 
 
 class TaskContext:
