@@ -115,6 +115,7 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
             del attempt, fn, args, kwargs
             continue
         local.attempt = attempt
+        attempt.worker = name
         cap.apply(attempt.cpus)
         attempt.t_start = monotonic()
         if attempt.prefetched:  # it waited in the queue: say when it really starts
@@ -181,6 +182,7 @@ class ProcessPool:
             worker = self._spawn()
         worker.attempt = attempt
         attempt.handle = worker
+        attempt.worker = worker.pid
         if attempt.monitor is not None:
             attempt.monitor.watch(attempt, worker.pid)
         try:

@@ -126,7 +126,7 @@ class _Attempt:
 
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
                  "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end",
-                 "monitor", "memory_limit", "peak_memory", "on_cancel")
+                 "monitor", "memory_limit", "peak_memory", "on_cancel", "worker")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
@@ -147,6 +147,7 @@ class _Attempt:
         self.memory_limit: int | None = None
         self.peak_memory: int | None = None
         self.on_cancel: Callable[[], Any] | None = None
+        self.worker: int | str | None = None  # set by the pool once known (pid, thread name)
 
     def request_cancel(self) -> None:
         """Set the cancel flag (``px.current().cancelled()``) and call ``on_cancel``.
