@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from ._workflow import Workflow
 
 __all__ = ["GroupInfo", "GroupRef", "MapRef", "Outcome", "Retry", "TaskRef", "TaskSpec",
-           "TaskTemplate", "WAITS", "parse_size", "resolve_args", "resolve_refs", "task"]
+           "TaskTemplate", "WAITS", "check_callable", "check_id", "parse_size", "resolve_args",
+           "resolve_refs", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,6 +78,10 @@ def parse_size(value: int | float | str, *, what: str = "memory") -> int:
     size = number * _UNITS[unit]
     if not math.isfinite(size) or size <= 0:
         raise TaskOptionError(f"{what}={value!r} must be a positive size")
+    if size < 1:
+        raise TaskOptionError(
+            f"{what}={value!r} is less than one byte; a bare number counts bytes, so write the "
+            f"unit (e.g. '{value}GB')")
     return int(size)
 
 
@@ -271,6 +276,27 @@ def check_positive(value: Any, where: str, field: str,
     return float(value)
 
 
+def check_id(value: Any, where: str, *, brackets: bool = True) -> str:
+    """Validate a task, group or workflow id (or display name); return it.
+
+    Ids are printed in summaries, progress bars and terminals, so control characters (which
+    could forge table rows or rewrite lines) are refused; ``[`` and ``]`` are reserved for
+    map items (``name[0]``), whose ids must never collide with a user's.
+
+    Raises:
+        TaskOptionError: The value is not a non-empty printable string.
+    """
+    if not isinstance(value, str) or not value:
+        raise TaskOptionError(f"{where}={value!r} must be a non-empty string")
+    if not value.isprintable():
+        raise TaskOptionError(f"{where}={value!r} contains control or non-printable characters; "
+                              "use printable text")
+    if brackets and ("[" in value or "]" in value):
+        raise TaskOptionError(f"{where}={value!r} contains '[' or ']', which are reserved for "
+                              "the items of maps (name[0], name[1], ...); choose another id")
+    return value
+
+
 def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Validate and normalise task options; return them as a new dict.
 
@@ -289,8 +315,8 @@ def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
                 f"; known options: {', '.join(_OPTIONS)}"
             raise TaskOptionError(f"task {task!r}: unknown option {key!r}{hint}")
         if key in ("id", "name"):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise TaskOptionError(f"task {task!r}: {key}={value!r} must be a non-empty string")
+            if value is not None:
+                check_id(value, f"task {task!r}: {key}", brackets=key == "id")
         elif key == "isolation":
             if value is not None and value not in ISOLATIONS:
                 raise TaskOptionError(
@@ -377,52 +403,143 @@ def _check_pools(task: str, value: Any) -> dict[str, int]:
 
 
 # References inside arguments --------------------------------------------------------------
+#
+# Arguments are user data: they may nest deeper than the recursion limit or contain
+# themselves (a tree with parent links). Both walks below are iterative, with a visited set.
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
+def _children(obj: Any) -> Iterable[Any]:
+    return obj.values() if isinstance(obj, dict) else obj  # type: ignore[no-any-return]
+
+
 def find_refs(obj: Any, found: list[TaskRef]) -> None:
-    """Append every TaskRef inside ``obj`` (nested in list/tuple/dict/set) to ``found``."""
+    """Append every TaskRef inside ``obj`` (nested in list/tuple/dict/set) to ``found``, in
+    order of appearance (depth first)."""
     if isinstance(obj, TaskRef):
         found.append(obj)
-    elif isinstance(obj, _CONTAINERS):
-        for item in (obj.values() if isinstance(obj, dict) else obj):
-            if isinstance(item, TaskRef) or isinstance(item, _CONTAINERS):
-                find_refs(item, found)
+        return
+    if not isinstance(obj, _CONTAINERS):
+        return
+    seen = {id(obj)}
+    stack = [iter(_children(obj))]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, TaskRef):
+                found.append(item)
+            elif isinstance(item, _CONTAINERS) and id(item) not in seen:
+                seen.add(id(item))
+                stack.append(iter(_children(item)))
+                break
+        else:
+            stack.pop()
 
 
 def resolve_args(args: tuple[Any, ...], values: list[Any]) -> tuple[Any, ...]:
     """Positional arguments with refs replaced by ``values[ref.index]`` (the hot path: a flat
-    tuple of refs and plain values needs no recursion)."""
+    tuple of refs and plain values walks nothing)."""
     return tuple([values[a.index] if isinstance(a, TaskRef)
                   else resolve_refs(a, values.__getitem__) if isinstance(a, _CONTAINERS) else a
                   for a in args])
 
 
+_BUILDING = object()  # memo marker of an immutable container whose items are not built yet
+
+
 def resolve_refs(obj: Any, value_of: Callable[[int], Any]) -> Any:
-    """Return ``obj`` with every TaskRef replaced by ``value_of(ref.index)``; containers are
-    copied."""
+    """Return ``obj`` with every TaskRef replaced by ``value_of(ref.index)``.
+
+    Containers are copied (the copies keep their type, namedtuples and dict subclasses
+    included); a container reached twice is copied once, so shared and self-referencing
+    structures keep their shape.
+
+    Raises:
+        TaskOptionError: ``obj`` contains a cycle that runs through a tuple or frozenset
+            (such a value cannot be rebuilt with its refs replaced).
+    """
     if isinstance(obj, TaskRef):
         return value_of(obj.index)
-    if isinstance(obj, dict):
-        return type(obj)((k, resolve_refs(v, value_of)) for k, v in obj.items()) \
-            if type(obj) is dict else _rebuild_mapping(obj, value_of)
-    if isinstance(obj, (list, set, frozenset)):
-        return type(obj)(resolve_refs(v, value_of) for v in obj)
-    if isinstance(obj, tuple):
-        items = [resolve_refs(v, value_of) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
+    if not isinstance(obj, _CONTAINERS):
+        return obj
+    memo: dict[int, Any] = {}
 
+    def start(x: Any) -> list[Any]:
+        # A frame: [original, iterator over its items, the resolved items, the copy or None].
+        # Mutable containers get their (empty) copy at once, so a cycle back to them finds it.
+        copy = None
+        if isinstance(x, list):
+            copy = []
+        elif isinstance(x, dict):
+            copy = {} if type(x) is dict else x.copy()
+        elif isinstance(x, set):
+            copy = type(x)()
+        memo[id(x)] = _BUILDING if copy is None else copy
+        items = iter(x.items()) if isinstance(x, dict) else iter(x)
+        return [x, items, [], copy]
 
-def _rebuild_mapping(obj: dict[Any, Any], value_of: Callable[[int], Any]) -> Any:
-    new = obj.copy()
-    for k, v in obj.items():
-        new[k] = resolve_refs(v, value_of)
-    return new
+    def finish(frame: list[Any]) -> Any:
+        x, _, items, copy = frame
+        if isinstance(x, list):
+            copy.extend(items)
+        elif isinstance(x, dict):
+            copy.update(items)
+        elif isinstance(x, set):
+            copy.update(items)
+        elif isinstance(x, tuple):
+            copy = type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+        else:  # frozenset
+            copy = type(x)(items)
+        memo[id(x)] = copy
+        return copy
+
+    stack = [start(obj)]
+    result: Any = None
+    while stack:
+        frame = stack[-1]
+        is_dict = isinstance(frame[0], dict)
+        pushed = False
+        for item in frame[1]:
+            key, value = item if is_dict else (None, item)
+            if isinstance(value, TaskRef):
+                value = value_of(value.index)
+            elif isinstance(value, _CONTAINERS):
+                known = memo.get(id(value))
+                if known is _BUILDING:
+                    raise TaskOptionError(
+                        "an argument contains a cycle through a tuple or frozenset together with "
+                        "task refs; parexec cannot rebuild it: use a list or dict for the cycle")
+                if known is None:
+                    frame.append(key)  # where the child's copy goes once it is built
+                    stack.append(start(value))
+                    pushed = True
+                    break
+                value = known
+            frame[2].append((key, value) if is_dict else value)
+        if pushed:
+            continue
+        stack.pop()
+        result = finish(frame)
+        if stack:
+            parent = stack[-1]
+            key = parent.pop()
+            parent[2].append((key, result) if isinstance(parent[0], dict) else result)
+    return result
 
 
 # Templates --------------------------------------------------------------------------------
+
+def check_callable(fn: Any) -> None:
+    """Refuse what cannot be a task's function: non-callables and generator functions."""
+    import inspect
+    if not callable(fn):
+        raise TaskOptionError(f"px.task needs a callable, got {fn!r}")
+    target = getattr(fn, "func", fn)  # functools.partial
+    if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        raise TaskOptionError(
+            f"{_fn_name(fn)} is a generator function: as a task its value would be an "
+            "unconsumed generator. Return a list (e.g. `return list(gen())`) instead")
+
 
 def _fn_name(fn: Callable[..., Any]) -> str:
     name = getattr(fn, "__name__", None)
@@ -443,8 +560,7 @@ class TaskTemplate(Generic[P, R]):
     """
 
     def __init__(self, fn: Callable[P, R], options: Mapping[str, Any] | None = None) -> None:
-        if not callable(fn):
-            raise TaskOptionError(f"px.task needs a callable, got {fn!r}")
+        check_callable(fn)
         self.fn = fn
         self._options = check_options(_fn_name(fn), options or {})
         functools.update_wrapper(self, fn)
@@ -472,6 +588,15 @@ class TaskTemplate(Generic[P, R]):
         from ._workflow import current_workflow
         wf = current_workflow()
         if wf is None:
+            if args or kwargs:
+                refs: list[TaskRef] = []
+                find_refs(args, refs)
+                find_refs(kwargs, refs)
+                if refs:
+                    raise TaskOptionError(
+                        f"{_fn_name(self.fn)}(...) was called outside `with px.Workflow(...)` "
+                        f"with {refs[0]!r}, the future value of a task: call it inside the "
+                        f"workflow's `with` block (or use wf.add({_fn_name(self.fn)}, ...))")
             return self.fn(*args, **kwargs)
         return wf._add(self.fn, args, kwargs, self._options)
 
@@ -501,34 +626,69 @@ class TaskTemplate(Generic[P, R]):
 
 
 @overload
-def task(fn: Callable[P, R], /) -> TaskTemplate[P, R]: ...
+def task(fn: Callable[P, R], /, **options: Any) -> TaskTemplate[P, R]: ...
 @overload
 def task(fn: None = None, /, **options: Any) -> Callable[[Callable[P, R]], TaskTemplate[P, R]]: ...
 
 
 def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
-    """Declare a function as a task, bare (``@px.task``) or with options.
+    """Declare a function as a task: ``@px.task``, ``@px.task(**options)`` or
+    ``px.task(fn, **options)``.
 
     Usage::
 
         @px.task(isolation="process", memory="2GB", timeout=60, retry=3)
         def fit(frame, alpha=1.0): ...
 
+        with px.Workflow("train") as wf:
+            model = fit.options(id="fit-small", priority=5)(frame, alpha=0.1)
+
+    Called inside ``with px.Workflow(...)``, the template adds a task and returns a
+    ``TaskRef``; anywhere else it calls the function. ``.options(**overrides)`` returns a new
+    template, e.g. to name a task: ``load.options(id="load-b")("b.csv")``.
+
     Args:
-        fn: The function (when used as a bare decorator).
-        **options: ``id``, ``name``, ``isolation``, ``priority``, ``estimate``, ``timeout``,
-            ``retry``, ``on_error``, ``cpus``, ``memory``, ``pools``, ``after``, ``default``.
+        fn: The function (for the bare decorator and ``px.task(fn, ...)``). ``async def``
+            functions are run to completion on an event loop in their worker; generator
+            functions are refused (their value would be an unconsumed generator).
+        **options: Any of:
+
+            * ``id`` (str): the task's id, unique in its workflow (default: the function's
+              name, then ``name-2``, ``name-3``, ...). ``[``, ``]`` and control characters
+              are not allowed.
+            * ``name`` (str): display name (default: the id).
+            * ``isolation`` (``"thread"`` | ``"process"`` | ``"cluster"``): where it runs
+              (default: the workflow's, ``"thread"``). Process tasks run in worker processes
+              and can be killed; thread tasks share the interpreter.
+            * ``priority`` (int, default 0): among ready tasks, a HIGHER priority starts
+              first; ties go to the longer remaining critical path, then creation order.
+            * ``estimate`` (seconds, default None): expected duration, used to rank the
+              critical path (1 s per task when unknown; a store's recorded durations fill in).
+            * ``timeout`` (seconds, default None): bound of ONE attempt; a process task that
+              overruns is killed alone, a thread task is marked timed out and flagged.
+            * ``retry`` (``px.Retry(...)`` or int = max_retries, default no retry).
+            * ``on_error`` (``"fail"`` | ``"skip"`` | ``"ignore"``, default ``"fail"``): stop
+              the run / skip the dependents / give dependents ``default``.
+            * ``cpus`` (float > 0, default 1): cores the task uses, counted against the CPU
+              budget; also caps BLAS/OpenMP threads inside the task.
+            * ``memory`` (bytes or a string like ``"512MB"``/``"2GiB"``, default None): peak
+              memory the task needs, counted against the memory budget; a process task whose
+              worker's resident memory (interpreter included) exceeds it is stopped.
+            * ``pools`` (``{"name": units}`` or ``"name"`` = 1 unit): named resource pools of
+              the workflow the task holds while it runs.
+            * ``after`` (list of refs or ids): ordering-only dependencies.
+            * ``default`` (any, default None): what dependents receive when
+              ``on_error="ignore"`` swallowed a failure.
 
     Returns:
         A ``TaskTemplate``, or a decorator producing one.
 
     Raises:
-        TaskOptionError: An option is unknown or has an unusable value.
+        TaskOptionError: An option is unknown or has an unusable value (the message names
+            the task and the closest option).
     """
     if fn is not None:
-        if options:
-            raise TaskOptionError("use @px.task or @px.task(**options), not both")
-        return TaskTemplate(fn)
+        return TaskTemplate(fn, options)
 
     def decorate(f: Callable[P, R]) -> TaskTemplate[P, R]:
         return TaskTemplate(f, options)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from ._errors import DuplicateTaskError, MissingDependencyError, TaskOptionError
 from ._graph import Graph, compile_graph, critical_path, levels, to_dot
 from ._task import (ISOLATIONS, WAITS, GroupInfo, GroupRef, MapRef, TaskRef, TaskSpec,
-                    TaskTemplate, _fn_name, check_options, check_positive, find_refs,
-                    parse_size)
+                    TaskTemplate, _fn_name, check_callable, check_id, check_options,
+                    check_positive, find_refs, parse_size)
 
 if TYPE_CHECKING:
     from ._events import Event
@@ -63,9 +63,7 @@ class Workflow:
                  memory_budget: int | str | None = None, cpu_budget: float | None = None,
                  isolation: str = "thread", timeout: float | None = None,
                  description: str = "") -> None:
-        if not isinstance(name, str) or not name:
-            raise TaskOptionError(f"Workflow name={name!r} must be a non-empty string")
-        self.name = name
+        self.name = check_id(name, "Workflow name", brackets=False)
         self.max_workers = check_max_workers(max_workers, f"Workflow {name!r}")
         self.pools: dict[str, int] = {}
         for pool, capacity in (pools or {}).items():
@@ -115,6 +113,7 @@ class Workflow:
             return self._add(fn.fn, args, kwargs, fn._options)
         if not callable(fn):
             raise TaskOptionError(f"Workflow.add needs a function or a px.task, got {fn!r}")
+        check_callable(fn)
         return self._add(fn, args, kwargs, {})
 
     def _add(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -154,6 +153,8 @@ class Workflow:
               id: str | None = None, on_error: str = "fail", default: Any = None) -> GroupRef:
         """Add a group of tasks resolved by a wait strategy; see ``px.group``."""
         refs = list(members) if not isinstance(members, TaskRef) else None
+        if id is not None:
+            check_id(id, "group id")
         gid = id or "group"
         if not refs:
             raise TaskOptionError(f"group {gid!r} needs a non-empty list of task refs")
@@ -190,6 +191,8 @@ class Workflow:
         """
         template = fn if isinstance(fn, TaskTemplate) else TaskTemplate(fn)
         options = template._options
+        if id is not None:
+            check_id(id, "map id")
         if id is not None and id in self._specs:
             raise DuplicateTaskError(
                 f"workflow {self.name!r} already has a task with id {id!r}; give this map "
@@ -231,6 +234,8 @@ class Workflow:
         return ref_type(self, gid, index)
 
     def _auto_id(self, base: str) -> str:
+        if not base.isprintable() or "[" in base or "]" in base:  # an odd __name__
+            base = "".join(c if c.isprintable() and c not in "[]" else "_" for c in base) or "task"
         count = self._name_counts.get(base, 0)
         tid = base if count == 0 else f"{base}-{count + 1}"
         while tid in self._specs:

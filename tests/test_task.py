@@ -112,3 +112,94 @@ def test_taskref_cannot_be_pickled():
         a = wf.add(lambda: 1)
     with pytest.raises(TypeError, match="future value"):
         pickle.dumps(a)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ("sq[0]", "reserved for the items of maps"),
+    ("a]", "reserved for the items of maps"),
+    ("step\nfake row", "control or non-printable"),
+    ("\x1b[2Kwipe", "control or non-printable"),
+])
+def test_ids_with_brackets_or_control_characters_are_refused(bad, fragment):
+    """Ids that could collide with map items or forge terminal output are refused."""
+    with pytest.raises(px.TaskOptionError, match=fragment):
+        px.task(print, id=bad)
+    with px.Workflow("w") as wf:
+        a = px.task(lambda: [1], id="a")()
+        with pytest.raises(px.TaskOptionError, match=fragment):
+            px.task(lambda x: x).map(a, id=bad)
+        with pytest.raises(px.TaskOptionError, match=fragment):
+            px.group([a], id=bad)
+    with pytest.raises(px.TaskOptionError, match="control or non-printable"):
+        px.Workflow("w\r")
+
+
+def test_a_user_id_cannot_clash_with_run_time_map_items():
+    """A task named like a map item is refused, so result[...] never returns another value."""
+    with px.Workflow("w") as wf:
+        src = px.task(lambda: [1, 2], id="src")()
+        px.task(lambda x: x * x, id="sq").map(src)
+        with pytest.raises(px.TaskOptionError, match="reserved"):
+            px.task(lambda: "mine", id="sq[0]")()
+    assert len(wf) == 2
+
+
+def test_task_takes_a_function_and_options_in_one_call():
+    """px.task(fn, **options) is the same as px.task(**options)(fn)."""
+    t = px.task(max, isolation="process", timeout=3)
+    assert t.default_options == {"isolation": "process", "timeout": 3.0}
+    assert t(1, 2) == 2
+
+
+def test_generator_functions_are_refused_at_declaration():
+    """A generator function would succeed with an unconsumed generator: refused up front."""
+    def gen():
+        yield 1
+
+    async def agen():
+        yield 1
+
+    for fn in (gen, agen):
+        with pytest.raises(px.TaskOptionError, match="generator function"):
+            px.task(fn)
+        with px.Workflow("w") as wf, pytest.raises(px.TaskOptionError, match="generator"):
+            wf.add(fn)
+
+
+def test_calling_a_template_outside_its_workflow_with_a_ref_is_an_error():
+    """A TaskRef is never passed silently into a plain call."""
+    with px.Workflow("w"):
+        a = px.task(lambda: 1, id="a")()
+    with pytest.raises(px.TaskOptionError, match="outside `with px.Workflow"):
+        px.task(print)([a])
+
+
+def test_memory_below_one_byte_is_refused():
+    """memory=0.5 means half a byte: almost certainly a missing unit."""
+    with pytest.raises(px.TaskOptionError, match="less than one byte"):
+        px.task(print, memory=0.5)
+
+
+def test_refs_in_deep_and_self_referencing_arguments():
+    """Refs are found and resolved at any depth, and in structures that contain themselves."""
+    with px.Workflow("w"):
+        a = px.task(lambda: 1, id="a")()
+    deep = a
+    for _ in range(5000):  # far beyond the recursion limit
+        deep = [deep]
+    found = []
+    find_refs(deep, found)
+    assert found == [a]
+    out = resolve_refs(deep, lambda i: "v")
+    for _ in range(5000):
+        out = out[0]
+    assert out == "v"
+    tree = {"name": "root", "value": a, "children": []}
+    child = {"name": "leaf", "parent": tree, "children": []}
+    tree["children"].append(child)
+    found = []
+    find_refs(tree, found)
+    assert found == [a]
+    copy = resolve_refs(tree, lambda i: 42)
+    assert copy["value"] == 42 and copy["children"][0]["parent"] is copy
+    assert tree["value"] is a  # the original is untouched
