@@ -7,20 +7,65 @@
     parexec validate FILE
     parexec graph FILE [--format dot|levels|critical-path]
 
-Exit status: 0 succeeded, 1 the workflow failed or was partial, 2 invalid file or usage,
-130 interrupted. A user's mistake is reported in one clear message, never a traceback.
+Exit status: 0 succeeded, 1 the workflow failed or was partial, 2 invalid file, usage or
+unusable store, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM and 129 by SIGHUP (128 +
+the signal: the run is cancelled and its steps stopped, as for Ctrl-C). A user's mistake is
+reported in one clear message, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Signals that stop a run the way Ctrl-C does: `timeout`, `docker stop`, a cancelled CI job
+# and a closed terminal send these, and a run that ignored them would leave its steps running.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM/SIGHUP during `parexec run`.
+
+    A KeyboardInterrupt, so ``px.run`` takes the same cleanup path as for Ctrl-C: the run is
+    cancelled, script steps' process groups and process workers are killed.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``_Stopped`` inside the block, then restore the old handlers.
+
+    A library user's own handlers are never replaced for longer than the CLI's run. Outside
+    the main thread (main() called from a thread) Python cannot install handlers, and nothing
+    is changed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = {}
+    try:
+        for signum in _STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, stop)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(wf: Any, args: argparse.Namespace) -> int:
     import parexec as px
+
     from . import _yaml
     if args.max_workers is not None and args.max_workers < 1:
         print("parexec: --max-workers must be >= 1", file=sys.stderr)
@@ -101,13 +147,18 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
                 print(f"[{step}] {line}", flush=True)
         _yaml.echo = echo
     try:
-        result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
-                        progress=False if args.quiet else "auto", check=False,
-                        store=args.store, resume=args.resume)
-    except KeyboardInterrupt:
+        with _stop_on_signals():
+            result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
+                            progress=False if args.quiet else "auto", check=False,
+                            store=args.store, resume=args.resume)
+    except KeyboardInterrupt as exc:
         partial = px.last_result()
         if partial is not None and not args.quiet:
             print(partial.summary(), file=sys.stderr)
+        if isinstance(exc, _Stopped):
+            name = signal.Signals(exc.signum).name
+            print(f"parexec: stopped by {name}; every step was stopped", file=sys.stderr)
+            return 128 + exc.signum
         print("parexec: interrupted; every step was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (px.WorkflowError, px.StoreError) as exc:

@@ -112,3 +112,64 @@ def test_store_and_resume_from_the_command_line(tmp_path):
     proc = parexec("run", f, "--store", junk)
     assert proc.returncode == 2 and "not a parexec store" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (a zombie waiting for its reaper counts as gone)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_cancel_the_run_like_ctrl_c(tmp_path, signum):
+    """SIGTERM/SIGHUP to `parexec run`: the steps' processes are killed, the partial summary
+    is printed, and the exit status is 128 + the signal number."""
+    import os
+    import time
+    f = tmp_path / "slow.yaml"
+    f.write_text("name: slow\nsteps:\n  - id: wait\n    type: script\n"
+                 "    config: {command: sh, args: ['-c', 'sleep 300 & echo $!; wait']}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "parexec", "run", str(f), "--verbose"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sleeper = None
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("[wait] "), line  # the step is running; its sleep's pid
+        sleeper = int(line.split()[1])
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signum, err
+        assert "Traceback" not in err
+        assert "slow: cancelled" in out + err and "wait" in out + err  # the partial summary
+        deadline = time.monotonic() + 10
+        while not _gone(sleeper):
+            assert time.monotonic() < deadline, "the step's sleep outlived the run"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        if sleeper is not None and not _gone(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_cli_restores_the_callers_signal_handlers(tmp_path):
+    """main() installs its SIGTERM/SIGHUP handlers only for the run and puts back the caller's."""
+    from parexec.cli import main
+    f = tmp_path / "p.yaml"
+    f.write_text("name: p\nsteps:\n  - id: j\n    type: python\n"
+                 "    config: {call: 'os.path:join', args: [a, b]}\n")
+
+    def mine(signum, frame):  # pragma: no cover - never called
+        pass
+    before = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert main(["run", str(f), "--quiet"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGHUP) is mine
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
