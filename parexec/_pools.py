@@ -31,7 +31,10 @@ Processes
     Killing one worker (timeout, memory limit, cancellation) affects no other task: the
     reader sees its sentinel, drops it, and a fresh worker is started on the next submit.
     Workers exit when their parent does (see ``_worker._watch_parent``) and at interpreter
-    exit (``atexit``).
+    exit (``atexit``). Whatever a task started goes with its worker: a worker is the child
+    subreaper of its descendants (so double-forked daemons stay in its tree), kills them when
+    its parent dies or its pipe closes, and the driver's kill of one worker freezes and kills
+    its whole tree (``_worker.kill_tree``). See issue 12 item 2.
 """
 
 from __future__ import annotations
@@ -40,13 +43,12 @@ import atexit
 import itertools
 import os
 import pickle
-import signal
 import threading
 from queue import SimpleQueue
 from typing import Any
 
 from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
-from ._worker import STARTED, BlasCap, _local, decode_outcome, worker_main
+from ._worker import STARTED, BlasCap, _local, decode_outcome, kill_tree, worker_main
 
 __all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown_process_pool"]
 
@@ -200,7 +202,7 @@ class ProcessPool:
             if worker is None or worker.attempt is not attempt:
                 return True
             worker.killed = True
-        _kill_tree(worker.pid)
+        kill_tree(worker.pid)
         return True
 
     def kill_for_memory(self, attempt: Any, used: int, limit: int) -> None:
@@ -210,7 +212,7 @@ class ProcessPool:
             if worker is None or worker.attempt is not attempt:
                 return
             worker.killed = True
-        _kill_tree(worker.pid)
+        kill_tree(worker.pid)
         attempt.queue.put((attempt, False, MemoryLimitExceeded(
             f"task {attempt.task_id!r} used {used / 1e6:,.0f} MB, above its declared "
             f"memory={limit / 1e6:,.0f} MB; its worker was stopped. Raise the task's "
@@ -253,7 +255,7 @@ class ProcessPool:
         for w in workers:
             w.process.join(timeout=0.5 if w.attempt is None else 0)
             if w.process.exitcode is None:
-                _kill_tree(w.pid)
+                kill_tree(w.pid)
                 w.process.join(timeout=2)
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -331,24 +333,6 @@ class ProcessPool:
             attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
                                                              worker.process.exitcode),
                                worker.pid, None))
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and every process it started."""
-    try:
-        import psutil
-        children = psutil.Process(pid).children(recursive=True)
-    except Exception:  # noqa: BLE001 - gone already, or psutil cannot see it
-        children = []
-    for p in [*children]:
-        try:
-            p.kill()
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 _process_pool: ProcessPool | None = None

@@ -139,8 +139,10 @@ class BlasCap:
         self._nmodules = len(sys.modules)  # threadpoolctl's own imports do not count
 
     def restore(self) -> None:
-        """Give back the limits that were in force before the first cap; libraries loaded
-        since get the thread count they would have chosen themselves."""
+        """Give back the limits that were in force before the first cap.
+
+        Libraries loaded since get the thread count they would have chosen themselves.
+        """
         if self._first is not None:
             try:
                 self._first.restore_original_limits()
@@ -211,9 +213,15 @@ _meter: PeakMeter | None = None
 
 
 def worker_main(conn: Any) -> None:
-    """Entry point of a process worker: serve payloads from ``conn`` until it closes."""
+    """Entry point of a process worker: serve payloads from ``conn`` until it closes.
+
+    At EOF (pool shutdown, the driver's normal exit) the worker kills every process its tasks
+    started and left running (a background ``Popen``, a daemon that double-forked) before it
+    exits: nothing a task started outlives the worker. See issue 12 item 2.
+    """
     global _meter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _become_subreaper()
     _meter = PeakMeter()
     _watch_parent()
     recv, send = conn.recv_bytes, conn.send_bytes
@@ -221,13 +229,84 @@ def worker_main(conn: Any) -> None:
         try:
             data = recv()
         except (EOFError, OSError):
+            kill_tree(os.getpid(), include_root=False)
             return
         send(run_payload(data))
         del data
 
 
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def _become_subreaper() -> None:
+    """Make this worker the reaper of its orphaned descendants (Linux).
+
+    Without it, a process a task started that double-forks (a daemon, ``sh -c 'x &'``) is
+    re-parented to init at once and escapes every kill of this worker's tree; with it, the
+    orphan becomes this worker's child and ``kill_tree`` finds it. Elsewhere this does
+    nothing: such daemons can escape there.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # no libc prctl: keep the plain behaviour
+        pass
+
+
+# How many times kill_tree looks again for processes forked while it was stopping the tree.
+# Each pass is one /proc scan; a tree that keeps forking faster than that is still killed,
+# except for what it forked during the last pass.
+_KILL_PASSES = 8
+
+
+def kill_tree(pid: int, include_root: bool = True) -> None:
+    """SIGKILL process ``pid`` (unless ``include_root`` is False) and all its descendants.
+
+    The tree is frozen first (SIGSTOP, root included) and looked at again until no new
+    process appears, so a process forked while the tree was being killed is not missed; a
+    stopped process cannot fork. Orphans of a worker are its children (see
+    ``_become_subreaper``), so the frozen root still holds them.
+    """
+    try:
+        import psutil
+        root = psutil.Process(pid)
+    except Exception:  # noqa: BLE001 - gone already, or psutil cannot see it
+        return
+    me = os.getpid()
+    stopped: dict[int, Any] = {}
+    if include_root and pid != me:
+        _signal(root, signal.SIGSTOP)
+    for _ in range(_KILL_PASSES):
+        try:
+            found = [p for p in root.children(recursive=True)
+                     if p.pid not in stopped and p.pid != me]
+        except Exception:  # noqa: BLE001 - the root is gone
+            found = []
+        if not found:
+            break
+        for p in found:
+            _signal(p, signal.SIGSTOP)
+            stopped[p.pid] = p
+    for p in stopped.values():
+        _signal(p, signal.SIGKILL)
+    if include_root and pid != me:
+        _signal(root, signal.SIGKILL)
+
+
+def _signal(process: Any, signum: int) -> None:
+    try:
+        process.send_signal(signum)  # psutil checks the pid was not reused
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
 def _watch_parent() -> None:
     """Exit this process as soon as the parent dies, even while a task runs.
+
+    Every process its tasks started dies with it.
 
     A pidfd becomes readable when the process exits (Linux >= 5.3); elsewhere the watcher
     falls back to noticing that it was re-parented.
@@ -245,6 +324,7 @@ def _watch_parent() -> None:
             # worker's own thread; the scheduler never polls.
             while os.getppid() == parent:
                 time.sleep(1.0)
+        kill_tree(os.getpid(), include_root=False)  # what our tasks started dies with us
         os._exit(70)
 
     threading.Thread(target=watch, name="parexec-parent-watch", daemon=True).start()
@@ -307,8 +387,8 @@ def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",
         err: BaseException = ParexecError(f"task {task_id!r}: {prefix}{type(exc).__name__}: {exc}")
         return pickle.dumps((False, pickle.dumps(err), tb_text, (type_name, meta)))
     try:
-        from tblib import pickling_support
         import cloudpickle
+        from tblib import pickling_support
         pickling_support.install(exc)
         blob = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # noqa: BLE001 - the parent rebuilds a RemoteError from the text
@@ -318,8 +398,10 @@ def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",
 
 
 def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, Meta]:
-    """Parent side of ``run_payload``: ``(ok, value or error, traceback text, meta)`` where
-    meta is ``(peak bytes, start, end)`` as measured in the worker (None where unknown)."""
+    """Parent side of ``run_payload``: ``(ok, value or error, traceback text, meta)``.
+
+    ``meta`` is ``(peak bytes, start, end)`` as measured in the worker (None where unknown).
+    """
     unknown: Meta = (None, None, None)
     from ._errors import RemoteError
     try:

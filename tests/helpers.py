@@ -168,3 +168,27 @@ def die_once(counter_path):
             f.write("died")
         os._exit(1)
     return "survived"
+
+
+# Grandchildren (issue 12 item 2) -----------------------------------------------------------
+# Each writes the pid of a `sleep` it started to ``pidfile`` (the path travels as "$0", never
+# pasted into the shell text). Output goes to /dev/null so a survivor cannot hold a test's pipe.
+
+def run_sleep(pidfile, seconds=123):
+    """subprocess.run a `sleep` (exec'd by sh, so the recorded pid is the sleep's)."""
+    subprocess.run(["sh", "-c", f'echo $$ > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep {seconds}',
+                    pidfile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_background_sleep(pidfile, seconds=123):
+    """Start a `sleep` with Popen and return at once, leaving it running."""
+    subprocess.Popen(["sh", "-c", f'echo $$ > "$0.tmp"; mv "$0.tmp" "$0"; exec sleep {seconds}',
+                      pidfile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return "started"
+
+
+def start_detached_sleep(pidfile, seconds=123):
+    """Double-fork a `sleep`: the shell that started it exits, so it is orphaned at once."""
+    subprocess.run(["sh", "-c", f'sleep {seconds} & echo $! > "$0.tmp"; mv "$0.tmp" "$0"',
+                    pidfile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return "detached"

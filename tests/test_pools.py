@@ -6,13 +6,13 @@ import os
 import signal
 import time
 
+import helpers
 import psutil
 import pytest
+from helpers import pid, sleep_pid
 
 import parexec as px
 from parexec import _pools
-import helpers
-from helpers import pid, sleep_pid
 
 
 def run_one(fn, *args, **options):
@@ -164,3 +164,110 @@ def test_workers_die_when_the_parent_is_killed(run_script, tmp_path):
         assert not alive
     finally:
         proc.kill()
+
+
+# Grandchildren never outlive the driver (issue 12 item 2) ----------------------------------
+
+def _alive(pids):
+    """The recorded pids still running (a zombie has finished; a reused pid is not ours)."""
+    alive = []
+    for pid_, created in pids:
+        try:
+            p = psutil.Process(pid_)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def _record(files, timeout=60):
+    """Wait until every pid file is written; return [(pid, create_time)]."""
+    deadline = time.monotonic() + timeout
+    while not all(f.exists() for f in files):
+        assert time.monotonic() < deadline, f"pid files never written: {files}"
+        time.sleep(0.05)
+    out = []
+    for f in files:
+        pid_ = int(f.read_text())
+        try:
+            out.append((pid_, psutil.Process(pid_).create_time()))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _wait_gone(pids, timeout):
+    deadline = time.monotonic() + timeout
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _alive(pids)
+    for p in alive:  # leave nothing behind, then fail
+        p.kill()
+    return alive
+
+
+def _env_with_tests():
+    tests = os.path.dirname(__file__)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.timeout(120)
+def test_grandchildren_die_with_a_sigkilled_driver(tmp_path):
+    """SIGKILL of the driver: sleeps that process tasks started (waited for, in the
+    background, or double-forked) are gone too, not re-parented to init."""
+    import subprocess
+    import sys
+    script = tmp_path / "victim.py"
+    script.write_text(
+        "import sys, parexec as px, helpers\n"
+        "d = sys.argv[1]\n"
+        "with px.Workflow('v', max_workers=3, isolation='process') as wf:\n"
+        "    wf.add(px.task(helpers.run_sleep).options(id='fg'), d + '/fg')\n"
+        "    wf.add(px.task(helpers.start_background_sleep).options(id='bg'), d + '/bg')\n"
+        "    wf.add(px.task(helpers.start_detached_sleep).options(id='dt'), d + '/dt')\n"
+        "px.run(wf, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=_env_with_tests(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        pids = _record([tmp_path / "fg", tmp_path / "bg", tmp_path / "dt"])
+        assert len(pids) == 3 and not [p for p in pids if not _alive([p])]
+        proc.kill()
+        proc.wait(10)
+        assert not _wait_gone(pids, 15), "a task's child outlived the SIGKILLed driver"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        _wait_gone(pids, 0)
+
+
+@pytest.mark.timeout(120)
+def test_background_child_dies_at_normal_interpreter_exit(run_script, tmp_path):
+    """A task's background Popen (and a double-forked one) is gone after a normal exit."""
+    proc = run_script(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import parexec as px, helpers
+        with px.Workflow('v', isolation='process') as wf:
+            bg = px.task(helpers.start_background_sleep).options(id='bg')
+            dt = px.task(helpers.start_detached_sleep).options(id='dt')
+            wf.add(bg, {str(tmp_path / 'bg')!r})
+            wf.add(dt, {str(tmp_path / 'dt')!r})
+        print(px.run(wf, progress=False).status)
+    """)
+    pids = _record([tmp_path / "bg", tmp_path / "dt"], timeout=5)
+    assert proc.returncode == 0 and proc.stdout.strip() == "succeeded", proc.stderr
+    assert not _wait_gone(pids, 15), "a task's background child outlived the interpreter"
+
+
+def test_killing_a_worker_takes_its_detached_grandchildren(tmp_path):
+    """A timeout kill takes the whole tree, double-forked descendants included."""
+    def detach_then_hang(path):
+        helpers.start_detached_sleep(path)
+        time.sleep(120)
+    result = run_one(detach_then_hang, str(tmp_path / "dt"), timeout=5.0)
+    assert result.tasks["t"].status == "timed_out"
+    pids = _record([tmp_path / "dt"], timeout=5)
+    assert not _wait_gone(pids, 10), "a double-forked child outlived its killed worker"
