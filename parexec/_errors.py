@@ -114,8 +114,9 @@ class ResourceError(WorkflowError, ValueError):
             msg = (f"task {task_id!r} uses pool {resource!r}, which the workflow does not "
                    f"declare; add it to Workflow(pools={{{resource!r}: N}}) or fix the name")
         else:
-            msg = (f"task {task_id!r} needs {resource}={_fmt(need)} but the capacity is "
-                   f"{_fmt(capacity)}; lower the task's need or raise the capacity")
+            fmt = format_size if resource == "memory" else _fmt
+            msg = (f"task {task_id!r} needs {resource}={fmt(need)} but the capacity is "
+                   f"{fmt(capacity)}; lower the task's need or raise the capacity")
         super().__init__(msg + (f" ({hint})" if hint else ""))
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -124,6 +125,14 @@ class ResourceError(WorkflowError, ValueError):
 
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def format_size(n: float) -> str:
+    """A byte count in decimal units, as users write them: ``"2 GB"``, ``"512 MB"``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 class PicklingError(WorkflowError, pickle.PicklingError):
@@ -228,8 +237,10 @@ class WorkflowFailed(ExceptionGroup, ParexecError):
                  result: RunResult | None = None) -> None:
         super().__init__(message, exceptions)
 
-    def derive(self, excs: Any) -> ExceptionGroup[Exception]:  # type: ignore[override]  # noqa: D102
-        return ExceptionGroup(self.message, excs)
+    def derive(self, excs: Any) -> WorkflowFailed:  # type: ignore[override]  # noqa: D102
+        # except* and .split() build parts through derive(): they stay WorkflowFailed and
+        # keep the run's result.
+        return WorkflowFailed(self.message, list(excs), self.result)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, list(self.exceptions)))
+        return (type(self), (self.message, list(self.exceptions), self.result))

@@ -152,7 +152,7 @@ def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
                                 "the CPU budget defaults to max_workers")
         if memory_budget is not None and spec.memory is not None and spec.memory > memory_budget:
             raise ResourceError(spec.id, "memory", spec.memory, memory_budget,
-                                "in bytes; memory_budget defaults to 90% of available memory")
+                                "memory_budget defaults to 90% of the memory available at the start")
 
 
 def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers: int,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import Cancelled, WorkflowFailed
+from ._errors import Cancelled, ParexecError, TaskTimeout, WorkflowFailed
 
 if TYPE_CHECKING:
     from ._task import TaskRef
@@ -209,7 +209,20 @@ class RunResult:
 
     def _failure(self, errors: Mapping[str, BaseException] | None = None) -> WorkflowFailed:
         errors = self.errors if errors is None else errors
-        excs: list[Exception] = [e for e in errors.values() if isinstance(e, Exception)]
+        excs: list[Exception] = []
+        for tid, err in errors.items():
+            if isinstance(err, Exception):
+                excs.append(err)
+            else:  # SystemExit, KeyboardInterrupt raised by a task: an ExceptionGroup holds
+                wrapped = ParexecError(  # only Exceptions, so say what it was
+                    f"task {tid!r} raised {type(err).__name__}"
+                    + (f"({', '.join(map(repr, err.args))})" if err.args else "")
+                    + "; a task that calls sys.exit() fails like one that raises")
+                wrapped.__cause__ = err
+                excs.append(wrapped)
+        if self.status == "timed_out":  # so that `except* TimeoutError` catches a run timeout
+            excs.append(TaskTimeout(f"run of {self.workflow!r} was stopped at its timeout "
+                                    f"after {self.stats.makespan:.3g}s"))
         if not excs:
             excs = [Cancelled(f"run of {self.workflow!r} ended with status {self.status!r}")]
         names = ", ".join(list(errors)[:5]) + ("…" if len(errors) > 5 else "")

@@ -32,6 +32,7 @@ at most ``GRACE`` seconds, then warns with the ids of those that ignored the fla
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import itertools
@@ -46,7 +47,7 @@ from typing import Any
 
 from ._errors import Cancelled, MemoryLimitExceeded, PicklingError, TaskOptionError, \
     TaskTimeout, WaitTimeout, WorkerCrashed, WorkflowError
-from ._events import Emitter, Event, ProgressBar, logger, want_progress
+from ._events import DRAIN_TIMEOUT, Emitter, Event, ProgressBar, logger, want_progress
 from ._gates import build_gates, check_resources
 from ._graph import critical_path
 from ._pools import ThreadPool, process_pool
@@ -184,15 +185,18 @@ class _Scheduler:
                  memory_budget: int, timeout: float | None,
                  subscribers: list[tuple[str, Callable[[Event], Any]]],
                  force_cpu_gate: bool, store: Any = None, resume: bool = False,
-                 cluster: Any = None) -> None:
+                 cluster: Any = None, own_store: bool = True) -> None:
         self.wf = wf
+        self.own_store = own_store
         self.name = wf.name
         # Durations recorded by earlier runs stand in for missing estimates.
         graph = wf.graph(store.durations(wf.name) if store is not None else None)
         self.graph = graph
         self.specs = specs = list(wf.tasks.values())
         n = self.n = len(specs)
-        self.dependents = graph.dependents
+        # Map items created at run time are appended to these per-run lists; the compiled
+        # graph is shared by every run of the workflow and never changes.
+        self.dependents = list(graph.dependents)
         self.npending = [len(d) for d in graph.deps]
         self.state = [TaskState.WAITING] * n
         self.runs = [TaskRun(s.id) for s in specs]
@@ -253,7 +257,8 @@ class _Scheduler:
         self.grace_at: float | None = None
         self.grace_ended = False
         self.recheck_pending = False
-        self.emitter = Emitter(subscribers)
+        self.emitter = Emitter(subscribers, wf.name)
+        self.late_warning: str | None = None  # thread tasks that ignored their cancel flag
         self.em = self.emitter.active
         self.debug = logger.isEnabledFor(logging.DEBUG)
         self.clock = time.monotonic
@@ -262,7 +267,11 @@ class _Scheduler:
         self.crash: BaseException | None = None
         self.store = store
         self.fps: list[str | None] = []
-        self.cached: dict[str, Any] = {}
+        self.cached: Any = {}
+        self.retry_errors: dict[int, BaseException] = {}  # last error of tasks awaiting a retry
+        self.done_members: collections.deque[int] = collections.deque()  # see member_done
+        self.deciding = False
+        self.tainted: set[int] = set()  # tasks whose value is, or was built from, a default
         if store is not None:
             from ._store import fingerprints
             self.fps = fingerprints(specs, graph.order, graph.deps)
@@ -533,7 +542,7 @@ class _Scheduler:
             self.nfinal += 1
             tr.status = "succeeded"
             if self.store is not None:
-                self.store.record(self.name, tr, self.fps[i] if i < len(self.fps) else None)
+                self.store.record(self.name, tr, self.fingerprint(i))
             if self.em:
                 self.emit("task:completed", i, attempt.number, tr.duration)
             if self.debug:
@@ -572,6 +581,18 @@ class _Scheduler:
         if self.em:
             self.emit("task:started", i, attempt.number)
 
+    def fingerprint(self, i: int) -> str | None:
+        """The fingerprint to record for task ``i``: None (never served by a resume) when it
+        received a default from an ignored failure upstream, since a later run in which that
+        upstream succeeds must not be served this value."""
+        fp = self.fps[i] if i < len(self.fps) else None
+        tainted = self.tainted
+        if tainted and i < len(self.graph.deps):
+            if i in tainted or any(d in tainted for d in self.graph.deps[i]):
+                tainted.add(i)
+                return None
+        return fp
+
     def release(self, attempt: _Attempt) -> None:
         """Give back the resources ``attempt`` holds, and let parked tasks retry admission."""
         attempt.holding = False
@@ -608,7 +629,7 @@ class _Scheduler:
             tr.error = error
             tr.traceback = tb_text or "".join(traceback.format_exception(error))
         if self.store is not None and state is not TaskState.CACHED and not self.is_group[i]:
-            self.store.record(self.name, tr, self.fps[i] if i < len(self.fps) else None)
+            self.store.record(self.name, tr, self.fingerprint(i))
         if self.em:
             self.emit(kind, i, number, tr.duration, error)
         if self.debug:
@@ -648,6 +669,7 @@ class _Scheduler:
             tr.history.append((attempt.number, tr.started_at or 0.0, tr.finished_at or 0.0,
                                tr.worker, "timed_out" if timed_out else "failed"))
             self.state[i] = TaskState.RETRY_WAIT
+            self.retry_errors[i] = error
             delay = policy.delay(attempt.number)
             self.add_deadline(self.clock() + delay, _RETRY, i)
             if self.em:
@@ -661,6 +683,7 @@ class _Scheduler:
             # A member's failure is its group's to judge; other dependents follow on_error.
             if spec.on_error == "ignore":
                 self.values[i] = spec.default
+                self.tainted.add(i)
                 self.release_dependents(i)
             else:
                 self.skip_downstream(i)
@@ -678,6 +701,7 @@ class _Scheduler:
         else:  # "ignore": dependents run and receive the default
             self.partial = True
             self.values[i] = spec.default
+            self.tainted.add(i)
             self.release_dependents(i)
 
     def skip_downstream(self, i: int, status: TaskState = TaskState.SKIPPED) -> None:
@@ -704,6 +728,7 @@ class _Scheduler:
                 if payload in self.running and not payload.final:
                     self.timed_out(payload)
             elif kind == _RETRY:
+                self.retry_errors.pop(payload, None)
                 if self.state[payload] is TaskState.RETRY_WAIT and not self.stopping:
                     self.state[payload] = TaskState.READY
                     heapq.heappush(self.ready, self.keys[payload])
@@ -745,6 +770,8 @@ class _Scheduler:
     def kill_or_flag(self, attempt: _Attempt) -> bool:
         """Stop a running attempt. A process worker is killed: the attempt is then final and
         its resources are released, and True is returned. A thread gets its cancel flag."""
+        if attempt.worker is not None:  # the record keeps where it ran, whatever happens next
+            self.runs[attempt.index].worker = attempt.worker
         if attempt.pool.kill(attempt):
             attempt.final = True
             self.release(attempt)
@@ -755,20 +782,41 @@ class _Scheduler:
     # Groups and maps ------------------------------------------------------------------
 
     def group_started(self, i: int, now: float) -> None:
-        """A member of groups started: start their clocks (and their parents')."""
-        for g in self.member_of[i] or ():
-            group = self.groups.get(g)
-            if group is None or group.started:
-                continue
-            group.started = True
-            self.runs[g].started_at = self.runs[g].first_started_at = now + self.offset
-            if group.timeout is not None:
-                self.add_deadline(now + group.timeout, _GROUP_TIMEOUT, g)
-            if self.member_of[g] is not None:
-                self.group_started(g, now)
+        """A member of groups started: start their clocks (and their parents', iteratively:
+        groups may nest deeper than the recursion limit)."""
+        stack = [i]
+        while stack:
+            for g in self.member_of[stack.pop()] or ():
+                group = self.groups.get(g)
+                if group is None or group.started:
+                    continue
+                group.started = True
+                self.runs[g].started_at = self.runs[g].first_started_at = now + self.offset
+                if group.timeout is not None:
+                    self.add_deadline(now + group.timeout, _GROUP_TIMEOUT, g)
+                if self.member_of[g] is not None:
+                    stack.append(g)
 
     def member_done(self, i: int) -> None:
-        """Task (or group) ``i`` reached a final state: let its groups decide."""
+        """Task (or group) ``i`` reached a final state: let its groups decide.
+
+        A group that resolves is itself a member of its parents: those decisions are queued
+        and taken in this loop, not by recursion, so nesting depth does not matter.
+        """
+        if self.stopping:
+            return
+        self.done_members.append(i)
+        if self.deciding:
+            return
+        self.deciding = True
+        try:
+            while self.done_members:
+                self.decide_groups(self.done_members.popleft())
+        finally:
+            self.deciding = False
+
+    def decide_groups(self, i: int) -> None:
+        """Apply ``i``'s final state to each unresolved group it belongs to."""
         if self.stopping:
             return
         for g in self.member_of[i] or ():
@@ -845,17 +893,24 @@ class _Scheduler:
         else:
             self.partial = True
             self.values[g] = spec.default
+            self.tainted.add(g)
             self.release_dependents(g)
 
     def cancel_members(self, g: int) -> None:
-        """Cancel the unfinished members of a resolved group, unless something else still
-        needs them (another task waiting on them, or another unresolved group)."""
+        """Cancel the unfinished members of a resolved group (nested groups' members too,
+        iteratively), unless something else still needs them (another task waiting on them,
+        or another unresolved group)."""
+        stack = [g]
+        while stack:
+            self.cancel_members_of(stack.pop(), stack)
+
+    def cancel_members_of(self, g: int, stack: list[int]) -> None:
         for m in self.groups[g].members:
             if self.state[m] >= _FINAL or self.needed_elsewhere(m, g):
                 continue
             if m in self.groups:
                 self.groups[m].resolved = True
-                self.cancel_members(m)
+                stack.append(m)  # its own members are cancelled next
                 self.runs[m].finished_at = self.clock() + self.offset
                 self.finalize(m, TaskState.CANCELLED, "task:cancelled")
             elif self.state[m] is _RUNNING:
@@ -977,8 +1032,16 @@ class _Scheduler:
         state = self.state
         for i in range(self.n):
             s = state[i]
-            if s < TaskState.RUNNING or s is TaskState.RETRY_WAIT:
+            if s < TaskState.RUNNING:
                 self.finalize(i, TaskState.CANCELLED, "task:cancelled")
+            elif s is TaskState.RETRY_WAIT:  # keep why it was going to be retried
+                last = self.retry_errors.pop(i, None)
+                error = Cancelled(
+                    f"task {self.specs[i].id!r} was cancelled while waiting to retry after "
+                    f"attempt {self.runs[i].attempts} failed"
+                    + (f" ({type(last).__name__}: {last})" if last is not None else ""))
+                error.__cause__ = last
+                self.finalize(i, TaskState.CANCELLED, "task:cancelled", error)
         self.ready.clear()
         for g in self.gates:
             g.parked.clear()
@@ -1005,11 +1068,12 @@ class _Scheduler:
                           number=attempt.number)
         if self.zombies:
             ids = ", ".join(sorted({a.task_id for a in self.zombies}))
-            msg = (f"run of {self.name!r}: thread task(s) {ids} still running {GRACE:g}s after "
-                   "being asked to stop; they ignored px.current().cancelled(). Their threads "
-                   "go on in the background (they will not block interpreter exit).")
-            logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=1)
+            # Warned once, by Run.wait() in the caller's thread, pointing at the caller's code.
+            self.late_warning = (
+                f"run of {self.name!r}: thread task(s) {ids} still running {GRACE:g}s after "
+                "being asked to stop; they ignored px.current().cancelled(). Their threads go "
+                "on in the background (they will not block interpreter exit).")
+            logger.debug(self.late_warning)
 
     # The end --------------------------------------------------------------------------
 
@@ -1019,7 +1083,10 @@ class _Scheduler:
         if self.cluster is not None:
             self.cluster.shutdown()
         if self.store is not None:
-            self.store.close()  # commits every queued record
+            if self.own_store:
+                self.store.close()  # commits every queued record
+            elif hasattr(self.store, "flush"):
+                self.store.flush()
         monitor = getattr(self, "monitor", None)
         cpu = monitor.stop() if monitor is not None else None
         end = self.clock()
@@ -1048,6 +1115,7 @@ class _Scheduler:
         if self.emitter.wants(kind):
             self.emitter.emit(Event(kind, self.name, None, end + self.offset, 0, stats.makespan,
                                     None))
+        self.emitter.close()
         logger.info("run of %r %s in %.3fs", self.name, status, stats.makespan)
 
     def stats(self, end: float) -> RunStats:
@@ -1093,6 +1161,8 @@ class Run:
     def __init__(self, scheduler: _Scheduler, check: bool) -> None:
         self._scheduler = scheduler
         self._check = check
+        self._on_done: Callable[[Run], Any] | None = None
+        self._waited = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"parexec-run-{scheduler.name}",
                                         daemon=True)
@@ -1102,6 +1172,8 @@ class Run:
         try:
             self._scheduler.main()
         finally:
+            if self._on_done is not None:
+                self._on_done(self)
             self._done.set()
 
     @property
@@ -1144,12 +1216,37 @@ class Run:
         if not self._done.wait(timeout):
             raise WaitTimeout(f"run of {self.workflow!r} still going after {timeout}s")
         s = self._scheduler
+        if not self._waited:
+            self._waited = True
+            self._report(s)
         if s.crash is not None:
             raise s.crash
         assert s.result is not None
         if self._check and s.result.status in ("failed", "timed_out"):
             raise s.result._failure()
         return s.result
+
+    def _report(self, s: _Scheduler) -> None:
+        """What the caller must hear once the run ended: events still being delivered,
+        thread tasks that ignored their cancel flag, records the store could not write."""
+        level = _user_stacklevel()
+        if not s.emitter.drain():
+            warnings.warn(f"run of {self.workflow!r} finished, but event callback "
+                          f"{s.emitter.current!r} is still running {DRAIN_TIMEOUT:g}s later; "
+                          "later events will be delivered in the background", RuntimeWarning,
+                          stacklevel=level)
+        if s.late_warning:
+            warnings.warn(s.late_warning, RuntimeWarning, stacklevel=level)
+        store = s.store
+        lost = getattr(store, "lost", 0) if store is not None else 0
+        if lost and s.crash is None:
+            from ._errors import StoreError
+            msg = (f"store {store.path!r}: {lost} record(s) of run {self.workflow!r} could not "
+                   f"be written ({store.write_error}); a resume will run those tasks again")
+            warnings.warn(msg, RuntimeWarning, stacklevel=level)
+            if getattr(store, "on_write_error", "raise") == "raise":
+                s.crash = StoreError(msg + ". Pass store=px.Store(path, on_write_error='warn') "
+                                     "to accept lost records")
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
@@ -1167,6 +1264,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     """
     if not isinstance(wf, Workflow):
         raise TaskOptionError(f"px.run/px.start need a px.Workflow, got {type(wf).__name__}")
+    if not isinstance(parallel, bool):
+        raise TaskOptionError(f"run: parallel={parallel!r} must be True or False")
     max_workers = check_max_workers(max_workers, "run") or wf.max_workers or _cpu_count()
     if not parallel:
         max_workers = 1
@@ -1182,15 +1281,21 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
         raise TaskOptionError("resume=True needs store='path.db' (the store to resume from)")
     graph = wf.graph()
     specs = list(wf.tasks.values())
-    if mem_budget is None and any(s.memory for s in specs):
+    if not specs:
+        warnings.warn(f"workflow {wf.name!r} has no tasks, so the run does nothing. Templates "
+                      "add tasks only when called inside `with px.Workflow(...) as wf:` (or "
+                      "through wf.add); called elsewhere they run at once", UserWarning,
+                      stacklevel=_user_stacklevel())
+    if mem_budget is None:
         import psutil
         mem_budget = int(psutil.virtual_memory().available * 0.9)
     check_resources(wf, graph, cpu_budget=cpus, memory_budget=mem_budget, specs=specs)
     if cluster is None:
         for s in specs:
-            if (s.isolation or wf.isolation) == "cluster" and s.group is None:
+            if _isolation_of(wf, s) == "cluster":
+                what = "task" if s.group is None else "map"
                 raise WorkflowError(
-                    f"task {s.id!r} has isolation='cluster' but no cluster was given: pass "
+                    f"{what} {s.id!r} has isolation='cluster' but no cluster was given: pass "
                     "cluster=distributed.Client(...) or a scheduler address to px.run")
     _check_picklable(wf, specs)
     opened = None
@@ -1207,8 +1312,11 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     scheduler = _Scheduler(wf, max_workers=max_workers, cpu_budget=cpus,
                            memory_budget=mem_budget or 0, timeout=timeout,
                            subscribers=subscribers, force_cpu_gate=explicit_cpu is not None,
-                           store=opened, resume=resume, cluster=cluster)
-    return Run(scheduler, check)
+                           store=opened, resume=resume, cluster=cluster,
+                           own_store=opened is not store)
+    handle = Run(scheduler, check)
+    _link_to_enclosing_task(handle)
+    return handle
 
 
 def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
@@ -1250,14 +1358,56 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
     try:
         return handle.wait()
     except KeyboardInterrupt:
+        # Cancel and wait for the cleanup (process workers are killed at once; thread tasks
+        # get at most the grace period). A second Ctrl-C stops waiting: the cleanup goes on
+        # in the background and no worker outlives the interpreter anyway.
         handle.cancel()
-        while True:
-            try:
-                handle._done.wait()
-                break
-            except KeyboardInterrupt:
-                continue  # cleanup is bounded by the grace period; finish it
+        handle._done.wait()
         raise
+
+
+def _isolation_of(wf: Workflow, spec: TaskSpec) -> str:
+    """Where a spec's work runs; for a map over a task's result, where its items run."""
+    info = spec.group
+    if info is not None:
+        if info.dynamic is None:
+            return "group"
+        return info.dynamic[1].get("isolation") or wf.isolation  # type: ignore[no-any-return]
+    return spec.isolation or wf.isolation
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that points at the first frame outside parexec."""
+    import sys
+    frame, level = sys._getframe(1), 1
+    package = __name__.rpartition(".")[0]
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(package + "."):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
+def _link_to_enclosing_task(handle: Run) -> None:
+    """A run started inside a thread task stops when that task is asked to stop."""
+    from ._worker import _local
+    attempt = getattr(_local, "attempt", None)
+    if attempt is None or not hasattr(attempt, "request_cancel"):
+        return
+    previous = attempt.on_cancel
+
+    def cancel_inner() -> None:
+        if previous is not None:
+            previous()
+        handle.cancel()
+
+    attempt.on_cancel = cancel_inner
+    if attempt.cancel_requested:
+        handle.cancel()
+
+    def unlink(_: Any) -> None:
+        if attempt.on_cancel is cancel_inner:
+            attempt.on_cancel = previous
+
+    handle._on_done = unlink
 
 
 def _cpu_count() -> int:
@@ -1266,19 +1416,49 @@ def _cpu_count() -> int:
 
 
 def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
-    """Pickle each distinct function of a process task once, before anything runs."""
+    """Pickle what process tasks will send, before anything runs: each distinct function once,
+    and the literal arguments (refs stand in for upstream values).
+
+    The pickler writes nowhere and takes large buffers out of band, so checking a task that
+    receives a big array costs no copy of it.
+    """
+    import cloudpickle
+
+    class _Checker(cloudpickle.CloudPickler):  # type: ignore[misc]
+        def persistent_id(self, obj: Any) -> Any:
+            from ._task import TaskRef
+            return obj.index if isinstance(obj, TaskRef) else None
+
+    class _Nowhere:
+        def write(self, data: Any) -> int:
+            return len(data)
+
+    def check(what: Any) -> None:
+        _Checker(_Nowhere(), protocol=5, buffer_callback=lambda _: False).dump(what)
+
     seen: set[int] = set()
     for s in specs:
-        if (s.isolation or wf.isolation) != "process" or id(s.fn) in seen:
+        if _isolation_of(wf, s) != "process":
             continue
-        seen.add(id(s.fn))
-        import cloudpickle
-        try:
-            cloudpickle.dumps(s.fn)
-        except Exception as exc:  # noqa: BLE001
-            raise PicklingError(
-                f"task {s.id!r} runs in a process, but its function cannot be pickled "
-                f"({type(exc).__name__}: {exc}); define it at module level or in a notebook "
-                "cell without references to locks, files or sockets, or use "
-                "isolation='thread'") from exc
-
+        fn, args, kwargs = s.fn, s.args, s.kwargs
+        if s.group is not None:  # a map over a task's result: its function and fixed kwargs
+            fn, args, kwargs = s.group.dynamic[0], (), s.group.dynamic[2]
+        if id(fn) not in seen:
+            seen.add(id(fn))
+            try:
+                check(fn)
+            except Exception as exc:  # noqa: BLE001
+                raise PicklingError(
+                    f"task {s.id!r} runs in a process, but its function cannot be pickled "
+                    f"({type(exc).__name__}: {exc}); define it at module level or in a "
+                    "notebook cell without references to locks, files or sockets, or use "
+                    "isolation='thread'") from exc
+        if args or kwargs:
+            try:
+                check((args, kwargs))
+            except Exception as exc:  # noqa: BLE001
+                raise PicklingError(
+                    f"task {s.id!r} runs in a process, but its arguments cannot be pickled "
+                    f"({type(exc).__name__}: {exc}); pass picklable data (not locks, open "
+                    "files, sockets or generators), create the object inside the task, or use "
+                    "isolation='thread'") from exc

@@ -367,3 +367,248 @@ def test_layered_graph_of_100000_tiny_thread_tasks():
     last = result.tasks[prev[-1].id]
     first = result.tasks[wf.graph().ids[0]]
     assert last.started_at >= first.finished_at
+
+
+# Trust under faults and hostile input (issues 12, 13 and 21) ---------------------------------
+
+def test_runs_never_change_the_workflows_compiled_graph():
+    """A map expanded at run time lives in the run's own arrays: the compiled graph is the
+    same after three runs, and two runs at once each get the right values."""
+    with px.Workflow("w") as wf:
+        src = px.task(lambda: [1, 2, 3], id="src")()
+        squares = px.task(lambda x: x * x, id="sq").map(src)
+        total = px.task(sum, id="total")(squares)
+    graph = wf.graph()
+    before = [list(d) for d in graph.dependents]
+    for _ in range(3):
+        assert px.run(wf, progress=False)[total] == 14
+    assert wf.graph() is graph and [list(d) for d in graph.dependents] == before
+    runs = [px.start(wf, progress=False) for _ in range(2)]
+    assert [r.wait()[total] for r in runs] == [14, 14]
+
+
+def test_unpicklable_literal_argument_fails_before_anything_runs(tmp_path):
+    """API section 7: a process task's literal argument that cannot be pickled is a
+    PicklingError from run(), and no task ran."""
+    marker = tmp_path / "ran"
+    with px.Workflow("w") as wf:
+        up = px.task(lambda: marker.write_text("x"), id="up")()
+        px.task(lambda a, lock: a, id="down", isolation="process")(up, threading.Lock())
+    with pytest.raises(px.PicklingError, match="'down'.*arguments cannot be pickled"):
+        px.run(wf, progress=False)
+    assert not marker.exists()
+
+
+def test_cluster_map_without_a_cluster_is_an_error_before_anything_runs(tmp_path):
+    """A map over a task's result whose items are cluster tasks needs cluster=, checked
+    before the source task runs."""
+    marker = tmp_path / "ran"
+    with px.Workflow("w") as wf:
+        src = px.task(lambda: marker.write_text("x") and [1, 2], id="src")()
+        px.task(noop, isolation="cluster").map(src, id="items")
+    with pytest.raises(px.WorkflowError, match="map 'items' has isolation='cluster'"):
+        px.run(wf, progress=False)
+    assert not marker.exists()
+
+
+def test_bad_run_settings_and_empty_workflows():
+    """parallel= must be a bool; an empty workflow warns, pointing at the caller's line."""
+    with px.Workflow("w") as wf:
+        px.task(noop)()
+    with pytest.raises(px.TaskOptionError, match="parallel='no' must be True or False"):
+        px.run(wf, parallel="no", progress=False)
+    with pytest.warns(UserWarning, match="has no tasks") as record:
+        px.run(px.Workflow("empty"), progress=False)
+    assert record[0].filename == __file__
+
+
+def sys_exit_3():
+    sys.exit(3)
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_sys_exit_in_a_task_is_reported_as_such(isolation):
+    """A task calling sys.exit(3) fails; WorkflowFailed says SystemExit(3), not 'cancelled'."""
+    with px.Workflow("w") as wf:
+        wf.add(px.task(sys_exit_3).options(id="quit", isolation=isolation))
+    with pytest.raises(px.WorkflowFailed) as info:
+        px.run(wf, progress=False)
+    (inner,) = info.value.exceptions
+    assert "task 'quit' raised SystemExit(3)" in str(inner)
+    assert isinstance(inner.__cause__, SystemExit) and inner.__cause__.code == 3
+
+
+def test_a_run_timeout_is_a_timeout_error_and_workflow_failed_pickles_with_its_result():
+    """except* TimeoutError catches a run-level timeout; a pickled WorkflowFailed keeps
+    .result."""
+    import pickle
+    with px.Workflow("w") as wf:
+        done = px.task(lambda: 7, id="done")()
+        wf.add(px.task(sleep_then).options(id="slow", isolation="process"), 30)
+    caught = []
+    try:
+        px.run(wf, timeout=1.0, progress=False)
+    except* TimeoutError as group:
+        caught.append(group)
+    assert caught
+    failed = caught[0]
+    assert failed.result.status == "timed_out"
+    again = pickle.loads(pickle.dumps(failed))
+    assert again.result.status == "timed_out" and again.result[done] == 7
+
+
+@pytest.mark.timeout(60)
+def test_cancel_during_a_retry_backoff_keeps_the_last_error(tmp_path):
+    """A task cancelled while it waits to retry says why it was going to be retried."""
+    with px.Workflow("w") as wf:
+        wf.add(px.task(flaky).options(id="flaky", retry=px.Retry(3, initial_delay=30)),
+               str(tmp_path / "count"), 5)
+    retrying = threading.Event()
+    run = px.start(wf, progress=False, on_event=lambda e: e.kind == "task:retrying"
+                   and retrying.set(), check=False)
+    assert retrying.wait(30)
+    run.cancel()
+    tr = run.wait(30).tasks["flaky"]
+    assert tr.status == "cancelled"
+    assert isinstance(tr.error, px.Cancelled) and "waiting to retry" in str(tr.error)
+    assert isinstance(tr.error.__cause__, OSError)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_inside_a_thread_task_is_cancelled_with_it():
+    """A nested run started by a thread task stops when that task is cancelled."""
+    inner_started = threading.Event()
+
+    def outer():
+        with px.Workflow("inner") as inner:
+            px.task(cooperative, id="loop")(inner_started, 60)
+        return px.run(inner, progress=False, check=False).status
+
+    with px.Workflow("outer") as wf:
+        o = px.task(outer, id="outer")()
+    run = px.start(wf, progress=False, check=False)
+    assert inner_started.wait(30)
+    t0 = time.monotonic()
+    run.cancel()
+    result = run.wait(30)
+    assert time.monotonic() - t0 < 20  # not the grace period of a task ignoring its flag
+    # The outer task returned the status of its inner run, which its cancellation stopped.
+    assert result.status == "cancelled" and result.tasks[o.id].value == "cancelled"
+
+
+def test_resume_after_an_ignored_failure_reruns_what_received_the_default(tmp_path):
+    """A task that received a default from an ignored failure is never served by a resume:
+    once the upstream succeeds, the downstream sees the real value."""
+    db, flag = str(tmp_path / "s.db"), tmp_path / "ok"
+
+    def fetch():
+        if not flag.exists():
+            raise OSError("network down")
+        return [1, 2, 3]
+
+    def report(data):
+        return "no data" if data is None else f"{len(data)} rows"
+
+    with px.Workflow("w") as wf:
+        data = px.task(fetch, id="fetch", on_error="ignore")()
+        rep = px.task(report, id="report")(data)
+    assert px.run(wf, store=db, progress=False)[rep] == "no data"
+    flag.write_text("up")
+    again = px.run(wf, store=db, resume=True, progress=False)
+    assert again[rep] == "3 rows" and again.tasks["report"].status == "succeeded"
+
+
+@pytest.mark.timeout(60)
+def test_tasks_stopped_while_running_keep_their_worker():
+    """Timed-out and cancelled tasks name the worker they ran on (Gantt rows, traces)."""
+    with px.Workflow("w") as wf:
+        wf.add(px.task(sleep_pid).options(id="p", isolation="process", timeout=0.5,
+                                          on_error="ignore"), 30)
+        wf.add(px.task(cooperative).options(id="t", timeout=0.5, on_error="ignore"),
+               threading.Event(), 30)
+    result = px.run(wf, progress=False)
+    assert result.tasks["p"].status == result.tasks["t"].status == "timed_out"
+    assert isinstance(result.tasks["p"].worker, int)
+    assert isinstance(result.tasks["t"].worker, str)
+
+
+@pytest.mark.timeout(60)
+def test_a_blocking_event_callback_does_not_hold_up_the_run():
+    """Callbacks run off the scheduler thread: a callback that blocks cannot stop the run's
+    timeout from firing, and run() returns with a warning after the drain period."""
+    release = threading.Event()
+
+    def stuck(event):
+        if event.kind == "task:started":
+            release.wait(20)
+
+    with px.Workflow("w") as wf:
+        wf.add(px.task(sleep_then).options(id="slow", isolation="process"), 30)
+    t0 = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="event callback .* is still running"):
+        result = px.run(wf, timeout=1.0, on_event=stuck, progress=False, check=False)
+    took = time.monotonic() - t0
+    release.set()
+    assert result.status == "timed_out"
+    assert result.tasks["slow"].finished_at - result.started_at < 10
+    assert took < 15
+
+
+def test_prefetched_tasks_are_started_only_when_a_thread_takes_them():
+    """task:started follows the real start: never more running tasks than worker threads."""
+    running, peak, lock = set(), [0], threading.Lock()
+
+    def watch(event):
+        with lock:
+            if event.kind == "task:started":
+                running.add(event.task_id)
+                peak[0] = max(peak[0], len(running))
+            elif event.kind in ("task:completed", "task:failed"):
+                running.discard(event.task_id)
+
+    with px.Workflow("w") as wf:
+        for k in range(3000):
+            wf.add(px.task(noop).options(id=f"n{k}"))
+    px.run(wf, max_workers=2, on_event=watch, progress=False)
+    assert 1 <= peak[0] <= 2
+
+
+def test_ignored_cancel_warning_is_given_once_at_the_callers_line():
+    """A thread task that ignores its flag is reported by one RuntimeWarning that points at
+    the caller's code, not at parexec's."""
+    release = threading.Event()
+    started = threading.Event()
+    with px.Workflow("w") as wf:
+        px.task(ignore_cancel, id="stubborn")(release, started)
+    run = px.start(wf, progress=False, check=False)
+    assert started.wait(30)
+    run.cancel()
+    try:
+        with pytest.warns(RuntimeWarning, match="stubborn still running") as record:
+            run.wait(60)
+    finally:
+        release.set()
+    assert len(record) == 1 and record[0].filename == __file__
+
+
+def test_groups_and_arguments_nested_beyond_the_recursion_limit():
+    """Groups nested 1,500 deep and arguments nested 3,000 deep run (no RecursionError)."""
+    with px.Workflow("deep") as wf:
+        a = px.task(lambda: 1, id="a")()
+        g = a
+        for k in range(1500):
+            g = px.group([g], id=f"g{k}")
+        b = px.task(lambda v: v, id="b")(g)
+        arg = a
+        for _ in range(3000):
+            arg = [arg]
+        c = px.task(lambda v: v, id="c")(arg)
+    result = px.run(wf, progress=False)
+    value = result[c]
+    for _ in range(3000):
+        value = value[0]
+    assert value == 1
+    group_value = result[b]
+    for k in reversed(range(1499)):
+        group_value = group_value[f"g{k}"]
+    assert group_value == {"a": 1}
