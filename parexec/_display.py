@@ -13,7 +13,7 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from ._results import _bytes as _mem
-from ._results import _secs
+from ._results import _secs, worker_label
 
 if TYPE_CHECKING:
     from ._results import RunResult
@@ -36,7 +36,8 @@ def result_html(result: RunResult, max_rows: int = 200) -> str:
             f"({counts}) in {_secs(s.makespan)}; task time {_secs(s.total_task_time)}, "
             f"speedup {s.speedup:.2f}, max concurrency {s.max_concurrency}"
             + (f", peak memory {_mem(s.peak_memory)}" if s.peak_memory else "") + "</div>")
-    cols = ("task", "status", "attempts", "duration", "wait", "worker", "peak memory", "error")
+    cols = ("task", "status", "attempts", "duration", "total", "wait", "worker", "peak memory",
+            "error")
     rows = []
     for n, tr in enumerate(result.tasks.values()):
         if n == max_rows:
@@ -46,8 +47,8 @@ def result_html(result: RunResult, max_rows: int = 200) -> str:
         color = COLORS.get(tr.status, "#000")
         err = "" if tr.error is None else f"{type(tr.error).__name__}: {tr.error}"
         cells = (e(tr.id), f"<span style='color:{color}'><b>{e(tr.status)}</b></span>",
-                 str(tr.attempts), _secs(tr.duration), _secs(tr.wait_time),
-                 e("" if tr.worker is None else str(tr.worker)), _mem(tr.peak_memory),
+                 str(tr.attempts), _secs(tr.duration), _secs(tr.elapsed), _secs(tr.wait_time),
+                 e(worker_label(tr.worker)), _mem(tr.peak_memory),
                  e(err[:200]))
         rows.append("<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells)
                     + "</tr>")
@@ -96,11 +97,12 @@ def result_plot(result: RunResult, ax: Any = None) -> Any:
     t0 = result.started_at
     for tid, tr in result.tasks.items():
         for _, start, end, worker, outcome in tr.history or ():
-            bars.append((str(worker), start - t0, end - t0, outcome, tid))
+            bars.append((worker_label(worker) or "driver", start - t0, end - t0, outcome, tid))
         if tr.started_at is not None and tr.finished_at is not None and tr.attempts:
-            bars.append((str(tr.worker), tr.started_at - t0, tr.finished_at - t0, tr.status,
+            bars.append((worker_label(tr.worker) or "driver", tr.started_at - t0,
+                         tr.finished_at - t0, tr.status,
                          tid))
-    workers = sorted({b[0] for b in bars}, key=lambda w: (w.isdigit(), w))
+    workers = sorted({b[0] for b in bars}, key=lambda w: (w.startswith("process"), w))
     row = {w: k for k, w in enumerate(workers)}
     if ax is None:
         fig = Figure(figsize=(10, 1.2 + 0.45 * max(1, len(workers))), layout="constrained")
@@ -119,7 +121,7 @@ def result_plot(result: RunResult, ax: Any = None) -> Any:
             ax.text(start + (end - start) / 2, y, tid, ha="center", va="center", fontsize=8,
                     color="white", clip_on=True)
     ax.set_yticks(range(len(workers)),
-                  [f"pid {w}" if w.isdigit() else w for w in workers])
+                  workers)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the start of the run")
     ax.set_title(f"{result.workflow}: {result.status} in {result.stats.makespan:.2f}s "

@@ -17,7 +17,8 @@ from ._errors import Cancelled, ParexecError, TaskTimeout, WorkflowFailed
 if TYPE_CHECKING:
     from ._task import TaskRef
 
-__all__ = ["RunResult", "RunStats", "TaskRun", "TaskStatus", "RunStatus"]
+__all__ = ["RunResult", "RunStats", "RunStatus", "TaskRun", "TaskStatus", "printable",
+           "worker_label"]
 
 TaskStatus = Literal["pending", "succeeded", "failed", "skipped", "cancelled", "timed_out",
                      "cached"]
@@ -39,9 +40,16 @@ class TaskRun:
         started_at: When the last attempt started, or None.
         finished_at: When the task reached its final status, or None.
         worker: Pid of the process (process tasks) or name of the thread (thread tasks)
-            that ran the last attempt.
-        peak_memory: Highest memory measured while it ran, in bytes, when measured.
+            that ran the last attempt (also when it was stopped); summaries show it as
+            ``process 20596`` or ``thread 2``.
+        peak_memory: Highest memory measured while it ran, in bytes, when measured: for a
+            process task its worker's resident memory (children included, interpreter too);
+            for a thread task the driver process's, which its neighbours share.
         first_started_at: When the first attempt started, or None.
+        history: The attempts before the last one, oldest first, as ``(number, started_at,
+            finished_at, worker, outcome)`` tuples (``outcome`` is ``"failed"`` or
+            ``"timed_out"``); None when the task ran once. ``duration`` covers only the last
+            attempt; ``elapsed`` covers them all.
     """
 
     __slots__ = ("id", "status", "value", "error", "traceback", "attempts", "queued_at",
@@ -73,6 +81,14 @@ class TaskRun:
         return self.finished_at - self.started_at
 
     @property
+    def elapsed(self) -> float | None:
+        """Seconds from the first attempt's start to the final end: every attempt and every
+        wait between retries (None if it never started)."""
+        if self.first_started_at is None or self.finished_at is None:
+            return self.duration
+        return self.finished_at - self.first_started_at
+
+    @property
     def wait_time(self) -> float | None:
         """Seconds between being ready (queued) and the first start."""
         if self.queued_at is None or self.first_started_at is None:
@@ -101,8 +117,11 @@ class RunStats:
         max_concurrency: Most attempts running at once.
         mean_concurrency: Time-averaged number of attempts running.
         pool_utilization: Per named pool, time-weighted units in use / capacity (0..1).
-        peak_memory: Highest memory measured during the run, in bytes, when measured.
-        critical_path: Ids along the longest path, weighted by actual durations.
+        peak_memory: Highest single resident-memory reading of the run, in bytes, when
+            measured: the driver process or one process task's worker (children included),
+            whichever was higher at its sample. It is not a sum over workers running at once.
+        critical_path: Ids along the longest path, weighted by each task's ``elapsed`` time
+            (every attempt, retries included).
         scheduler_overhead: CPU seconds the scheduler thread used.
         cpu_utilization: System CPU use during the run, in percent of all cores, if measured.
     """
@@ -230,15 +249,20 @@ class RunResult:
         return WorkflowFailed(f"workflow {self.workflow!r} {self.status}{what}", excs, self)
 
     def summary(self) -> str:
-        """An aligned text table: one row per task, then the run's figures."""
-        head = ("task", "status", "attempts", "duration", "wait", "worker", "peak mem")
+        """An aligned text table: one row per task, then the run's figures.
+
+        ``duration`` is the last attempt's; ``total`` runs from the first attempt's start to
+        the final end (every attempt and retry wait); ``wait`` is the time from ready to the
+        first start. Ids are printed with control characters escaped.
+        """
+        head = ("task", "status", "attempts", "duration", "total", "wait", "worker", "peak mem")
         rows = [head]
         for tr in self.tasks.values():
-            rows.append((tr.id, tr.status, str(tr.attempts), _secs(tr.duration),
-                         _secs(tr.wait_time), "" if tr.worker is None else str(tr.worker),
+            rows.append((printable(tr.id), tr.status, str(tr.attempts), _secs(tr.duration),
+                         _secs(tr.elapsed), _secs(tr.wait_time), worker_label(tr.worker),
                          _bytes(tr.peak_memory)))
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
-        right = {2, 3, 4, 6}
+        right = {2, 3, 4, 5, 7}
         lines = []
         for n, row in enumerate(rows):
             cells = [c.rjust(w) if k in right else c.ljust(w)
@@ -249,7 +273,7 @@ class RunResult:
         s = self.stats
         counts = ", ".join(f"{v} {k}" for k, v in self.counts().items())
         lines.append("")
-        lines.append(f"{self.workflow}: {self.status} ({counts}) in {s.makespan:.3f}s; "
+        lines.append(f"{printable(self.workflow)}: {self.status} ({counts}) in {s.makespan:.3f}s; "
                      f"task time {s.total_task_time:.3f}s, speedup {s.speedup:.2f}, "
                      f"max concurrency {s.max_concurrency}")
         return "\n".join(lines)
@@ -265,7 +289,7 @@ class RunResult:
         t0 = self.started_at
 
         def row(worker: Any) -> int:
-            key = "driver" if worker is None else str(worker)
+            key = worker_label(worker) or "driver"
             if key not in rows:
                 rows[key] = len(rows) + 1
             return rows[key]
@@ -288,9 +312,8 @@ class RunResult:
         meta = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0,
                  "args": {"name": f"parexec: {self.workflow} ({self.status})"}}]
         for name, number in rows.items():
-            label = f"process {name}" if name.isdigit() else name
             meta.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": number,
-                         "args": {"name": label}})
+                         "args": {"name": name}})
         with open(path, "w") as f:
             json.dump({"traceEvents": meta + events, "displayTimeUnit": "ms",
                        "otherData": {"workflow": self.workflow, "status": self.status,
@@ -319,6 +342,27 @@ class RunResult:
     def __repr__(self) -> str:
         return (f"<RunResult {self.workflow!r} {self.status} tasks={len(self.tasks)} "
                 f"makespan={self.stats.makespan:.3f}s>")
+
+
+def worker_label(worker: int | str | None) -> str:
+    """How summaries, tables and charts name a worker: ``process 20596``, ``thread 2``, or
+    a cluster worker's address."""
+    if worker is None:
+        return ""
+    if isinstance(worker, int) or (isinstance(worker, str) and worker.isdigit()):
+        return f"process {worker}"
+    head, sep, number = worker.rpartition("-")
+    if sep and number.isdigit() and head.startswith("parexec"):
+        return f"thread {number}"
+    return printable(worker)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that an id or an error message printed
+    in a table or a terminal cannot forge rows or move the cursor."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _secs(x: float | None) -> str:

@@ -1134,7 +1134,7 @@ class _Scheduler:
         for _, d in points:
             cur += d
             peak = max(peak, cur)
-        durations = [tr.duration or 0.0 for tr in self.runs]
+        durations = [tr.elapsed or 0.0 for tr in self.runs]  # every attempt counts
         pools = {g.name[5:]: g.utilization() for g in self.gates if g.name.startswith("pool:")}
         for pool in self.wf.pools:
             pools.setdefault(pool, 0.0)

@@ -75,3 +75,26 @@ def test_progress_option_is_validated():
     """progress= accepts only True, False or 'auto'."""
     with pytest.raises(px.TaskOptionError, match="progress="):
         px.run(px.Workflow("w"), progress="sometimes")
+
+
+def test_progress_on_a_non_terminal_writes_whole_lines(monkeypatch):
+    """When stderr is a file, the bar writes whole lines, so log lines never glue onto it."""
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    log = logging.getLogger("parexec")
+    handler = logging.StreamHandler(err)
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        with px.Workflow("w") as wf:
+            wf.add(px.task(boom).options(id="bad", on_error="ignore"))
+            wf.add(px.task(noop).options(id="fine"))
+        px.run(wf, progress=True)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    lines = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue()
+    assert any(line.startswith("task 'bad' failed") for line in lines), lines
+    assert any(line.startswith("w: 100%|") for line in lines), lines

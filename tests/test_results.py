@@ -76,3 +76,46 @@ def test_last_result_is_the_latest_run():
     """px.last_result() returns the most recent finished run."""
     result, _, _ = make_result()
     assert px.last_result() is result
+
+
+def flaky_by_attempt(seconds):
+    """Overrun the timeout on the first attempt, return at once on the next."""
+    import time
+    if px.current().attempt == 1:
+        time.sleep(seconds)
+    return "ok"
+
+
+@pytest.mark.timeout(60)
+def test_timed_out_attempts_count_in_total_and_critical_path():
+    """A task whose first attempt timed out: 'total' and the critical path include that
+    attempt, while 'duration' is the last attempt's."""
+    with px.Workflow("w") as wf:
+        slow = wf.add(px.task(flaky_by_attempt).options(
+            id="slow", isolation="process", timeout=1.5, retry=px.Retry(1, initial_delay=0)), 30)
+        for k in range(3):
+            wf.add(px.task(sleep_then).options(id=f"quick{k}"), 0.2)
+        wf.add(px.task(noop).options(id="after"), slow)
+    result = px.run(wf, progress=False)
+    tr = result.tasks["slow"]
+    assert tr.attempts == 2 and len(tr.history) == 1 and tr.history[0][4] == "timed_out"
+    assert tr.duration < 1.0 <= 1.5 <= tr.elapsed
+    assert result.stats.critical_path == ["slow", "after"]
+    header, _, *rows = result.summary().splitlines()
+    assert "total" in header.split()
+    row = next(r for r in rows if r.startswith("slow "))
+    assert f"{tr.elapsed:.2f}s" in row
+
+
+def test_worker_column_reads_as_thread_or_process():
+    """Workers are shown as `thread N` or `process PID`, in the summary and the HTML."""
+    import os
+    with px.Workflow("w") as wf:
+        wf.add(px.task(noop).options(id="t"))
+        wf.add(px.task(os.getpid).options(id="p", isolation="process"))
+    result = px.run(wf, progress=False)
+    pid = result["p"]
+    text = result.summary()
+    assert f"process {pid}" in text and "thread 1" in text
+    assert f"process {pid}" in result._repr_html_()
+    assert result.tasks["p"].worker == pid  # the record keeps the raw pid (API section 5)
