@@ -36,11 +36,12 @@ import importlib
 import os
 import re
 import selectors
+import shlex
 import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import ParexecError, WorkflowError
 from ._task import Retry, TaskRef, task
@@ -58,6 +59,7 @@ RETRY_KEYS = ("maxRetries", "initialDelay", "backoffFactor")
 STEP_TYPES = {"script": ("command", "args", "shell", "env", "cwd"),
               "python": ("call", "args", "kwargs", "isolation")}
 _REF = re.compile(r"\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EXCLUSIVE = "__exclusive__"  # the pool a step with parallel.enabled: false takes whole
 _EXCLUSIVE_UNITS = 1_000_000
 
@@ -131,6 +133,7 @@ class _Loader:
         self.text, self.source, self.given, self.base = text, source, inputs, base
         self.problems: list[str] = []
         self.marks: dict[tuple[Any, ...], tuple[int, int]] = {}
+        self.sids: dict[int, str] = {}  # step index -> id, for messages
 
     # Errors with positions ------------------------------------------------------------
 
@@ -248,6 +251,7 @@ class _Loader:
         for k, step in enumerate(steps):
             sid = step.get("id") if isinstance(step, dict) else None
             if isinstance(sid, str) and sid:
+                self.sids[k] = sid
                 if sid in ids:
                     self.problem((("steps", k, "id")), f"duplicate step id {sid!r} (first at "
                                  f"step {ids[sid] + 1}); step ids must be unique")
@@ -322,7 +326,7 @@ class _Loader:
     def env(self, value: Any, path: tuple[Any, ...], inputs: dict[str, str]) -> dict[str, str]:
         if not self.expect(value, dict, path, "env"):
             return {}
-        return {str(k): self.subst(str(v), path + (k,), inputs, None) for k, v in value.items()}
+        return {str(k): self.subst(str(v), path + (k,), inputs) for k, v in value.items()}
 
     def cwd(self, value: Any, path: tuple[Any, ...], inputs: dict[str, str],
             default: Path) -> Path:
@@ -330,36 +334,76 @@ class _Loader:
             return default
         if not self.expect(value, str, path, "cwd"):
             return default
-        return (self.base / self.subst(value, path, inputs, None)).resolve()
+        return (self.base / self.subst(value, path, inputs)).resolve()
 
-    def subst(self, text: str, path: tuple[Any, ...], inputs: dict[str, str],
-              steps: set[str] | None, ids: Mapping[str, int] | None = None) -> str:
-        """Substitute ${inputs.X} and ${env.X}; check (and keep) ${steps.X.output}."""
-        def one(m: re.Match[str]) -> str:
+    def field(self, path: tuple[Any, ...]) -> str:
+        """Name a place in the file for a message: ``step 'build' field config.args[1]``."""
+        if len(path) >= 2 and path[0] == "steps" and isinstance(path[1], int):
+            sid = self.sids.get(path[1])
+            head = f"step {sid!r}" if sid else f"step {path[1] + 1}"
+            rest = path[2:]
+        else:
+            head, rest = "the pipeline", path
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest).lstrip(".")
+        return f"{head} field {where}" if where else head
+
+    def subst(self, text: str, path: tuple[Any, ...], inputs: dict[str, str]) -> str:
+        """Substitute ${inputs.X} and ${env.X} in a value that cannot name a step."""
+        return self.template(text, path, inputs, None).render({})
+
+    def template(self, text: str, path: tuple[Any, ...], inputs: dict[str, str],
+                 steps: set[str] | None, ids: Mapping[str, int] | None = None) -> _Template:
+        """Split ``text`` into literal text, load-time values and step references.
+
+        ``${inputs.X}`` and ``${env.X}`` become values now; ``${steps.X.output}`` is checked,
+        added to ``steps`` (the implied dependencies) and filled in when the step runs.
+        """
+        parts: list[tuple[str, str, str]] = []
+        at = 0
+        for m in _REF.finditer(text):
+            if m.start() > at:
+                parts.append(("text", text[at:m.start()], ""))
+            at = m.end()
             ref = m.group(1).strip()
-            parts = ref.split(".")
-            if parts[0] == "inputs" and len(parts) == 2:
-                if parts[1] not in inputs:
+            kind, _, rest = ref.partition(".")
+            if kind == "inputs" and rest and "." not in rest:
+                if rest not in inputs:
                     self.problem(path, f"${{{ref}}} refers to an input the pipeline does not "
                                  "declare; add it under 'inputs:'")
-                    return ""
-                return inputs[parts[1]]
-            if parts[0] == "env" and len(parts) == 2:
-                return os.environ.get(parts[1], "")
-            if parts[0] == "steps" and len(parts) == 3 and parts[2] == "output":
+                    continue
+                parts.append(("value", inputs[rest], ""))
+            elif kind == "env" and rest:
+                name, has_default, default = rest.partition(":-")
+                if not _ENV_NAME.fullmatch(name):
+                    self.problem(path, f"${{{ref}}}: {name!r} is not an environment variable "
+                                 "name (letters, digits and '_')")
+                    continue
+                value = os.environ.get(name)
+                if value is None and not has_default:
+                    self.problem(path, f"{self.field(path)}: ${{env.{name}}} is not set; set "
+                                 f"{name} in the environment, or give a default: "
+                                 f"${{env.{name}:-default}} (${{env.{name}:-}} for empty)")
+                    continue
+                parts.append(("value", default if value is None else value, ""))
+            elif kind == "steps" and rest.endswith(".output") and rest.count(".") == 1:
+                sid = rest[:-len(".output")]
                 if steps is None:
-                    self.problem(path, f"${{{ref}}} can only be used inside a step")
-                elif ids is not None and parts[1] not in ids:
-                    close = difflib.get_close_matches(parts[1], list(ids), n=1)
+                    self.problem(path, f"${{{ref}}} can only be used inside a step's config")
+                elif ids is not None and sid not in ids:
+                    close = difflib.get_close_matches(sid, list(ids), n=1)
                     hint = f"; did you mean {close[0]!r}?" if close else ""
-                    self.problem(path, f"${{{ref}}} refers to unknown step {parts[1]!r}{hint}")
+                    self.problem(path, f"${{{ref}}} refers to unknown step {sid!r}{hint}")
                 else:
-                    steps.add(parts[1])
-                return m.group(0)
-            self.problem(path, f"${{{ref}}} is not a known substitution; use "
-                         "${steps.<id>.output}, ${inputs.<name>} or ${env.<NAME>}")
-            return m.group(0)
-        return _REF.sub(one, text)
+                    steps.add(sid)
+                parts.append(("step", sid, ""))
+            else:
+                self.problem(path, f"${{{ref}}} is not a known substitution; use "
+                             "${steps.<id>.output}, ${inputs.<name>}, ${env.<NAME>} or "
+                             "${env.<NAME>:-default}")
+                parts.append(("text", m.group(0), ""))
+        if at < len(text):
+            parts.append(("text", text[at:], ""))
+        return _Template(tuple(parts))
 
     def step(self, k: int, step: Any, ids: Mapping[str, int], inputs: dict[str, str],
              wf_env: dict[str, str], wf_cwd: Path, wf_retry: Retry | None,
@@ -448,10 +492,22 @@ class _Loader:
             args = config.get("args") or []
             if not self.expect(args, list, cpath + ("args",), "args"):
                 args = []
-            plan["argv"] = [self.subst(command, cpath + ("command",), inputs, deps, ids)] + [
-                self.subst(str(a), cpath + ("args", j), inputs, deps, ids)
+            argv = [self.template(command, cpath + ("command",), inputs, deps, ids)] + [
+                self.template(str(a), cpath + ("args", j), inputs, deps, ids)
                 for j, a in enumerate(args)]
             plan["shell"] = config.get("shell") is True
+            if plan["shell"]:
+                # One command line: the file's text is shell code, each substituted value is
+                # quoted for the place it stands in (see _shell_line).
+                line = _shell_line(argv)
+                if line is None:
+                    self.problem(cpath + ("command",), f"{self.field(cpath)}: a substitution "
+                                 "inside $(...), backquotes, $'...' or after a here-document "
+                                 "(<<) cannot be quoted safely for the shell; pass the value "
+                                 "through the step's env: and write \"$NAME\" instead")
+                    line = _Template(())
+                argv = [line]
+            plan["argv"] = argv
             env.update(self.env(config.get("env") or {}, cpath + ("env",), inputs))
             if "cwd" in config:
                 plan["cwd"] = str(self.cwd(config.get("cwd"), cpath + ("cwd",), inputs, cwd))
@@ -465,9 +521,9 @@ class _Loader:
             if not self.expect(kwargs, dict, cpath + ("kwargs",), "kwargs"):
                 kwargs = {}
             plan["fn"] = fn
-            plan["args"] = [self.subst(a, cpath + ("args", j), inputs, deps, ids)
+            plan["args"] = [self.template(a, cpath + ("args", j), inputs, deps, ids)
                             if isinstance(a, str) else a for j, a in enumerate(args)]
-            plan["kwargs"] = {key: self.subst(v, cpath + ("kwargs", key), inputs, deps, ids)
+            plan["kwargs"] = {key: self.template(v, cpath + ("kwargs", key), inputs, deps, ids)
                               if isinstance(v, str) else v for key, v in kwargs.items()}
             isolation = config.get("isolation", "thread")
             if isolation not in ("thread", "process"):
@@ -529,21 +585,111 @@ def _topo(ids: list[str], deps: Mapping[str, list[str]]) -> list[str]:
     return out
 
 
-def _fill(text: str, outputs: Mapping[str, Any]) -> str:
-    def one(m: re.Match[str]) -> str:
-        parts = m.group(1).strip().split(".")
-        if len(parts) == 3 and parts[0] == "steps" and parts[1] in outputs:
-            value = outputs[parts[1]]
-            return "" if value is None else str(value)
-        return m.group(0)
-    return _REF.sub(one, text)
+class _Template(NamedTuple):
+    """A string of the file with its substitutions, kept apart until the step runs.
+
+    Each part is ``(kind, text, context)``: ``"text"`` is written in the file, ``"value"`` a
+    value known at load time (an input, an environment variable), ``"step"`` the id of an
+    upstream step whose output goes there. Values are inserted once, when rendered, so a
+    value that looks like ``${...}`` is never substituted again. ``context`` is where a value
+    stands in a shell command line (see ``_shell_line``); empty when no shell is involved.
+    """
+
+    parts: tuple[tuple[str, str, str], ...]
+
+    def render(self, outputs: Mapping[str, Any]) -> str:
+        """The text with every value (quoted for its shell context, if any) in its place."""
+        out: list[str] = []
+        for kind, text, context in self.parts:
+            if kind == "text":
+                out.append(text)
+                continue
+            if kind == "step":
+                if text not in outputs:  # only in messages of a file already refused
+                    out.append(f"${{steps.{text}.output}}")
+                    continue
+                value = outputs[text]
+                text = "" if value is None else str(value)
+            out.append(_shell_quote(text, context) if context else text)
+        return "".join(out)
+
+
+def _shell_quote(value: str, context: str) -> str:
+    """Quote ``value`` so that a POSIX shell reads it as data where it stands.
+
+    Unquoted, it becomes one word (``shlex.quote``); inside the user's single quotes, each
+    ``'`` closes, escapes and reopens them; inside double quotes, ``\\ " $ ` `` are escaped; in
+    a comment, line breaks (which would end the comment) become spaces. A backslash written
+    just before the substitution would escape the quoting's first character, so a
+    line continuation (backslash-newline, removed by the shell) absorbs it first.
+    """
+    state, escaped = context[0], context.endswith("\\")
+    prefix = "\n" if escaped else ""
+    if state == "'":
+        return value.replace("'", "'\\''")
+    if state == '"':
+        return prefix + re.sub(r'([\\"$`])', r"\\\1", value)
+    if state == "#":
+        return value.replace("\n", " ").replace("\r", " ")
+    return prefix + shlex.quote(value)
+
+
+def _shell_line(argv: list[_Template]) -> _Template | None:
+    """Join a shell step's command and args into one command line and mark, for every
+    substituted value, the quoting context the file's text puts it in: ``-`` unquoted,
+    ``'`` or ``"`` inside those quotes, ``#`` in a comment, plus ``\\`` after a backslash.
+
+    Returns None when a value stands where quoting cannot be tracked without a full shell
+    parser (inside ``$(...)``, backquotes, ``$'...'``, or after ``<<``): the loader refuses
+    that file rather than guess.
+    """
+    joined: list[tuple[str, str, str]] = []
+    for k, t in enumerate(argv):
+        if k:
+            joined.append(("text", " ", ""))
+        joined.extend(t.parts)
+    state, escaped, opaque, prev = "-", False, False, " "
+    out: list[tuple[str, str, str]] = []
+    for kind, text, _ in joined:
+        if kind != "text":
+            if opaque:
+                return None
+            out.append((kind, text, state + ("\\" if escaped else "")))
+            escaped, prev = False, "x"
+            continue
+        out.append((kind, text, ""))
+        for ch in text:
+            if escaped:
+                escaped = False
+            elif state == "'":
+                if ch == "'":
+                    state = "-"
+            elif state == "#":
+                if ch == "\n":
+                    state = "-"
+            elif ch == "\\":
+                escaped = True
+            elif ch == "`" or (prev == "$" and ch == "("):
+                opaque = True
+            elif state == '"':
+                if ch == '"':
+                    state = "-"
+            elif prev == "$" and ch == "'" or prev == "<" and ch == "<":
+                opaque = True
+            elif ch in "'\"":
+                state = ch
+            elif ch == "#" and prev in " \t\n;&|()<>":
+                state = "#"
+            prev = ch
+    return _Template(tuple(out))
 
 
 def call_python(fn: Any, args: list[Any], kwargs: dict[str, Any],
                 outputs: Mapping[str, Any]) -> Any:
     """Run a python step: substitute upstream outputs into string arguments, call."""
-    args = [_fill(a, outputs) if isinstance(a, str) else a for a in args]
-    kwargs = {k: _fill(v, outputs) if isinstance(v, str) else v for k, v in kwargs.items()}
+    args = [a.render(outputs) if isinstance(a, _Template) else a for a in args]
+    kwargs = {k: v.render(outputs) if isinstance(v, _Template) else v
+              for k, v in kwargs.items()}
     return fn(*args, **kwargs)
 
 
@@ -551,7 +697,7 @@ def call_python(fn: Any, args: list[Any], kwargs: dict[str, Any],
 echo: Any = None
 
 
-def run_script(step: str, argv: list[str], shell: bool, env: Mapping[str, str], cwd: str,
+def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[str, str], cwd: str,
                outputs: Mapping[str, Any]) -> StepOutput:
     """Run a script step in its own process group and return its stdout (a ``StepOutput``,
     whose ``.stderr`` keeps what the step wrote there).
@@ -562,10 +708,10 @@ def run_script(step: str, argv: list[str], shell: bool, env: Mapping[str, str], 
     """
     from ._worker import current
     ctx = current()
-    argv = [_fill(a, outputs) for a in argv]
+    argv = [t.render(outputs) for t in template]  # a shell step has one: its command line
     full_env = {**os.environ, **env}
     try:
-        proc = subprocess.Popen(" ".join(argv) if shell else argv, shell=shell, cwd=cwd,
+        proc = subprocess.Popen(argv[0] if shell else argv, shell=shell, cwd=cwd,
                                 env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -216,3 +217,96 @@ def test_step_output_keeps_stderr():
     out = px.run(wf, progress=False)["talk"]
     assert out == "out" and isinstance(out, px.StepOutput)
     assert out.stderr == "note" and out.returncode == 0
+
+
+HOSTILE = "hi; touch PWNED $(touch PWNED) `touch PWNED` it's \"$HOME\" \\ end"
+
+
+@pytest.mark.parametrize("command", [
+    "printf %s ${inputs.x}",            # unquoted: the value is one shell word
+    "printf %s \"${inputs.x}\"",        # inside double quotes the user wrote
+    "printf %s '${inputs.x}'",          # inside single quotes the user wrote
+    "printf %s pre${inputs.x}post",     # glued to literal text
+])
+def test_shell_true_quotes_substituted_inputs(tmp_path, command):
+    """With shell: true an input's value reaches the shell as data, wherever it is written in
+    the command: nothing it contains runs, and it arrives intact."""
+    f = tmp_path / "p.yaml"
+    f.write_text("name: s\ninputs: {x: null}\nsteps:\n  - id: say\n    type: script\n"
+                 f"    config: {{command: {json.dumps(command)}, shell: true}}\n")
+    result = px.run(px.load(f, inputs={"x": HOSTILE}), progress=False)
+    expected = HOSTILE if "pre" not in command else f"pre{HOSTILE}post"
+    assert result["say"] == expected
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_shell_true_quotes_upstream_output_and_env(tmp_path, monkeypatch):
+    """An upstream step's output and an environment variable are quoted too, at run time."""
+    monkeypatch.setenv("PX_HOSTILE", "x; touch PWNED")
+    f = tmp_path / "p.yaml"
+    f.write_text(
+        "name: s\nsteps:\n"
+        f"  - id: make\n    type: script\n    config: {{command: {PY}, args: ['-c', "
+        "'print(\"report.txt; touch PWNED\")']}\n"
+        "  - id: use\n    type: script\n"
+        "    config: {command: 'echo ${steps.make.output} ${env.PX_HOSTILE}', shell: true}\n")
+    result = px.run(px.load(f), progress=False)
+    assert result["use"] == "report.txt; touch PWNED x; touch PWNED"
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_shell_true_keeps_the_literal_command_text(tmp_path):
+    """The command text written in the file is the user's shell code: pipes still work."""
+    f = tmp_path / "p.yaml"
+    f.write_text("name: s\ninputs: {who: world}\nsteps:\n  - id: up\n    type: script\n"
+                 "    config: {command: 'echo hello ${inputs.who} | tr a-z A-Z', shell: true}\n")
+    assert px.run(px.load(f), progress=False)["up"] == "HELLO WORLD"
+
+
+def test_substituted_values_are_not_substituted_again(tmp_path):
+    """An input whose value looks like a step reference arrives as written, not expanded."""
+    f = tmp_path / "p.yaml"
+    f.write_text(
+        "name: s\ninputs: {x: null}\nsteps:\n"
+        f"  - id: a\n    type: script\n    config: {{command: {PY}, args: ['-c', 'print(1)']}}\n"
+        f"  - id: b\n    type: script\n    dependsOn: [a]\n    config: {{command: {PY}, "
+        "args: ['-c', 'import sys; print(sys.argv[1])', '${inputs.x}']}\n")
+    result = px.run(px.load(f, inputs={"x": "${steps.a.output}"}), progress=False)
+    assert result["b"] == "${steps.a.output}"
+
+
+def test_shell_substitution_where_quoting_cannot_be_tracked_is_refused(tmp_path):
+    """A value inside $(...) or after a here-document is refused at load time, not guessed."""
+    for command in ("echo $(basename ${inputs.x})", "cat <<EOF\n${inputs.x}\nEOF"):
+        f = tmp_path / "p.yaml"
+        f.write_text("name: s\ninputs: {x: a}\nsteps:\n  - id: say\n    type: script\n"
+                     f"    config: {{command: {json.dumps(command)}, shell: true}}\n")
+        with pytest.raises(px.WorkflowError, match=r"p.yaml:\d+:\d+: step 'say' field config: "
+                                                   r"a substitution inside \$\(\.\.\.\)"):
+            px.load(f)
+
+
+def test_unset_env_variable_is_a_validation_error(tmp_path, monkeypatch):
+    """${env.UNSET} is refused, naming the variable, the step and the field, with the fix."""
+    monkeypatch.delenv("PX_UNSET_DIR", raising=False)
+    f = tmp_path / "p.yaml"
+    f.write_text("name: s\nsteps:\n  - id: clean\n    type: script\n"
+                 "    config: {command: rm, args: ['-rf', '${env.PX_UNSET_DIR}/']}\n")
+    with pytest.raises(px.WorkflowError) as info:
+        px.load(f)
+    msg = str(info.value)
+    assert "p.yaml:5:" in msg and "step 'clean' field config.args[1]" in msg
+    assert "${env.PX_UNSET_DIR} is not set" in msg and "${env.PX_UNSET_DIR:-default}" in msg
+
+
+def test_env_defaults(tmp_path, monkeypatch):
+    """${env.NAME:-default} gives the default when NAME is unset (an empty default is
+    allowed), and the variable's value when it is set."""
+    monkeypatch.delenv("PX_UNSET", raising=False)
+    monkeypatch.setenv("PX_SET", "from-env")
+    f = tmp_path / "p.yaml"
+    f.write_text("name: s\nsteps:\n  - id: say\n    type: script\n"
+                 f"    config: {{command: {PY}, args: ['-c', 'import sys; print(sys.argv[1:])', "
+                 "'${env.PX_UNSET:-build/out}', '[${env.PX_UNSET:-}]', '${env.PX_SET:-x}']}\n")
+    result = px.run(px.load(f), progress=False)
+    assert result["say"] == "['build/out', '[]', 'from-env']"
