@@ -83,8 +83,9 @@ class ScriptError(ParexecError):
 
 
 class StepOutput(str):
-    """The output of a script step: its stdout text (without the final newline), with the
-    stderr it wrote and its exit status kept alongside.
+    """The output of a script step: its stdout text, without the final newline.
+
+    What it wrote to stderr and its exit status are kept alongside.
 
     Attributes:
         stderr: Everything the step wrote to stderr.
@@ -615,10 +616,10 @@ class _Template(NamedTuple):
 
 
 def _shell_quote(value: str, context: str) -> str:
-    """Quote ``value`` so that a POSIX shell reads it as data where it stands.
+    r"""Quote ``value`` so that a POSIX shell reads it as data where it stands.
 
     Unquoted, it becomes one word (``shlex.quote``); inside the user's single quotes, each
-    ``'`` closes, escapes and reopens them; inside double quotes, ``\\ " $ ` `` are escaped; in
+    ``'`` closes, escapes and reopens them; inside double quotes, ``\ " $ ` `` are escaped; in
     a comment, line breaks (which would end the comment) become spaces. A backslash written
     just before the substitution would escape the quoting's first character, so a
     line continuation (backslash-newline, removed by the shell) absorbs it first.
@@ -635,9 +636,10 @@ def _shell_quote(value: str, context: str) -> str:
 
 
 def _shell_line(argv: list[_Template]) -> _Template | None:
-    """Join a shell step's command and args into one command line and mark, for every
-    substituted value, the quoting context the file's text puts it in: ``-`` unquoted,
-    ``'`` or ``"`` inside those quotes, ``#`` in a comment, plus ``\\`` after a backslash.
+    r"""Join a shell step's command and args into one line, marking each value's context.
+
+    The context is where the file's text puts the value: ``-`` unquoted, ``'`` or ``"``
+    inside those quotes, ``#`` in a comment, plus ``\`` right after a backslash.
 
     Returns None when a value stands where quoting cannot be tracked without a full shell
     parser (inside ``$(...)``, backquotes, ``$'...'``, or after ``<<``): the loader refuses
@@ -697,10 +699,11 @@ def call_python(fn: Any, args: list[Any], kwargs: dict[str, Any],
 echo: Any = None
 
 
-def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[str, str], cwd: str,
-               outputs: Mapping[str, Any]) -> StepOutput:
-    """Run a script step in its own process group and return its stdout (a ``StepOutput``,
-    whose ``.stderr`` keeps what the step wrote there).
+def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[str, str],
+               cwd: str, outputs: Mapping[str, Any]) -> StepOutput:
+    """Run a script step in its own process group and return its stdout as a ``StepOutput``.
+
+    The ``StepOutput``'s ``.stderr`` keeps what the step wrote there.
 
     The step's cancel flag (set on timeout, cancellation or Ctrl-C) kills the whole process
     group, so no grandchild survives. A non-zero exit raises ``ScriptError`` with the last

@@ -213,7 +213,8 @@ def test_example_pipelines_keep_order_overlap_and_pools(name):
 def test_step_output_keeps_stderr():
     """A script step's output is its stdout; what it wrote to stderr stays reachable."""
     wf = px.loads(f"name: e\nsteps:\n  - id: talk\n    type: script\n    config: {{command: "
-                  f"{PY}, args: ['-c', 'import sys; print(\"out\"); sys.stderr.write(\"note\")']}}\n")
+                  f"{PY}, args: ['-c', 'import sys; print(\"out\"); "
+                  "sys.stderr.write(\"note\")']}\n")
     out = px.run(wf, progress=False)["talk"]
     assert out == "out" and isinstance(out, px.StepOutput)
     assert out.stderr == "note" and out.returncode == 0
