@@ -46,6 +46,8 @@ class TaskRun:
             process task its worker's resident memory (children included, interpreter too);
             for a thread task the driver process's, which its neighbours share.
         first_started_at: When the first attempt started, or None.
+        released: True when the task succeeded but its value was released once every
+            consumer finished (``run(keep=...)`` other than ``"all"``); ``value`` is None.
         history: The attempts before the last one, oldest first, as ``(number, started_at,
             finished_at, worker, outcome)`` tuples (``outcome`` is ``"failed"`` or
             ``"timed_out"``); None when the task ran once. ``duration`` covers only the last
@@ -54,7 +56,7 @@ class TaskRun:
 
     __slots__ = ("id", "status", "value", "error", "traceback", "attempts", "queued_at",
                  "started_at", "finished_at", "worker", "peak_memory", "first_started_at",
-                 "history")
+                 "history", "released")
 
     def __init__(self, id: str) -> None:
         self.id = id
@@ -72,6 +74,7 @@ class TaskRun:
         # Earlier attempts, (number, started_at, finished_at, worker, outcome); None until a
         # retry happens (most tasks never retry, and an empty list per task costs 56 bytes).
         self.history: list[tuple[int, float, float, int | str | None, str]] | None = None
+        self.released = False  # its value was dropped once consumed (run(keep=...))
 
     @property
     def duration(self) -> float | None:
@@ -157,14 +160,17 @@ class RunResult:
         status: ``"succeeded"``, ``"partial"`` (some tasks failed or were skipped under
             ``on_error="skip"``/``"ignore"``), ``"failed"``, ``"cancelled"`` or ``"timed_out"``.
         tasks: Task id → ``TaskRun``, in creation order.
+        keep: The run's ``keep=`` setting: which values stayed in the result.
         stats: ``RunStats``.
         started_at: Epoch seconds.
         finished_at: Epoch seconds.
     """
 
     def __init__(self, workflow: str, status: RunStatus, tasks: Mapping[str, TaskRun],
-                 stats: RunStats, started_at: float, finished_at: float) -> None:
+                 stats: RunStats, started_at: float, finished_at: float,
+                 keep: Any = "all") -> None:
         self.workflow = workflow
+        self.keep = keep
         self.status = status
         self.tasks = dict(tasks)
         self.stats = stats
@@ -178,8 +184,9 @@ class RunResult:
 
     @property
     def results(self) -> dict[str, Any]:
-        """Task id → value, for every task that succeeded or was cached."""
-        return {tid: tr.value for tid, tr in self.tasks.items() if tr.ok}
+        """Task id → value, for every task that succeeded or was cached (and whose value was
+        kept, see ``run(keep=...)``)."""
+        return {tid: tr.value for tid, tr in self.tasks.items() if tr.ok and not tr.released}
 
     @property
     def errors(self) -> dict[str, BaseException]:
@@ -195,6 +202,10 @@ class RunResult:
         except KeyError:
             raise KeyError(f"run of {self.workflow!r} has no task {tid!r}") from None
         if tr.ok:
+            if tr.released:
+                raise KeyError(
+                    f"task {tid!r} succeeded, but its value was released once its consumers "
+                    f"finished (keep={self.keep!r}); run with keep='all', or name it in keep=[...]")
             return tr.value
         if tr.error is not None:
             raise tr.error

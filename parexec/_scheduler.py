@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from queue import Empty, SimpleQueue
 from typing import Any
 
@@ -185,9 +185,11 @@ class _Scheduler:
                  memory_budget: int, timeout: float | None,
                  subscribers: list[tuple[str, Callable[[Event], Any]]],
                  force_cpu_gate: bool, store: Any = None, resume: bool = False,
-                 cluster: Any = None, own_store: bool = True) -> None:
+                 cluster: Any = None, own_store: bool = True,
+                 keep: Any = "all") -> None:
         self.wf = wf
         self.own_store = own_store
+        self.keep = keep
         self.name = wf.name
         # Durations recorded by earlier runs stand in for missing estimates.
         graph = wf.graph(store.durations(wf.name) if store is not None else None)
@@ -268,6 +270,20 @@ class _Scheduler:
         self.store = store
         self.fps: list[str | None] = []
         self.cached: Any = {}
+        # keep= other than "all": kept[i] says whether task i's value stays in the result;
+        # nconsumers[i] counts its dependents that are not final yet (see consumed()).
+        self.releasing = keep != "all"
+        self.kept: list[bool] = []
+        self.nconsumers: list[int] = []
+        if self.releasing:
+            self.nconsumers = [len(d) for d in self.dependents]
+            if keep == "leaves":
+                self.kept = [not c for c in self.nconsumers]
+            else:
+                wanted = set(keep)
+                self.kept = [s.id in wanted for s in specs]
+        if self.cluster is not None:
+            self.cluster.want_value = self.wants_value
         self.retry_errors: dict[int, BaseException] = {}  # last error of tasks awaiting a retry
         self.done_members: collections.deque[int] = collections.deque()  # see member_done
         self.deciding = False
@@ -551,6 +567,8 @@ class _Scheduler:
                 self.member_done(i)
             if not self.stopping:
                 self.release_dependents(i)
+            if self.releasing:
+                self.consumed(i)
         elif self.stopping or attempt.cancel_requested:
             # The run is stopping, or a group no longer needs this thread task: not retried.
             if isinstance(value, Cancelled):
@@ -636,6 +654,41 @@ class _Scheduler:
             logger.debug("%s %s", tr.status, tr.id)
         if self.member_of[i] is not None:
             self.member_done(i)
+        if self.releasing:
+            self.consumed(i)
+
+    def consumed(self, j: int) -> None:
+        """Task ``j`` is final: release the values that nothing unfinished needs any more
+        (``keep=`` other than ``"all"``), its own included when nothing consumes it."""
+        nconsumers, kept = self.nconsumers, self.kept
+        deps: Any = self.graph.deps[j] if j < len(self.graph.deps) else ()
+        group = self.groups.get(j)
+        if group is not None and self.specs[j].group.dynamic is not None:  # type: ignore[union-attr]
+            deps = [*deps, *group.members]  # a map over a task's result: its items too
+        for d in deps:
+            left = nconsumers[d] - 1
+            nconsumers[d] = left
+            if not left and not kept[d]:
+                self.release_value(d)
+        if not nconsumers[j] and not kept[j]:
+            self.release_value(j)
+
+    def wants_value(self, i: int) -> bool:
+        """Whether cluster task ``i``'s value must come to the driver: it is kept in the
+        result, or a local task or a group consumes it. Called by the cluster pool's fetcher
+        thread; the lists it reads only grow."""
+        if not self.releasing or i >= len(self.graph.deps) or self.kept[i]:
+            return True
+        cluster, pools, is_group = self.cluster, self.pools, self.is_group
+        return any(pools[j] is not cluster or is_group[j] for j in self.dependents[i])
+
+    def release_value(self, i: int) -> None:
+        """Drop task ``i``'s value from the run (keep=); its record stays."""
+        tr = self.runs[i]
+        if self.values[i] is not None or tr.value is not None:
+            self.values[i] = None
+            tr.value = None
+            tr.released = True
 
     def release_dependents(self, i: int) -> None:
         npending, state, is_group = self.npending, self.state, self.is_group
@@ -992,6 +1045,9 @@ class _Scheduler:
                           and not spec.memory)
         self.member_of.append([group])
         self.is_group.append(False)
+        if self.releasing:
+            self.nconsumers.append(1)  # the map collects it
+            self.kept.append(False)
         local = iso != "cluster"
         gid = self.specs[group].id
         for g in self.gates:
@@ -1108,7 +1164,7 @@ class _Scheduler:
             peaks = [tr.peak_memory for tr in self.runs if tr.peak_memory]
             stats.peak_memory = max([monitor.peak, *peaks]) or None
         self.result = RunResult(self.name, status, {tr.id: tr for tr in self.runs},  # type: ignore[arg-type]
-                                stats, self.t0 + self.offset, end + self.offset)
+                                stats, self.t0 + self.offset, end + self.offset, self.keep)
         _last_result = self.result
         kind = {"succeeded": "workflow:completed", "partial": "workflow:completed",
                 "cancelled": "workflow:cancelled"}.get(status, "workflow:failed")
@@ -1257,7 +1313,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
           cpu_budget: float | None = None, memory_budget: int | str | None = None,
           timeout: float | None = None, progress: bool | str = "auto",
           on_event: Callable[[Event], Any] | None = None, store: Any = None,
-          resume: bool = False, cluster: Any = None, check: bool = True) -> Run:
+          resume: bool = False, cluster: Any = None, check: bool = True,
+          keep: str | Iterable[Any] = "all") -> Run:
     """Validate ``wf`` and start running it on a scheduler thread; return a ``Run`` handle.
 
     Takes the same arguments as ``run``. Nothing runs if validation fails.
@@ -1266,6 +1323,7 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
         raise TaskOptionError(f"px.run/px.start need a px.Workflow, got {type(wf).__name__}")
     if not isinstance(parallel, bool):
         raise TaskOptionError(f"run: parallel={parallel!r} must be True or False")
+    keep = _check_keep(wf, keep)
     max_workers = check_max_workers(max_workers, "run") or wf.max_workers or _cpu_count()
     if not parallel:
         max_workers = 1
@@ -1313,7 +1371,7 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
                            memory_budget=mem_budget or 0, timeout=timeout,
                            subscribers=subscribers, force_cpu_gate=explicit_cpu is not None,
                            store=opened, resume=resume, cluster=cluster,
-                           own_store=opened is not store)
+                           own_store=opened is not store, keep=keep)
     handle = Run(scheduler, check)
     _link_to_enclosing_task(handle)
     return handle
@@ -1323,7 +1381,8 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
         cpu_budget: float | None = None, memory_budget: int | str | None = None,
         timeout: float | None = None, progress: bool | str = "auto",
         on_event: Callable[[Event], Any] | None = None, store: Any = None,
-        resume: bool = False, cluster: Any = None, check: bool = True) -> RunResult:
+        resume: bool = False, cluster: Any = None, check: bool = True,
+        keep: str | Iterable[Any] = "all") -> RunResult:
     """Run a workflow to the end and return its ``RunResult``.
 
     Usage::
@@ -1345,6 +1404,11 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
         resume: Serve tasks recorded as succeeded in ``store`` instead of running them.
         cluster: A Dask ``Client`` (or scheduler address) for ``"cluster"`` tasks.
         check: Raise ``WorkflowFailed`` if the run's status is ``"failed"`` or ``"timed_out"``.
+        keep: Which values stay in the result: ``"all"`` (default), ``"leaves"`` (tasks
+            nothing depends on), or a list of refs or ids. Any other value is released as
+            soon as every task that consumes it finished (its ``TaskRun`` keeps status, times
+            and errors; ``result[ref]`` raises ``KeyError``), so a long chain of large
+            intermediates holds one or two at a time. The store still records every value.
 
     Raises:
         WorkflowError: The workflow is invalid (nothing ran).
@@ -1354,7 +1418,8 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
     """
     handle = start(wf, max_workers=max_workers, parallel=parallel, cpu_budget=cpu_budget,
                    memory_budget=memory_budget, timeout=timeout, progress=progress,
-                   on_event=on_event, store=store, resume=resume, cluster=cluster, check=check)
+                   on_event=on_event, store=store, resume=resume, cluster=cluster, check=check,
+                   keep=keep)
     try:
         return handle.wait()
     except KeyboardInterrupt:
@@ -1364,6 +1429,31 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
         handle.cancel()
         handle._done.wait()
         raise
+
+
+def _check_keep(wf: Workflow, keep: Any) -> Any:
+    """Normalise ``keep=``: ``"all"``, ``"leaves"``, or a tuple of task ids of ``wf``."""
+    if keep in ("all", "leaves"):
+        return keep
+    from ._task import TaskRef
+    if isinstance(keep, (str, TaskRef)):
+        keep = [keep]
+    try:
+        items = list(keep)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(k, (str, TaskRef)) for k in items):
+        raise TaskOptionError(f"run: keep={keep!r} must be 'all', 'leaves' or a list of task "
+                              "refs or ids")
+    ids = tuple(k.id if isinstance(k, TaskRef) else k for k in items)
+    for tid in ids:
+        if tid not in wf.tasks:
+            import difflib
+            close = difflib.get_close_matches(tid, list(wf.tasks), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TaskOptionError(f"run: keep= names {tid!r}, which is not a task of "
+                                  f"workflow {wf.name!r}{hint}")
+    return ids
 
 
 def _isolation_of(wf: Workflow, spec: TaskSpec) -> str:

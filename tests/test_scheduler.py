@@ -612,3 +612,58 @@ def test_groups_and_arguments_nested_beyond_the_recursion_limit():
     for k in reversed(range(1499)):
         group_value = group_value[f"g{k}"]
     assert group_value == {"a": 1}
+
+
+# keep= (API section 9) ----------------------------------------------------------------------
+
+class _Big:
+    pass
+
+
+_made: dict[str, object] = {}
+
+
+def _make_big(name, *upstream):
+    import weakref
+    obj = _Big()
+    _made[name] = weakref.ref(obj)
+    return obj
+
+
+def _alive(name, *upstream):
+    import gc
+    gc.collect()
+    return _made[name]() is not None
+
+
+def test_keep_leaves_releases_intermediates_as_soon_as_consumed(tmp_path):
+    """With keep="leaves", a value is dropped once every consumer finished (not at the end
+    of the run); its record stays, result[...] raises KeyError naming the setting, and the
+    store still has the value."""
+    with px.Workflow("w") as wf:
+        a = px.task(_make_big, id="a")("a")
+        b = px.task(_make_big, id="b")("b", a)
+        c = px.task(_alive, id="c")("a", b)  # runs after b, a's only consumer, finished
+    result = px.run(wf, keep="leaves", progress=False)
+    assert result[c] is False  # a was released before c ran
+    tr = result.tasks["a"]
+    assert tr.status == "succeeded" and tr.value is None and tr.released
+    with pytest.raises(KeyError, match="'a' succeeded, but its value was released.*'leaves'"):
+        result[a]
+    assert set(result.results) == {"c"}
+    db = str(tmp_path / "s.db")
+    px.run(wf, keep="leaves", store=db, progress=False)
+    resumed = px.run(wf, store=db, resume=True, progress=False)
+    assert resumed.tasks["a"].status == "cached" and isinstance(resumed[a], _Big)
+
+
+def test_keep_a_list_keeps_exactly_those_values():
+    """keep=[ref, "id"] keeps those values (and nothing else); unknown ids are refused."""
+    with px.Workflow("w") as wf:
+        a = px.task(lambda: 1, id="a")()
+        b = px.task(lambda x: x + 1, id="b")(a)
+        px.task(lambda x: x + 1, id="c")(b)
+    result = px.run(wf, keep=[a, "c"], progress=False)
+    assert result.results == {"a": 1, "c": 3}
+    with pytest.raises(px.TaskOptionError, match="'cc', which is not a task.*did you mean 'c'"):
+        px.run(wf, keep=["cc"], progress=False)
