@@ -263,6 +263,31 @@ class ProcessPool:
             except OSError:
                 pass
 
+    def _forget(self) -> None:
+        """Drop everything inherited from the parent, whose workers these are.
+
+        Called in a forked child (see ``_forget_pool_after_fork``).
+        """
+        import multiprocessing.process as mp_process
+        self._lock = threading.Lock()  # the parent's may have been held at the fork
+        self._closed = True
+        children = getattr(mp_process, "_children", None)
+        for w in self._workers.values():
+            if isinstance(children, set):
+                children.discard(w.process)
+            try:
+                w.conn.close()  # our copy only: the parent's end stays open
+            except OSError:
+                pass
+        self._workers.clear()
+        self._idle.clear()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
     @property
     def pids(self) -> list[int]:
         """Pids of the live workers."""
@@ -337,15 +362,18 @@ class ProcessPool:
 
 _process_pool: ProcessPool | None = None
 _process_pool_lock = threading.Lock()
+_atexit_registered = False
 
 
 def process_pool() -> ProcessPool:
     """The interpreter's process pool, created on first use."""
-    global _process_pool
+    global _process_pool, _atexit_registered
     with _process_pool_lock:
         if _process_pool is None:
             _process_pool = ProcessPool()
-            atexit.register(shutdown_process_pool)
+            if not _atexit_registered:
+                _atexit_registered = True
+                atexit.register(shutdown_process_pool)
         return _process_pool
 
 
@@ -356,3 +384,22 @@ def shutdown_process_pool() -> None:
         pool, _process_pool = _process_pool, None
     if pool is not None:
         pool.shutdown()
+
+
+def _forget_pool_after_fork() -> None:
+    """In a forked child: start with no pool, and never touch the parent's.
+
+    The child inherits the parent's pool object, pipes and worker records, but not its reader
+    thread; a lock may have been held by a parent thread at the fork. Using any of it would
+    steal the parent's results or kill its workers (issue 12 item 5), so the child closes its
+    copies of the pipes, takes the workers out of multiprocessing's children (whose atexit
+    hook would SIGTERM them), and its first process task starts a pool of its own.
+    """
+    global _process_pool, _process_pool_lock
+    pool, _process_pool = _process_pool, None
+    _process_pool_lock = threading.Lock()
+    if pool is not None:
+        pool._forget()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)

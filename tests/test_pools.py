@@ -271,3 +271,99 @@ def test_killing_a_worker_takes_its_detached_grandchildren(tmp_path):
     assert result.tasks["t"].status == "timed_out"
     pids = _record([tmp_path / "dt"], timeout=5)
     assert not _wait_gone(pids, 10), "a double-forked child outlived its killed worker"
+
+
+# Fork after use (issue 12 item 5) ---------------------------------------------------------
+
+FORK_PRELUDE = """
+    import multiprocessing as mp, os, signal, sys, time, parexec as px
+    signal.alarm(90)  # a hang fails the test rather than outliving it
+
+    def double(x):
+        return 2 * x
+
+    def triple(x):
+        time.sleep(0.01)
+        return 3 * x
+
+    def numbered(name, fn, n):
+        with px.Workflow(name, isolation="process", max_workers=2) as wf:
+            for i in range(n):
+                wf.add(px.task(fn).options(id=f"t{i}"), i)
+        return wf
+
+    assert px.run(numbered("warm", double, 4), progress=False).ok  # the parent used its pool
+"""
+
+
+@pytest.mark.timeout(120)
+def test_forked_child_runs_process_tasks_with_a_fresh_pool(run_script):
+    """A child forked after the parent ran process tasks runs its own process tasks."""
+    proc = run_script(FORK_PRELUDE + """
+    def child(conn):
+        signal.alarm(60)  # a hang fails the test rather than outliving it
+        r = px.run(numbered("child", triple, 6), progress=False)
+        conn.send(r.results)
+    a, b = mp.get_context("fork").Pipe()
+    p = mp.get_context("fork").Process(target=child, args=(b,))
+    p.start()
+    assert a.poll(60), "the child's run hung"
+    print(a.recv() == {f"t{i}": 3 * i for i in range(6)})
+    p.join(30)
+    print(p.exitcode)
+    """, timeout=100)
+    assert proc.stdout.split() == ["True", "0"], proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_parent_and_forked_child_runs_at_once_get_their_own_values(run_script):
+    """A parent run going on while a forked child runs gets exactly its own values."""
+    proc = run_script(FORK_PRELUDE + """
+    def child(conn):
+        signal.alarm(60)  # a hang fails the test rather than outliving it
+        r = px.run(numbered("child", double, 40), progress=False)
+        conn.send(r.results)
+    run = px.start(numbered("parent", triple, 40), progress=False)
+    a, b = mp.get_context("fork").Pipe()
+    p = mp.get_context("fork").Process(target=child, args=(b,))
+    p.start()
+    parent = run.wait(60)
+    assert a.poll(60), "the child's run hung"
+    print(a.recv() == {f"t{i}": 2 * i for i in range(40)})
+    print(parent.results == {f"t{i}": 3 * i for i in range(40)})
+    p.join(30)
+    """, timeout=100)
+    assert proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_forked_child_that_exits_leaves_the_parents_worker_alone(run_script, tmp_path):
+    """Forked children that exit (multiprocessing's way, and os.fork + sys.exit running the
+    atexit hooks) do not touch the worker running the parent's task."""
+    proc = run_script(FORK_PRELUDE + f"""
+    def hold(path):
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(path + ".tmp", path)
+        time.sleep(3)
+        return os.getpid()
+    path = {str(tmp_path / "worker.pid")!r}
+    with px.Workflow("hold", isolation="process") as wf:
+        wf.add(px.task(hold).options(id="hold"), path)
+    run = px.start(wf, progress=False)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    worker = int(open(path).read())
+    p = mp.get_context("fork").Process(target=print, args=("child",))
+    p.start()
+    p.join(30)
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # runs the child's atexit hooks
+    os.waitpid(pid, 0)
+    r = run.wait(60)
+    print(r.tasks["hold"].status, r["hold"] == worker if r.ok else r.errors)
+    """, timeout=100)
+    assert proc.stdout.split()[-2:] == ["succeeded", "True"], proc.stdout + proc.stderr
