@@ -20,7 +20,7 @@ from typing import Any
 from ._errors import CycleError, MissingDependencyError
 from ._task import TaskSpec
 
-__all__ = ["Graph", "compile_graph", "critical_path", "levels", "to_dot"]
+__all__ = ["Graph", "compile_graph", "critical_path", "depths", "levels", "to_dot"]
 
 
 @dataclass(eq=False)
@@ -120,13 +120,20 @@ def _find_cycle(ids: list[str], deps: list[list[int]], npending: list[int]) -> l
     return [ids[i] for i in loop] + [ids[loop[0]]]
 
 
-def levels(graph: Graph) -> list[list[str]]:
-    """Group task ids by dependency depth: level 0 has no dependencies."""
+def depths(graph: Graph) -> list[int]:
+    """The dependency depth of every task: 0 without dependencies, else one more than its
+    deepest dependency."""
     depth = [0] * len(graph.ids)
     for i in graph.order:
         d = graph.deps[i]
         if d:
             depth[i] = 1 + max(depth[j] for j in d)
+    return depth
+
+
+def levels(graph: Graph) -> list[list[str]]:
+    """Group task ids by dependency depth: level 0 has no dependencies."""
+    depth = depths(graph)
     out: list[list[str]] = [[] for _ in range(max(depth, default=-1) + 1)]
     for i, k in enumerate(depth):
         out[k].append(graph.ids[i])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,8 +17,8 @@ from ._errors import Cancelled, ParexecError, TaskTimeout, WorkflowFailed
 if TYPE_CHECKING:
     from ._task import TaskRef
 
-__all__ = ["RunResult", "RunStats", "RunStatus", "TaskRun", "TaskStatus", "printable",
-           "worker_label"]
+__all__ = ["RunResult", "RunStats", "RunStatus", "TaskRun", "TaskStatus", "build_stats",
+           "printable", "worker_label"]
 
 TaskStatus = Literal["pending", "succeeded", "failed", "skipped", "cancelled", "timed_out",
                      "cached"]
@@ -46,6 +46,8 @@ class TaskRun:
             process task its worker's resident memory (children included, interpreter too);
             for a thread task the driver process's, which its neighbours share.
         first_started_at: When the first attempt started, or None.
+        level: The dependency level (the "parallel group") it belongs to: 0 for tasks with
+            no dependencies, else one more than its deepest dependency (``wf.levels()``).
         released: True when the task succeeded but its value was released once every
             consumer finished (``run(keep=...)`` other than ``"all"``); ``value`` is None.
         history: The attempts before the last one, oldest first, as ``(number, started_at,
@@ -56,7 +58,7 @@ class TaskRun:
 
     __slots__ = ("id", "status", "value", "error", "traceback", "attempts", "queued_at",
                  "started_at", "finished_at", "worker", "peak_memory", "first_started_at",
-                 "history", "released")
+                 "history", "released", "level")
 
     def __init__(self, id: str) -> None:
         self.id = id
@@ -75,6 +77,7 @@ class TaskRun:
         # retry happens (most tasks never retry, and an empty list per task costs 56 bytes).
         self.history: list[tuple[int, float, float, int | str | None, str]] | None = None
         self.released = False  # its value was dropped once consumed (run(keep=...))
+        self.level: int | None = None  # its dependency level (parallel group), 0 = no deps
 
     @property
     def duration(self) -> float | None:
@@ -127,6 +130,7 @@ class RunStats:
             (every attempt, retries included).
         scheduler_overhead: CPU seconds the scheduler thread used.
         cpu_utilization: System CPU use during the run, in percent of all cores, if measured.
+        parallel_groups: Dependency levels in which more than one task ran at the same time.
     """
 
     makespan: float = 0.0
@@ -139,9 +143,46 @@ class RunStats:
     critical_path: list[str] = field(default_factory=list)
     scheduler_overhead: float = 0.0
     cpu_utilization: float | None = None
+    parallel_groups: int = 0
 
     def __getitem__(self, key: str) -> Any:  # stats["makespan"] reads like the API table
         return getattr(self, key)
+
+
+def build_stats(tasks: Sequence[TaskRun], is_group: Sequence[bool], *, makespan: float,
+                pool_utilization: dict[str, float], critical_path: list[str],
+                scheduler_overhead: float) -> RunStats:
+    """The figures of a run, from its task records (groups are their members' work)."""
+    spans: list[tuple[float, float]] = []
+    by_level: dict[int, list[tuple[float, float]]] = {}
+    for tr, group in zip(tasks, is_group):
+        if group:
+            continue
+        mine = [(s, f) for _, s, f, _, _ in tr.history or ()]
+        if tr.started_at is not None and tr.finished_at is not None:
+            mine.append((tr.started_at, tr.finished_at))
+        spans.extend(mine)
+        if tr.level is not None:
+            by_level.setdefault(tr.level, []).extend(mine)
+    total = sum(f - s for s, f in spans)
+    return RunStats(
+        makespan=makespan, total_task_time=total,
+        speedup=total / makespan if makespan > 0 else 0.0,
+        max_concurrency=_peak_overlap(spans),
+        mean_concurrency=total / makespan if makespan > 0 else 0.0,
+        pool_utilization=pool_utilization, critical_path=critical_path,
+        scheduler_overhead=scheduler_overhead,
+        parallel_groups=sum(1 for level in by_level.values() if _peak_overlap(level) > 1))
+
+
+def _peak_overlap(spans: Sequence[tuple[float, float]]) -> int:
+    """Most intervals open at once (an interval ending when another starts does not count)."""
+    points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
+    cur = peak = 0
+    for _, d in points:
+        cur += d
+        peak = max(peak, cur)
+    return peak
 
 
 class RunResult:
@@ -262,18 +303,21 @@ class RunResult:
     def summary(self) -> str:
         """An aligned text table: one row per task, then the run's figures.
 
-        ``duration`` is the last attempt's; ``total`` runs from the first attempt's start to
+        ``level`` is the task's dependency level (its parallel group); ``duration`` is the
+        last attempt's; ``total`` runs from the first attempt's start to
         the final end (every attempt and retry wait); ``wait`` is the time from ready to the
         first start. Ids are printed with control characters escaped.
         """
-        head = ("task", "status", "attempts", "duration", "total", "wait", "worker", "peak mem")
+        head = ("task", "status", "attempts", "level", "duration", "total", "wait", "worker",
+                "peak mem")
         rows = [head]
         for tr in self.tasks.values():
-            rows.append((printable(tr.id), tr.status, str(tr.attempts), _secs(tr.duration),
-                         _secs(tr.elapsed), _secs(tr.wait_time), worker_label(tr.worker),
-                         _bytes(tr.peak_memory)))
+            rows.append((printable(tr.id), tr.status, str(tr.attempts),
+                         "" if tr.level is None else str(tr.level), _secs(tr.duration),
+                         _secs(tr.elapsed),
+                         _secs(tr.wait_time), worker_label(tr.worker), _bytes(tr.peak_memory)))
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
-        right = {2, 3, 4, 5, 7}
+        right = {2, 3, 4, 5, 6, 8}
         lines = []
         for n, row in enumerate(rows):
             cells = [c.rjust(w) if k in right else c.ljust(w)
@@ -286,7 +330,10 @@ class RunResult:
         lines.append("")
         lines.append(f"{printable(self.workflow)}: {self.status} ({counts}) in {s.makespan:.3f}s; "
                      f"task time {s.total_task_time:.3f}s, speedup {s.speedup:.2f}, "
-                     f"max concurrency {s.max_concurrency}")
+                     f"max concurrency {s.max_concurrency}, "
+                     f"{s.parallel_groups} parallel group(s)"
+                     + "".join(f", pool {printable(k)} {v:.0%} used"
+                               for k, v in s.pool_utilization.items()))
         return "\n".join(lines)
 
     def to_chrome_trace(self, path: str | os.PathLike[str]) -> None:

@@ -49,9 +49,9 @@ from ._errors import Cancelled, MemoryLimitExceeded, PicklingError, TaskOptionEr
     TaskTimeout, WaitTimeout, WorkerCrashed, WorkflowError
 from ._events import DRAIN_TIMEOUT, Emitter, Event, ProgressBar, logger, want_progress
 from ._gates import build_gates, check_resources
-from ._graph import critical_path
+from ._graph import critical_path, depths as graph_levels
 from ._pools import ThreadPool, process_pool
-from ._results import RunResult, RunStats, TaskRun
+from ._results import RunResult, RunStats, TaskRun, build_stats
 from ._gates import CapacityGate
 from ._task import Outcome, TaskSpec, resolve_args, resolve_refs
 from ._worker import STARTED
@@ -202,6 +202,9 @@ class _Scheduler:
         self.npending = [len(d) for d in graph.deps]
         self.state = [TaskState.WAITING] * n
         self.runs = [TaskRun(s.id) for s in specs]
+        self.level = graph_levels(graph)
+        for tr, level in zip(self.runs, self.level):
+            tr.level = level
         self.values: list[Any] = [None] * n
         rank = graph.rank
         self.keys = [(-s.priority, -rank[i], i) for i, s in enumerate(specs)]
@@ -1045,6 +1048,7 @@ class _Scheduler:
                           and not spec.memory)
         self.member_of.append([group])
         self.is_group.append(False)
+        self.runs[i].level = self.level[group]  # the map's own level: its items run there
         if self.releasing:
             self.nconsumers.append(1)  # the map collects it
             self.kept.append(False)
@@ -1175,32 +1179,14 @@ class _Scheduler:
         logger.info("run of %r %s in %.3fs", self.name, status, stats.makespan)
 
     def stats(self, end: float) -> RunStats:
-        makespan = end - self.t0
-        spans: list[tuple[float, float]] = []
-        for i, tr in enumerate(self.runs):
-            if self.is_group[i]:
-                continue  # a group's span is its members' work
-            for _, s, f, _, _ in tr.history or ():
-                spans.append((s, f))
-            if tr.started_at is not None and tr.finished_at is not None:
-                spans.append((tr.started_at, tr.finished_at))
-        total = sum(f - s for s, f in spans)
-        points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
-        cur = peak = 0
-        for _, d in points:
-            cur += d
-            peak = max(peak, cur)
         durations = [tr.elapsed or 0.0 for tr in self.runs]  # every attempt counts
         pools = {g.name[5:]: g.utilization() for g in self.gates if g.name.startswith("pool:")}
         for pool in self.wf.pools:
             pools.setdefault(pool, 0.0)
-        return RunStats(
-            makespan=makespan, total_task_time=total,
-            speedup=total / makespan if makespan > 0 else 0.0,
-            max_concurrency=peak, mean_concurrency=total / makespan if makespan > 0 else 0.0,
-            pool_utilization=pools,
-            critical_path=critical_path(self.graph, durations) if self.n else [],
-            scheduler_overhead=getattr(self, "cpu_time", 0.0))
+        return build_stats(self.runs, self.is_group, makespan=end - self.t0,
+                           pool_utilization=pools,
+                           critical_path=critical_path(self.graph, durations) if self.n else [],
+                           scheduler_overhead=getattr(self, "cpu_time", 0.0))
 
 
 class Run:

@@ -119,3 +119,28 @@ def test_worker_column_reads_as_thread_or_process():
     assert f"process {pid}" in text and "thread 1" in text
     assert f"process {pid}" in result._repr_html_()
     assert result.tasks["p"].worker == pid  # the record keeps the raw pid (API section 5)
+
+
+def test_levels_and_parallel_groups():
+    """Each task records its dependency level; stats count the levels where more than one
+    task ran at once, and the summary shows both."""
+    import threading
+    both = threading.Barrier(2, timeout=30)  # the two level-0 tasks provably overlap
+
+    def meet():
+        both.wait()
+        return 1
+
+    with px.Workflow("w") as wf:
+        a = wf.add(px.task(meet).options(id="a"))
+        b = wf.add(px.task(meet).options(id="b"))
+        c = wf.add(px.task(lambda x, y: x + y).options(id="c"), a, b)
+        wf.add(px.task(noop).options(id="d"), c)
+    result = px.run(wf, max_workers=2, progress=False)
+    assert [result.tasks[t].level for t in "abcd"] == [0, 0, 1, 2]
+    assert result.stats.parallel_groups == 1
+    assert "1 parallel group(s)" in result.summary()
+    with px.Workflow("w") as wf:
+        a, b = wf.add(noop), wf.add(noop)
+        wf.add(noop, a, b)
+    assert px.run(wf, parallel=False, progress=False).stats.parallel_groups == 0
