@@ -222,6 +222,7 @@ def worker_main(conn: Any) -> None:
     global _meter
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _become_subreaper()
+    _allow_children()
     _meter = PeakMeter()
     _watch_parent()
     recv, send = conn.recv_bytes, conn.send_bytes
@@ -233,6 +234,19 @@ def worker_main(conn: Any) -> None:
             return
         send(run_payload(data))
         del data
+
+
+def _allow_children() -> None:
+    """Let tasks start processes of their own, a nested run's process workers included.
+
+    multiprocessing refuses children to a daemonic process (its atexit hook would orphan
+    them); a worker is started daemonic so the driver never waits for it at exit. Inside the
+    worker the flag is cleared: what the worker starts is killed with it anyway (see
+    ``kill_tree``), and a nested pool's workers watch the worker as their parent. See issue
+    12 item 15.
+    """
+    import multiprocessing
+    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
 
 
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>

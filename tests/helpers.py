@@ -192,3 +192,12 @@ def start_detached_sleep(pidfile, seconds=123):
     subprocess.run(["sh", "-c", f'sleep {seconds} & echo $! > "$0.tmp"; mv "$0.tmp" "$0"',
                     pidfile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return "detached"
+
+
+def nested_process_run(n=2):
+    """Run a workflow of ``n`` process tasks from inside a task; return (own pid, their pids)."""
+    with px.Workflow("inner", isolation="process", max_workers=n) as wf:
+        for i in range(n):
+            wf.add(px.task(pid).options(id=f"inner-{i}"))
+    result = px.run(wf, progress=False)
+    return os.getpid(), sorted(result.results.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import textwrap
 import time
 
 import helpers
@@ -367,3 +368,56 @@ def test_forked_child_that_exits_leaves_the_parents_worker_alone(run_script, tmp
     print(r.tasks["hold"].status, r["hold"] == worker if r.ok else r.errors)
     """, timeout=100)
     assert proc.stdout.split()[-2:] == ["succeeded", "True"], proc.stdout + proc.stderr
+
+
+# Process inside process (issue 12 item 15) ------------------------------------------------
+
+def test_process_task_can_run_a_workflow_of_process_tasks():
+    """A process task runs its own workflow of process tasks; their workers are its children."""
+    outer, inner = run_one(helpers.nested_process_run)["t"]
+    assert inner and outer not in inner
+    for p in inner:  # idle in the outer worker's own pool, so its children
+        assert psutil.Process(p).ppid() == outer
+
+
+@pytest.mark.timeout(120)
+def test_inner_workers_are_gone_after_the_driver_exits(run_script, tmp_path):
+    """Workers of a nested run die with the outer worker: after a normal driver exit and
+    after the driver is SIGKILLed."""
+    import subprocess
+    import sys
+    source = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import parexec as px, helpers
+        with px.Workflow('outer', isolation='process') as wf:
+            wf.add(px.task(helpers.nested_process_run).options(id='t'))
+        outer, inner = px.run(wf, progress=False)['t']
+        print(*inner, flush=True)
+        if sys.argv[1:] == ['hang']:
+            sys.stdin.read()
+    """)
+    proc = run_script(source)
+    assert proc.returncode == 0, proc.stderr
+    pids = [(int(p), psutil.Process(int(p)).create_time()) for p in proc.stdout.split()
+            if psutil.pid_exists(int(p))]
+    assert not _wait_gone(pids, 15), "inner workers outlived the driver's normal exit"
+
+    script = tmp_path / "hang.py"
+    script.write_text(source)
+    victim = subprocess.Popen([sys.executable, str(script), "hang"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        line = victim.stdout.readline()
+        pids = [(int(p), psutil.Process(int(p)).create_time()) for p in line.split()]
+        assert pids, "the nested run printed no pids"
+        victim.kill()
+        victim.wait(10)
+        assert not _wait_gone(pids, 15), "inner workers outlived the SIGKILLed driver"
+    finally:
+        victim.kill()
+        victim.wait(10)
+        victim.stdin.close()
+        victim.stdout.close()
+        _wait_gone(pids, 0)
