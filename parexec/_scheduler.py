@@ -1233,7 +1233,12 @@ class Run:
 
     def cancel(self) -> None:
         """Stop the run: pending tasks are cancelled, process tasks are stopped at once,
-        thread tasks get their cancel flag. Returns at once; ``wait()`` for the result."""
+        thread tasks get their cancel flag.
+
+        Safe to call from any thread (an event callback, a signal handler, a task) and more
+        than once; it returns at once. ``wait()`` then returns the result with status
+        ``"cancelled"`` (it does not raise for a cancelled run).
+        """
         self._scheduler.queue.put((None, "cancel", None, None, None))
 
     def done(self) -> bool:
@@ -1251,9 +1256,15 @@ class Run:
         Args:
             timeout: Seconds to wait at most (None: no limit).
 
+        A cancelled or partial run returns its result; only a ``"failed"`` or
+        ``"timed_out"`` run raises (with ``check=True``). Completed tasks keep their values
+        whatever the status.
+
         Raises:
             WaitTimeout: The run did not finish within ``timeout`` (it goes on).
             WorkflowFailed: ``check=True`` and the run failed or timed out.
+            StoreError: Records could not be written to the run's store (unless the store
+                was opened with ``on_write_error="warn"``).
         """
         if not self._done.wait(timeout):
             raise WaitTimeout(f"run of {self.workflow!r} still going after {timeout}s")
