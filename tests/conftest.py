@@ -161,7 +161,8 @@ def run_script(tmp_path):
     def run(source: str, timeout: float = 60, **kwargs):
         path = tmp_path / "script.py"
         path.write_text(textwrap.dedent(source))
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep
+                   + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
                               timeout=timeout, env=env, cwd=tmp_path, **kwargs)
     return run

@@ -15,8 +15,8 @@ VENV = Path(sys.prefix)
 
 # The leak check of tests/conftest.py (issue 22 item 1, issue 13 item 4) -------------------
 
-def _inner_session(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, folder: str, test_source: str,
-                   grace: float = 0.5) -> pytest.RunResult:
+def _inner_session(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, folder: str,
+                   test_source: str, grace: float = 0.5) -> pytest.RunResult:
     """Run ``test_source`` under a copy of tests/conftest.py, in ``<tmp>/<folder>``, with
     this venv reached through ``<tmp>/<folder>/.venv`` (as in a clone of that name)."""
     root = pytester.path / folder
