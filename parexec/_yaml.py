@@ -60,6 +60,11 @@ STEP_TYPES = {"script": ("command", "args", "shell", "env", "cwd"),
               "python": ("call", "args", "kwargs", "isolation")}
 _REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# How many values aliases may add to a file once expanded. Reusing a config block through
+# an alias adds tens or thousands; a million Python values cost about 100 MB at worst, and a
+# file without aliases is never refused, whatever its size (its cost is what it holds).
+MAX_ALIAS_EXPANSION = 1_000_000
+_SIZE_CAP = 1 << 62  # sizes stop growing here, so a deep bomb never builds huge integers
 _EXCLUSIVE = "__exclusive__"  # the pool a step with parallel.enabled: false takes whole
 _EXCLUSIVE_UNITS = 1_000_000
 
@@ -105,6 +110,38 @@ class StepOutput(str):
         return (StepOutput, (str(self), self.stderr, self.returncode))
 
 
+def _safe_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # type: ignore[misc]
+        """PyYAML's safe loader that also remembers anchor names, for messages."""
+
+        anchor_names: dict[int, str]
+        anchors: dict[str, Any]
+
+        def compose_document(self) -> Any:
+            # As yaml.composer.Composer.compose_document, keeping the anchors it forgets.
+            self.get_event()
+            node = self.compose_node(None, None)
+            self.get_event()
+            self.anchor_names = {id(n): name for name, n in self.anchors.items()}
+            self.anchors = {}
+            return node
+    return Loader
+
+
+def _SafeLoader(text: str) -> Any:  # noqa: N802 - a class made on first use (lazy import)
+    global _loader_class
+    if _loader_class is None:
+        _loader_class = _safe_loader()
+    loader = _loader_class(text)
+    loader.anchor_names = {}
+    return loader
+
+
+_loader_class: Any = None
+
+
 def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None) -> Workflow:
     """Read a YAML pipeline and return its ``Workflow``.
 
@@ -117,9 +154,17 @@ def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None) 
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as exc:
         raise WorkflowError(f"{p}: cannot read the file ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # YAML files are UTF-8; a leading BOM is allowed
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise WorkflowError(f"{p}:{line}:{column}: not UTF-8: byte 0x{raw[exc.start]:02x} at "
+                            f"offset {exc.start} cannot be decoded; save the file as UTF-8"
+                            ) from None
     return loads(text, source=str(p), inputs=inputs, base=p.parent)
 
 
@@ -171,36 +216,110 @@ class _Loader:
     # Parsing --------------------------------------------------------------------------
 
     def parse(self) -> Any:
+        """Parse the text: syntax, bounded alias expansion, then the data and positions."""
         import yaml
+        loader = None
         try:
-            node = yaml.compose(self.text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(self.text)
+            loader = _SafeLoader(self.text)
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            self.check_expansion(node, loader.anchor_names)
+            data = loader.construct_document(node)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            line = self.text.splitlines()[mark.line] if mark and mark.line < len(
-                self.text.splitlines()) else ""
+            lines = self.text.splitlines()
+            line = lines[mark.line] if mark and mark.line < len(lines) else ""
             if "\t" in line[:len(line) - len(line.lstrip())] or "'\\t'" in str(exc):
                 msg = "tab character used for indentation; YAML allows only spaces"
             else:
                 msg = f"YAML syntax error: {exc.problem or exc}"
             raise WorkflowError(f"{self.source}{pos}: {msg}") from None
-        self._marks(node, ())
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+            before = self.text[:exc.position]
+            pos = f":{before.count(chr(10)) + 1}:{len(before) - before.rfind(chr(10))}"
+            raise WorkflowError(f"{self.source}{pos}: character {chr(exc.character)!r} is not "
+                                "allowed in YAML; remove it or write it as an escape inside "
+                                "a double-quoted string") from None
+        except RecursionError:
+            # PyYAML composes and constructs recursively; a pipeline needs a few levels.
+            pos = f":{loader.line + 1}:{loader.column + 1}" if loader is not None else ""
+            raise WorkflowError(f"{self.source}{pos}: nested too deeply for YAML to read; a "
+                                "pipeline needs only a few levels of nesting") from None
+        finally:
+            if loader is not None:
+                loader.dispose()
+        self._marks(node)
         return data
 
-    def _marks(self, node: Any, path: tuple[Any, ...]) -> None:
+    def check_expansion(self, root: Any, anchor_names: Mapping[int, str]) -> None:
+        """Refuse a self-containing anchor, and aliases that expand the file beyond reason.
+
+        PyYAML shares an aliased node, so parsing costs what the file holds; but whatever
+        walks the data (and the old position walk) pays for every expanded copy: nine
+        levels of nine aliases are 387 million values (a "billion laughs"). Sizes are
+        counted per node, once (iterative, memoized), so this check costs what the file holds.
+        """
         import yaml
-        if node is None:
-            return
-        self.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = path + (key.value,)
-                self.marks[sub] = (key.start_mark.line + 1, key.start_mark.column + 1)
-                self._marks(value, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for k, item in enumerate(node.value):
-                self._marks(item, path + (k,))
+        size: dict[int, int] = {}
+        expanding: set[int] = set()  # the nodes on the current path (a cycle returns to one)
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            node, finished = stack.pop()
+            key = id(node)
+            children: list[Any] = []
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = node.value
+            if finished:
+                expanding.discard(key)
+                size[key] = min(1 + sum(size[id(c)] for c in children), _SIZE_CAP)
+                continue
+            if key in size:
+                continue
+            if key in expanding:
+                name = anchor_names.get(key)
+                mark = node.start_mark
+                raise WorkflowError(
+                    f"{self.source}:{mark.line + 1}:{mark.column + 1}: anchor "
+                    f"{'&' + name if name else ''} contains itself (an alias inside it refers "
+                    "back to it), which would be infinitely deep; refer to it only from "
+                    "outside")
+            expanding.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+        added = size[id(root)] - len(size)  # what aliases add to the file's own values
+        if added > MAX_ALIAS_EXPANSION:
+            raise WorkflowError(
+                f"{self.source}: aliases expand it to more than {MAX_ALIAS_EXPANSION:,} values "
+                f"(it holds {len(size):,} of its own); refusing it, as an alias bomb would "
+                "exhaust time and memory; write the repeated parts out or reuse fewer aliases")
+
+    def _marks(self, root: Any) -> None:
+        """Record the line and column of every path, visiting each node once.
+
+        A node reached again through an alias keeps its first path's marks: a problem under
+        it is reported at the alias (or the anchor) rather than walked again.
+        """
+        import yaml
+        seen: set[int] = set()
+        stack: list[tuple[Any, tuple[Any, ...]]] = [(root, ())]
+        while stack:
+            node, path = stack.pop()
+            self.marks.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if isinstance(key, yaml.ScalarNode):
+                        sub = path + (key.value,)
+                        self.marks[sub] = (key.start_mark.line + 1, key.start_mark.column + 1)
+                        stack.append((value, sub))
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend((item, path + (k,)) for k, item in enumerate(node.value))
 
     # Building -------------------------------------------------------------------------
 

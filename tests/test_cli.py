@@ -43,6 +43,8 @@ def test_validate_and_graph_formats():
     ("name: x\nsteps:\n\t- id: a\n", "tab character"),
     ("name: x\nsteps:\n  - id: a\n    type: nope\n", "unknown type 'nope'"),
     ("name: [unclosed\n", "YAML syntax error"),
+    ("name: x\nsteps: &a [*a]\n", "anchor &a contains itself"),
+    ("name: a\x07b\n", "character '\\x07' is not allowed"),
 ])
 def test_invalid_file_exits_2_without_traceback(tmp_path, content, words):
     """A bad file: exit status 2, one clear message, no Python traceback."""
@@ -173,3 +175,14 @@ def test_cli_restores_the_callers_signal_handlers(tmp_path):
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "graph"])
+def test_file_not_utf8_exits_2_naming_the_byte(tmp_path, command):
+    """A file that is not UTF-8: exit 2, one line naming the file and the byte, no traceback."""
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("name: caf\u00e9\nsteps: []\n".encode("latin-1"))
+    proc = parexec(command, f)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{f}:1:10: not UTF-8: byte 0xe9 at offset 9" in proc.stderr
+    assert "Traceback" not in proc.stderr

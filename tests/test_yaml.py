@@ -311,3 +311,82 @@ def test_env_defaults(tmp_path, monkeypatch):
                  "'${env.PX_UNSET:-build/out}', '[${env.PX_UNSET:-}]', '${env.PX_SET:-x}']}\n")
     result = px.run(px.load(f), progress=False)
     assert result["say"] == "['build/out', '[]', 'from-env']"
+
+
+def _laughs(levels: int = 9) -> str:
+    """The classic "billion laughs" file: each level lists the previous one nine times."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for k in range(1, levels):
+        prev, cur = chr(ord("a") + k - 1), chr(ord("a") + k)
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(60)
+def test_alias_bomb_fails_fast_with_bounded_memory(tmp_path):
+    """A billion-laughs file (under 519 bytes) is refused in under 2 s of CPU, in a process
+    that stays small."""
+    import subprocess
+    import sys
+    f = tmp_path / "bomb.yaml"
+    f.write_text(_laughs() + "name: bomb\nsteps:\n  - id: s\n    type: script\n"
+                 "    config: {command: echo, args: *i}\n")
+    assert len(f.read_bytes()) <= 519  # 9**9 (387 million) strings once expanded
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, parexec as px\n"
+                             "try:\n    px.load(sys.argv[1])\n"
+                             "except px.WorkflowError as exc:\n    print(exc)\n", str(f)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        proc.kill()
+    out = proc.stdout.read()
+    proc.stdout.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "aliases expand it to more than 1,000,000 values" in out, out
+    assert usage.ru_utime + usage.ru_stime < 2, "loading the bomb took too long"
+    assert usage.ru_maxrss < 300 * 1024, f"peak RSS {usage.ru_maxrss} KiB"
+    assert time.monotonic() - t0 < 30
+
+
+def test_aliases_that_expand_modestly_are_fine(tmp_path):
+    """Anchors and aliases used the normal way (a shared config) still load."""
+    f = tmp_path / "p.yaml"
+    f.write_text("name: s\nsteps:\n"
+                 f"  - id: a\n    type: script\n    config: &c {{command: {PY}, args: ['-c', "
+                 "'print(7)']}\n"
+                 "  - id: b\n    type: script\n    config: *c\n")
+    result = px.run(px.load(f), progress=False)
+    assert result["a"] == result["b"] == "7"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("name: x\nsteps: &a [*a]\n", r"x.yaml:2:8: anchor &a contains itself"),
+    ("name: x\nsteps: &a {k: [*a]}\n", r"x.yaml:2:8: anchor &a contains itself"),
+    ("name: x\nsteps: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deeply"),
+])
+def test_self_referencing_anchor_and_deep_nesting_are_clear_errors(tmp_path, text, words):
+    """A recursive anchor or absurd nesting is a WorkflowError with a position, not a
+    RecursionError."""
+    f = tmp_path / "x.yaml"
+    f.write_text(text)
+    with pytest.raises(px.WorkflowError, match=words):
+        px.load(f)
+
+
+def test_file_that_is_not_utf8_names_the_byte(tmp_path):
+    """Bytes that are not UTF-8 give a WorkflowError naming the file, position and byte."""
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("name: caf\u00e9\nsteps: []\n".encode("latin-1"))
+    with pytest.raises(px.WorkflowError) as info:
+        px.load(f)
+    assert str(info.value).startswith(f"{f}:1:10: not UTF-8: byte 0xe9 at offset 9")
+
+
+def test_control_characters_yaml_refuses_are_clear_errors(tmp_path):
+    """A character YAML does not allow (here BEL) is a WorkflowError with its position."""
+    f = tmp_path / "bel.yaml"
+    f.write_text("name: a\x07b\nsteps: []\n")
+    with pytest.raises(px.WorkflowError, match=r"bel.yaml:1:8: .*'\\x07'"):
+        px.load(f)
