@@ -13,6 +13,21 @@ Gates exist only when they can bind: a run of plain tasks has just the slot gate
 * ``memory``   declared ``memory``, capacity ``memory_budget``, and psutil-measured available
                memory must cover the task's need
 * ``pool:X``   units of named pool ``X``
+
+Reservations (issue 21 item 10). Without them a task that needs a whole pool starves behind
+smaller, lower-ranked tasks: each time one unit comes back, a small task takes it. So the
+best-ranked task a gate refuses for lack of units holds that gate's *reservation* until it
+starts. A lower-ranked task may then take units of that gate only when that cannot delay
+the holder (backfilling, as batch schedulers do):
+
+* it fits beside the reservation (``used + need + holder's need <= capacity``), or
+* its ``estimate`` says it ends before the holder could start anyway: the *shadow time*,
+  when the running tasks' estimates say enough units come back (a running task with no
+  estimate may end at any moment, so it brings the shadow time to now).
+
+A better-ranked task takes the reservation over. Gates keep their reservations apart, so a
+task waiting on a pool does not hold up tasks that use only the CPU budget, and a task
+needing the whole CPU budget is protected the same way as one needing a whole pool.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ class CapacityGate:
     """
 
     __slots__ = ("name", "capacity", "needs", "used", "blocks_all", "parked", "_track",
-                 "_area", "_since", "_start")
+                 "_area", "_since", "_start", "holder", "holder_key", "holder_need", "shadow")
 
     def __init__(self, name: str, capacity: float, needs: list[float], *,
                  blocks_all: bool = False, track: bool = False) -> None:
@@ -56,6 +71,13 @@ class CapacityGate:
         self._track = track
         self._area = 0.0
         self._since = self._start = time.monotonic()
+        # The reservation (see "Reservations" in the module docstring): the best task this
+        # gate refused for lack of units, or -1. Tasks ranked below it may take units only
+        # when that cannot delay it.
+        self.holder = -1
+        self.holder_key: tuple[object, ...] = ()
+        self.holder_need: float = 0
+        self.shadow: float | None = None  # cached earliest start of the holder (monotonic)
 
     def need(self, i: int) -> float:
         """Units task ``i`` needs."""
@@ -73,6 +95,7 @@ class CapacityGate:
             if self._track:
                 self._tick()
             self.used += need
+            self.shadow = None
 
     def release(self, i: int) -> None:
         """Task ``i`` stopped using its units."""
@@ -81,6 +104,32 @@ class CapacityGate:
             if self._track:
                 self._tick()
             self.used -= need
+            self.shadow = None
+
+    def reserve(self, i: int, key: tuple[object, ...]) -> bool:
+        """Make task ``i`` (ready key ``key``), refused for lack of units, the holder.
+
+        A better-ranked holder keeps the reservation. Returns whether ``i`` took it.
+        """
+        if self.holder >= 0 and self.holder_key <= key:
+            return False
+        self.holder, self.holder_key, self.holder_need = i, key, self.needs[i]
+        self.shadow = None
+        return True
+
+    def unreserve(self) -> None:
+        """The holder started, or no longer waits: nothing is reserved."""
+        self.holder = -1
+        self.holder_key = ()
+        self.holder_need = 0
+        self.shadow = None
+
+    def spares(self, i: int) -> bool:
+        """Whether task ``i`` fits beside the reservation.
+
+        Then the units it takes are not among those the holder waits for, whatever happens.
+        """
+        return self.used + self.needs[i] + self.holder_need <= self.capacity
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -152,7 +201,8 @@ def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
                                 "the CPU budget defaults to max_workers")
         if memory_budget is not None and spec.memory is not None and spec.memory > memory_budget:
             raise ResourceError(spec.id, "memory", spec.memory, memory_budget,
-                                "memory_budget defaults to 90% of the memory available at the start")
+                                "memory_budget defaults to 90% of the memory available at "
+                                "the start")
 
 
 def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers: int,
@@ -161,10 +211,10 @@ def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers
     """The gates a run needs, slots first; gates that could never bind are left out."""
     gates: list[CapacityGate] = [CapacityGate("slots", max_workers,
                                               [1.0 if x else 0.0 for x in local], blocks_all=True)]
-    cpus = [s.cpus if loc else 0 for s, loc in zip(specs, local)]
+    cpus = [s.cpus if loc else 0 for s, loc in zip(specs, local, strict=True)]
     if force_cpu_gate or cpu_budget < max_workers or any(c not in (0, 1) for c in cpus):
         gates.append(CapacityGate("cpus", cpu_budget, cpus))
-    memory = [float(s.memory or 0) if loc else 0.0 for s, loc in zip(specs, local)]
+    memory = [float(s.memory or 0) if loc else 0.0 for s, loc in zip(specs, local, strict=True)]
     if any(memory):
         gates.append(MemoryGate(memory_budget, memory))
     for pool, capacity in pools.items():

@@ -421,32 +421,92 @@ class _Scheduler:
             if state[i] is not _READY:  # cancelled while it waited (a group resolved early)
                 heapq.heappop(ready)
                 continue
+            short = True  # refused for lack of units (not for another task's reservation)
             for g in gates:
                 if not g.admits(i):
                     break
+                if g.holder >= 0 and g.holder != i and g.needs[i] and key > g.holder_key \
+                        and not self.may_backfill(g, i):
+                    short = False
+                    break
             else:
                 heapq.heappop(ready)
-                self.launch(i)
+                self.start_reserved(i)
                 continue
             if self.nholding == 0:
                 heapq.heappop(ready)  # nothing is running: the best task always starts
-                self.launch(i)
+                self.start_reserved(i)
                 continue
             if g.blocks_all:
                 if (self.nprefetched < self.threads.max_threads and self.plain[i]
                         and self.mean_thread_duration < PREFETCH_BELOW
-                        and all(h.admits(i) for h in gates[1:])):
+                        and all(h.admits(i) and (h.holder < 0 or not h.needs[i]
+                                                 or h.spares(i)) for h in gates[1:])):
                     heapq.heappop(ready)
                     self.launch(i, prefetch=True)
                     continue
                 return
             heapq.heappop(ready)
             heapq.heappush(g.parked, key)
+            if short and g.reserve(i, key) and g.parked:
+                self.unpark(g)  # a smaller reservation than before may leave room
             if getattr(g, "measured_refusal", False):
                 g.measured_refusal = False  # type: ignore[attr-defined]
                 if not self.recheck_pending:
                     self.recheck_pending = True
                     self.add_deadline(self.clock() + MEMORY_RECHECK, _RECHECK, g)
+
+    def start_reserved(self, i: int) -> None:
+        """Launch ``i``, ending the reservations it held (see ``_gates``: Reservations)."""
+        self.launch(i)
+        for g in self.gates:
+            if g.holder == i:
+                g.unreserve()
+                if g.parked and g.used < g.capacity:
+                    self.unpark(g)
+
+    def may_backfill(self, g: Any, i: int) -> bool:
+        """Whether ``i``, ranked below the holder of ``g``'s reservation, may take units of
+        ``g`` now: it fits beside the reservation, or its estimate ends before the holder
+        could start anyway (the shadow time)."""
+        holder = g.holder
+        if self.state[holder] is not _READY:  # cancelled, or started without unreserving
+            g.unreserve()
+            return True
+        if g.spares(i):
+            return True
+        estimate = self.specs[i].estimate
+        if estimate is None:
+            return False
+        shadow: float | None = g.shadow
+        if shadow is None:
+            shadow = g.shadow = self.shadow_time(g)
+        return self.clock() + estimate <= shadow
+
+    def shadow_time(self, g: Any) -> float:
+        """When the running tasks' estimates say ``g`` has the units its holder needs
+        (monotonic seconds). A task with no estimate, or past it, may end any moment."""
+        now = self.clock()
+        short = g.used + g.holder_need - g.capacity
+        if short <= 0:
+            return now
+        needs, specs, runs, offset = g.needs, self.specs, self.runs, self.offset
+        ends = []
+        for attempt in self.running:  # at most max_workers (plus cluster tasks)
+            j = attempt.index
+            need = needs[j]
+            if need:
+                estimate = specs[j].estimate
+                started = runs[j].started_at
+                end = now if estimate is None or started is None else \
+                    max(now, started - offset + estimate)
+                ends.append((end, need))
+        ends.sort()
+        for end, need in ends:
+            short -= need
+            if short <= 0:
+                return end
+        return now  # units held by attempts already decided (timed-out threads): unknown
 
     def launch(self, i: int, prefetch: bool = False) -> None:
         spec = self.specs[i]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import noop, sleep_then
 
 import parexec as px
 from parexec._gates import CapacityGate
-from helpers import noop, sleep_then
 
 
 def test_capacity_gate_accounting():
@@ -45,7 +45,7 @@ def test_cpu_budget_gates_by_cpus():
     ({"pools": {"db": 3}}, {"pools": {"db": 2}}, "needs pools['db']=3 but the capacity is 2"),
     ({"pools": "gpu"}, {}, "pool 'gpu', which the workflow does not declare"),
     ({"cpus": 8}, {"max_workers": 2}, "needs cpus=8 but the capacity is 2"),
-    ({"memory": "10GB"}, {"memory_budget": "1GB"}, "needs memory=10000000000"),
+    ({"memory": "10GB"}, {"memory_budget": "1GB"}, "needs memory=10 GB but the capacity is 1 GB"),
 ])
 def test_impossible_needs_are_resource_errors(options, workflow, fragment):
     """A need above a capacity is a ResourceError naming task, resource, need and capacity."""
@@ -68,3 +68,64 @@ def test_memory_gate_admits_within_budget():
             wf.add(px.task(sleep_then).options(memory="600MB"), 0.1)
     result = px.run(wf, max_workers=2, memory_budget="1GB", progress=False)
     assert result.ok and result.stats.max_concurrency == 1
+
+
+def _whole_gate_workflow(gate):
+    """Thirty small tasks and one priority=10 task that needs the whole pool (or budget),
+    ready 20 ms after the small ones took the units."""
+    big_opts = {"pools": {"db": 2}} if gate == "pool" else {"cpus": 2}
+    small_opts = {"pools": "db"} if gate == "pool" else {"cpus": 1}
+    with px.Workflow("starve", pools={"db": 2}) as wf:
+        first = wf.add(px.task(sleep_then).options(id="first"), 0.02)
+        for k in range(30):
+            wf.add(px.task(sleep_then).options(id=f"small{k}", **small_opts), 0.05)
+        wf.add(px.task(sleep_then).options(id="big", priority=10, after=[first], **big_opts),
+               0.05)
+    return wf
+
+
+@pytest.mark.parametrize("gate", ["pool", "cpu"])
+def test_task_needing_a_whole_gate_is_not_starved(gate):
+    """A priority=10 task needing both units of a pool (or the whole CPU budget) starts once
+    the units held when it became ready come back: no lower task takes them meanwhile."""
+    wf = _whole_gate_workflow(gate)
+    result = px.run(wf, max_workers=2, cpu_budget=2 if gate == "cpu" else None, progress=False)
+    assert result.ok
+    big = result.tasks["big"]
+    smalls = [t for k, t in result.tasks.items() if k.startswith("small")]
+    jumped = [t.id for t in smalls if big.queued_at < t.started_at < big.started_at]
+    assert jumped == [], f"{jumped} started while 'big' waited for the units"
+    # and it did not wait for the thirty: only those running when it became ready went first
+    assert sum(t.started_at < big.started_at for t in smalls) <= 2
+
+
+def test_backfill_only_tasks_that_end_before_the_reserved_task_could_start():
+    """While a task waits for a whole pool, a lower task whose estimate ends before the
+    units could come back starts at once; one without an estimate waits behind it."""
+    with px.Workflow("backfill", pools={"db": 2}) as wf:
+        first = wf.add(px.task(sleep_then).options(id="first"), 0.02)
+        wf.add(px.task(sleep_then).options(id="long", pools="db", estimate=1.0), 1.0)
+        wf.add(px.task(sleep_then).options(id="big", priority=10, pools={"db": 2},
+                                           after=[first]), 0.05)
+        wf.add(px.task(sleep_then).options(id="quick", pools="db", estimate=0.1,
+                                           after=[first]), 0.1)
+        wf.add(px.task(sleep_then).options(id="unknown", pools="db", after=[first]), 0.1)
+    result = px.run(wf, max_workers=4, progress=False)
+    t = result.tasks
+    assert result.ok
+    assert t["quick"].started_at < t["long"].finished_at <= t["big"].started_at + 1e-3
+    assert t["unknown"].started_at >= t["big"].finished_at - 1e-3
+
+
+def test_reservation_accounting():
+    """A reservation makes room only beside the holder's need; a better task takes it over."""
+    g = CapacityGate("pool:db", 3, [1, 2, 1, 3])
+    g.acquire(0)
+    assert not g.admits(3)
+    assert g.reserve(3, (-10, 0, 3))
+    assert g.admits(2) and not g.spares(2)  # the unit is free, but it is reserved
+    assert not g.reserve(1, (0, 0, 1))       # a lower task does not take it over
+    assert g.reserve(1, (-20, 0, 1)) and g.holder == 1
+    assert g.spares(2) is False and g.holder_need == 2
+    g.unreserve()
+    assert g.spares(2)
