@@ -32,6 +32,7 @@ Every problem of a file is collected and reported together, each with its line a
 from __future__ import annotations
 
 import difflib
+import heapq
 import importlib
 import os
 import re
@@ -687,21 +688,32 @@ class _Loader:
 
 
 def _topo(ids: list[str], deps: Mapping[str, list[str]]) -> list[str]:
-    """Ids with dependencies first (a cycle is left to Workflow.validate to report)."""
-    out: list[str] = []
-    state: dict[str, int] = {}
+    """Ids with dependencies first, in file order among ready steps (Kahn's algorithm).
 
-    def visit(sid: str) -> None:
-        if state.get(sid):
-            return
-        state[sid] = 1
-        for d in deps.get(sid, ()):
-            if d in deps:
-                visit(d)
-        state[sid] = 2
-        out.append(sid)
+    Iterative, so a chain of any length is fine. Steps on a cycle never become ready: they
+    come last, in file order, and Workflow.validate reports the cycle.
+    """
+    known = set(ids)
+    npending = {sid: len({d for d in deps.get(sid, ()) if d in known}) for sid in ids}
+    dependents: dict[str, list[str]] = {sid: [] for sid in ids}
     for sid in ids:
-        visit(sid)
+        for d in set(deps.get(sid, ())):
+            if d in known:
+                dependents[d].append(sid)
+    position = {sid: k for k, sid in enumerate(ids)}
+    ready = [(position[sid], sid) for sid in ids if not npending[sid]]
+    heapq.heapify(ready)
+    out: list[str] = []
+    while ready:
+        _, sid = heapq.heappop(ready)
+        out.append(sid)
+        for child in dependents[sid]:
+            npending[child] -= 1
+            if not npending[child]:
+                heapq.heappush(ready, (position[child], child))
+    if len(out) < len(ids):
+        placed = set(out)
+        out.extend(sid for sid in ids if sid not in placed)
     return out
 
 

@@ -390,3 +390,20 @@ def test_control_characters_yaml_refuses_are_clear_errors(tmp_path):
     f.write_text("name: a\x07b\nsteps: []\n")
     with pytest.raises(px.WorkflowError, match=r"bel.yaml:1:8: .*'\\x07'"):
         px.load(f)
+
+
+@pytest.mark.timeout(120)
+def test_long_chain_listed_downstream_first_validates_and_runs(tmp_path):
+    """1,200 steps in a chain, each listed before the step it depends on, load, validate and
+    run in order (the ordering is iterative: no RecursionError)."""
+    n = 1200
+    f = tmp_path / "chain.yaml"
+    f.write_text("name: chain\nsteps:\n" + "".join(
+        f"  - id: s{k}\n    type: python\n    config: {{call: 'os.path:join', args: "
+        + (f"['${{steps.s{k + 1}.output}}', '{k}']" if k + 1 < n else "['start']") + "}\n"
+        for k in range(n)))
+    wf = px.load(f)
+    wf.validate()
+    assert wf["s0"].deps == ("s1",)
+    result = px.run(wf, progress=False)
+    assert result["s0"] == os.path.join("start", *[str(k) for k in reversed(range(n - 1))])
