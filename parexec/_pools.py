@@ -16,7 +16,9 @@ ARCHITECTURE.md (one owner of state; workers only enqueue) without that cost.
 
 Threads
     Daemon threads, started on demand, one run each. A thread task that ignores its cancel
-    flag keeps its thread but never blocks interpreter exit.
+    flag keeps its thread but never blocks interpreter exit. An ``async def`` task runs on an
+    event loop of its own in its thread; a timeout or cancel cancels its coroutine (see
+    ``_worker.run_coroutine``), so it does stop.
 
 Processes
     One pool per interpreter, reused across runs. Each worker is a process started by loky's
@@ -44,11 +46,12 @@ import itertools
 import os
 import pickle
 import threading
+from inspect import iscoroutine
 from queue import SimpleQueue
 from typing import Any
 
 from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
-from ._worker import STARTED, BlasCap, _local, decode_outcome, kill_tree, worker_main
+from ._worker import STARTED, BlasCap, _local, decode_outcome, kill_tree, run_coroutine, worker_main
 
 __all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown_process_pool"]
 
@@ -124,6 +127,8 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
             attempt.queue.put((attempt, STARTED, attempt.t_start, name, None))
         try:
             value = fn(*args, **kwargs)
+            if iscoroutine(value):  # an async def task: cancellable while it awaits
+                value = run_coroutine(value, attempt)
         except BaseException as exc:  # noqa: BLE001 - every outcome is reported
             attempt.t_end = monotonic()
             tb = exc.__traceback__

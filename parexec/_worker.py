@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import traceback
+from inspect import iscoroutine
 from time import monotonic
 from typing import Any
 
@@ -86,6 +87,42 @@ def current() -> TaskContext:
     if attempt is None:
         raise ParexecError("px.current() can only be called inside a running task")
     return TaskContext(attempt.task_id, attempt.number, attempt)
+
+
+def run_coroutine(coro: Any, attempt: Any = None) -> Any:
+    """Run an ``async def`` task's coroutine to completion on a new event loop; return its result.
+
+    In a thread worker, ``attempt`` is the scheduler's attempt record: a timeout or cancel
+    (``attempt.request_cancel()``) cancels the coroutine's task from the scheduler thread, so
+    an awaiting task really stops and frees its slot, unlike a plain thread task. It then
+    raises ``px.Cancelled`` (never ``asyncio.CancelledError``, which would look like a
+    cancellation of the worker itself). A process worker passes no attempt: it is killed.
+    """
+    import asyncio
+    task_id = getattr(attempt, "task_id", "?")
+
+    async def main() -> Any:
+        if attempt is not None:
+            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            assert task is not None
+            attempt.on_cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+            if attempt.cancel_requested:  # asked before the hook was in place
+                coro.close()
+                raise Cancelled(f"task {task_id!r} was cancelled before it started")
+        return await coro
+
+    try:
+        with asyncio.Runner() as runner:
+            return runner.run(main())
+    except asyncio.CancelledError:
+        if attempt is None or not attempt.cancel_requested:
+            raise  # cancelled by the task's own code: its error, as it raised it
+        raise Cancelled(f"task {task_id!r} (attempt {attempt.number}) was cancelled while "
+                        "awaiting") from None
+    finally:
+        if attempt is not None:
+            attempt.on_cancel = None
 
 
 class BlasCap:
@@ -359,6 +396,8 @@ def run_payload(data: bytes) -> bytes:
     t0 = monotonic()  # CLOCK_MONOTONIC is system-wide: the parent can use these readings
     try:
         value = fn(*args, **kwargs)
+        if iscoroutine(value):  # an async def task: its value is the coroutine's result
+            value = run_coroutine(value)
     except BaseException as exc:  # noqa: BLE001
         t1 = monotonic()
         tb = exc.__traceback__

@@ -201,3 +201,52 @@ def nested_process_run(n=2):
             wf.add(px.task(pid).options(id=f"inner-{i}"))
     result = px.run(wf, progress=False)
     return os.getpid(), sorted(result.results.values())
+
+
+# async def tasks (issue 12 item 21) ---------------------------------------------------------
+
+async def async_add(a, b):
+    """Add after yielding to the event loop once."""
+    import asyncio
+    await asyncio.sleep(0.01)
+    return a + b
+
+
+async def async_sleep_then(seconds, value=None, cancelled=None, started=None):
+    """Await asyncio.sleep; set ``started`` once awaiting and ``cancelled`` if the sleep is
+    cancelled (both threading.Event)."""
+    import asyncio
+    if started is not None:
+        started.set()
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        if cancelled is not None:
+            cancelled.set()
+        raise
+    return value
+
+
+async def async_echo(payload: bytes):
+    """Send ``payload`` through a local asyncio TCP echo server and return what came back."""
+    import asyncio
+
+    async def serve(reader, writer):
+        writer.write(await reader.read(1 << 16))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(payload)
+        writer.write_eof()
+        data = await reader.read()
+        writer.close()
+        return data
+
+
+def cpu_work(n):
+    """Pure-Python CPU work: the sum of squares below ``n``."""
+    return sum(i * i for i in range(n))

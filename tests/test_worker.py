@@ -5,11 +5,11 @@ from __future__ import annotations
 import pickle
 import traceback
 
+import helpers
 import pytest
 
 import parexec as px
 from parexec._worker import decode_outcome, run_payload
-import helpers
 
 
 @pytest.mark.parametrize("isolation", ["thread", "process"])
@@ -65,3 +65,67 @@ def test_task_context_outside_and_inside():
     with pytest.raises(px.Cancelled, match="'t'"):
         ctx.check()
     assert pickle.loads(pickle.dumps(px.Cancelled("x"))).args == ("x",)
+
+
+# async def tasks (issue 12 item 21) -------------------------------------------------------
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_async_task_value_is_the_coroutines_result(isolation):
+    """An async def task's value is what its coroutine returns, in threads and processes."""
+    with px.Workflow("w", isolation=isolation) as wf:
+        wf.add(px.task(helpers.async_add).options(id="a"), 2, 3)
+    assert px.run(wf, progress=False)["a"] == 5
+
+
+def test_async_io_tasks_next_to_cpu_tasks():
+    """asyncio I/O tasks (thread and process) run next to CPU tasks; every value is right."""
+    with px.Workflow("w", max_workers=2) as wf:
+        for i in range(3):
+            wf.add(px.task(helpers.async_echo).options(id=f"echo-t{i}"), b"x" * (i + 1))
+            wf.add(px.task(helpers.async_echo).options(id=f"echo-p{i}", isolation="process"),
+                   b"y" * (i + 1))
+            wf.add(px.task(helpers.cpu_work).options(id=f"cpu-{i}", isolation="process"),
+                   10_000 * (i + 1))
+            wf.add(px.task(helpers.cpu_work).options(id=f"cpu-t{i}"), 10_000)
+    result = px.run(wf, progress=False)
+    for i in range(3):
+        assert result[f"echo-t{i}"] == b"x" * (i + 1)
+        assert result[f"echo-p{i}"] == b"y" * (i + 1)
+        assert result[f"cpu-{i}"] == sum(k * k for k in range(10_000 * (i + 1)))
+
+
+@pytest.mark.timeout(60)
+def test_async_thread_task_timeout_cancels_the_coroutine_and_frees_its_slot():
+    """A timed-out async thread task is really cancelled: the next task takes the only slot
+    within seconds, not after the 30 s sleep, and the coroutine saw CancelledError."""
+    import threading
+    cancelled = threading.Event()
+    with px.Workflow("w", max_workers=1) as wf:
+        wf.add(px.task(helpers.async_sleep_then).options(
+            id="slow", timeout=0.5, on_error="ignore", priority=10), 30, "late", cancelled)
+        wf.add(px.task(helpers.pid).options(id="next"))
+    result = px.run(wf, progress=False)
+    slow, nxt = result.tasks["slow"], result.tasks["next"]
+    assert slow.status == "timed_out" and isinstance(slow.error, px.TaskTimeout)
+    assert nxt.status == "succeeded"
+    assert nxt.started_at - slow.started_at < 5.0  # 0.5 s timeout, x10 margin
+    assert cancelled.is_set()
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_run_cancels_its_async_thread_task():
+    """run.cancel() stops an awaiting async thread task at once (no grace period wait)."""
+    import threading
+    import time
+    cancelled, started = threading.Event(), threading.Event()
+    with px.Workflow("w") as wf:
+        wf.add(px.task(helpers.async_sleep_then).options(id="slow"), 30, "late", cancelled,
+               started)
+    run = px.start(wf, progress=False)
+    assert started.wait(20)
+    t0 = time.monotonic()
+    run.cancel()
+    result = run.wait(20)
+    assert time.monotonic() - t0 < 3.0  # the grace period is 5 s
+    assert result.status == "cancelled"
+    assert cancelled.wait(5)
