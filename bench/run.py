@@ -501,6 +501,57 @@ def bench_memory(quick: bool) -> list[Row]:
     return rows + peaks
 
 
+# 6b. Fair reservations -----------------------------------------------------------------------
+
+def bench_fairness(quick: bool) -> list[Row]:
+    """Issue 21 item 10: a priority=10 task needing both units of pool db=2 becomes ready
+    while small tasks (1 unit, 50 ms) hold the pool. Figure: how long it waits to start.
+    The plain pool runs in submission order (a ThreadPoolExecutor(2), units as a semaphore)."""
+    import threading
+    nsmall = 10 if quick else 30
+    case = f"db=2, 1 big + {nsmall} small"
+    rows = [Row("fairness", case, "ThreadPoolExecutor + semaphore", reference=True,
+                note="wait of the big task"),
+            Row("fairness", case, "parexec (reservation)", note="wait of the big task")]
+
+    def plain() -> float:
+        units = threading.Semaphore(2)
+        waited: list[float] = []
+
+        def small() -> None:
+            with units:
+                sleep_ms(50)
+
+        def big(ready: float) -> None:
+            units.acquire()
+            units.acquire()
+            waited.append(time.perf_counter() - ready)
+            sleep_ms(50)
+            units.release()
+            units.release()
+
+        with ThreadPoolExecutor(2) as ex:
+            first = ex.submit(sleep_ms, 20)
+            smalls = [ex.submit(small) for _ in range(nsmall)]
+            first.result()
+            ex.submit(big, time.perf_counter())
+            cf_wait(smalls)
+        return waited[0]
+
+    def reserved() -> float:
+        with px.Workflow("fair", pools={"db": 2}) as wf:
+            first = wf.add(px.task(sleep_ms).options(id="first"), 20)
+            for k in range(nsmall):
+                wf.add(px.task(sleep_ms).options(id=f"small{k}", pools="db"), 50)
+            wf.add(px.task(sleep_ms).options(id="big", priority=10, pools={"db": 2},
+                                             after=[first]), 50)
+        big = px.run(wf, max_workers=2, progress=False).tasks["big"]
+        return big.started_at - big.queued_at
+
+    alternate(rows, [plain, reserved], REPS)
+    return rows
+
+
 # 7. Cluster -----------------------------------------------------------------------------------
 
 def bench_cluster(quick: bool) -> list[Row]:
@@ -535,7 +586,7 @@ def bench_cluster(quick: bool) -> list[Row]:
 
 BENCHES = {"threads": bench_threads, "processes": bench_processes, "cpu": bench_cpu,
            "schedule": bench_schedule, "scale": bench_scale, "memory": bench_memory,
-           "cluster": bench_cluster}
+           "fairness": bench_fairness, "cluster": bench_cluster}
 
 
 def machine() -> str:
