@@ -670,6 +670,10 @@ class _Loader:
         except AttributeError:
             self.problem(path, f"step {sid!r}: {module!r} has no {attr!r}")
             return None
+        except Exception as exc:  # noqa: BLE001 - the module's own code failed on import
+            self.problem(path, f"step {sid!r}: cannot import {module!r} "
+                         f"({type(exc).__name__}: {exc})")
+            return None
         if not callable(obj):
             self.problem(path, f"step {sid!r}: {call!r} is not callable")
             return None

@@ -103,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``parexec`` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    from ._errors import WorkflowError
+    if args.command == "run" and args.resume and not args.store:
+        print("parexec: --resume needs --store DB (the file that recorded the earlier run)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    from ._errors import ParexecError
     from ._yaml import load
     inputs = {}
     for item in args.set:
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wf = load(args.file, inputs=inputs)
         wf.validate()
-    except WorkflowError as exc:
+    except ParexecError as exc:
         print(f"parexec: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if args.command == "validate":
@@ -140,6 +144,12 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
     if args.max_workers is not None and args.max_workers < 1:
         print("parexec: --max-workers must be >= 1", file=sys.stderr)
         return EXIT_INVALID
+    if args.trace:
+        problem = _unwritable(args.trace)
+        if problem:
+            print(f"parexec: cannot write the trace to {args.trace}: {problem}; nothing ran",
+                  file=sys.stderr)
+            return EXIT_INVALID
     lock = threading.Lock()
     if args.verbose:
         def echo(step: str, line: str) -> None:
@@ -161,22 +171,44 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
             return 128 + exc.signum
         print("parexec: interrupted; every step was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (px.WorkflowError, px.StoreError) as exc:
+    except px.ParexecError as exc:  # WorkflowError, StoreError: the user's to fix
         print(f"parexec: {exc}", file=sys.stderr)
         return EXIT_INVALID
     finally:
         _yaml.echo = None
-    if args.trace:
-        try:
-            result.to_chrome_trace(args.trace)
-        except OSError as exc:
-            print(f"parexec: cannot write the trace to {args.trace}: {exc.strerror}",
-                  file=sys.stderr)
+    status = EXIT_OK if result.status == "succeeded" else EXIT_FAILED
     if not args.quiet:
         print(result.summary())
     for tid, err in result.errors.items():
         print(f"parexec: step {tid!r} failed: {err}", file=sys.stderr)
-    return EXIT_OK if result.status == "succeeded" else EXIT_FAILED
+    if args.trace:
+        try:
+            result.to_chrome_trace(args.trace)
+        except OSError as exc:
+            # Checked before the run, so something changed meanwhile; the run's outcome is
+            # above, but a caller that asked for the trace must not take the exit as success.
+            print(f"parexec: cannot write the trace to {args.trace}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            status = max(status, EXIT_INVALID)
+    return status
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written (None if it can), found by trying, as root too.
+
+    Opening for append creates the file if needed (removed again, so a failed run leaves no
+    empty trace behind) and never truncates an existing one.
+    """
+    import os
+    existed = os.path.lexists(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    if not existed:
+        os.unlink(path)
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -186,3 +186,62 @@ def test_file_not_utf8_exits_2_naming_the_byte(tmp_path, command):
     assert proc.returncode == 2, proc.stderr
     assert f"{f}:1:10: not UTF-8: byte 0xe9 at offset 9" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _marker_pipeline(tmp_path):
+    """A pipeline whose only step creates ``ran``; returns (file, marker)."""
+    f = tmp_path / "p.yaml"
+    marker = tmp_path / "ran"
+    f.write_text("name: p\nsteps:\n  - id: touch\n    type: script\n"
+                 "    config: {command: python3, args: ['-c', "
+                 f"\"open({str(marker)!r}, 'w')\"]}}\n")
+    return f, marker
+
+
+def test_resume_without_store_names_the_flags(tmp_path):
+    """--resume without --store: exit 2 with a message naming both flags; nothing runs."""
+    f, marker = _marker_pipeline(tmp_path)
+    proc = parexec("run", f, "--resume")
+    assert proc.returncode == 2
+    assert "--resume needs --store DB" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["missing-dir/t.json", "adir", "afile/t.json"])
+def test_unwritable_trace_is_refused_before_anything_runs(tmp_path, where):
+    """--trace to a path that cannot be written: exit 2 naming it, and no step ran."""
+    f, marker = _marker_pipeline(tmp_path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    proc = parexec("run", f, "--trace", tmp_path / where)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot write the trace to {tmp_path / where}" in proc.stderr
+    assert "Traceback" not in proc.stderr and not marker.exists()
+    assert not (tmp_path / "adir" / "t.json").exists()
+
+
+def test_trace_that_fails_after_the_run_gives_a_non_zero_exit(tmp_path):
+    """If the trace cannot be written once the run is over, the exit status says so."""
+    out = tmp_path / "out"
+    out.mkdir()
+    f = tmp_path / "p.yaml"
+    f.write_text("name: p\nsteps:\n  - id: rm\n    type: script\n"
+                 f"    config: {{command: rm, args: ['-rf', {str(out)!r}]}}\n")
+    proc = parexec("run", f, "--trace", out / "t.json")
+    assert proc.returncode == 2, proc.stderr
+    assert "p: succeeded" in proc.stdout
+    assert f"cannot write the trace to {out / 't.json'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_module_that_fails_to_import_is_one_clear_line(tmp_path):
+    """A python step whose module raises on import: exit 2, the error named, no traceback."""
+    (tmp_path / "badmod.py").write_text("raise RuntimeError('no config here')\n")
+    f = tmp_path / "p.yaml"
+    f.write_text("name: p\nsteps:\n  - id: s\n    type: python\n"
+                 "    config: {call: 'badmod:main'}\n")
+    import os
+    proc = parexec("validate", f, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "cannot import 'badmod' (RuntimeError: no config here)" in proc.stderr
+    assert "Traceback" not in proc.stderr
