@@ -439,15 +439,63 @@ def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",
     if prefix:
         err: BaseException = ParexecError(f"task {task_id!r}: {prefix}{type(exc).__name__}: {exc}")
         return pickle.dumps((False, pickle.dumps(err), tb_text, (type_name, meta)))
+    blob = None
     try:
         import cloudpickle
         from tblib import pickling_support
         pickling_support.install(exc)
         blob = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException:  # noqa: BLE001 - the parent rebuilds a RemoteError from the text
-        blob = None
+    except BaseException:  # noqa: BLE001 - try again without the frames
+        # A traceback can be too deep to pickle (a RecursionError's thousand frames) or hold
+        # something unpicklable: send the exception without frames, so it keeps its type,
+        # and the text above keeps the traceback (issue 12 item 19). Failing that as well,
+        # the parent rebuilds a RemoteError from the text.
+        for keep_chain in (True, False):
+            try:
+                import cloudpickle
+                blob = cloudpickle.dumps(_without_frames(exc, keep_chain),
+                                         protocol=pickle.HIGHEST_PROTOCOL)
+                break
+            except BaseException:  # noqa: BLE001
+                blob = None
     return pickle.dumps((False, blob, tb_text, (type_name, meta)),
                         protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# At most this many chained exceptions are kept when an error travels without its frames.
+_MAX_CHAIN = 100
+
+
+def _without_frames(exc: BaseException, keep_chain: bool) -> BaseException:
+    """Drop the tracebacks of ``exc`` and of its chain (or the chain itself), in place."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < _MAX_CHAIN:  # iterative: a chain can be long or cyclic
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        if not keep_chain:
+            e.__cause__ = e.__context__ = None
+        else:
+            todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    if keep_chain and todo:  # too long a chain: cut it
+        exc.__cause__ = exc.__context__ = None
+    return exc
+
+
+def _restore_fields(err: BaseException) -> BaseException:
+    """Put back the fields that builtin exceptions set in ``__init__`` only.
+
+    tblib rebuilds exceptions with a custom ``__init__`` without calling it, so a
+    ``SystemExit(3)`` would arrive with ``code`` None.
+    """
+    if isinstance(err, SystemExit) and err.code is None and err.args:
+        err.code = err.args[0] if len(err.args) == 1 else err.args
+    elif isinstance(err, (StopIteration, StopAsyncIteration)) and err.value is None and err.args:
+        err.value = err.args[0]
+    return err
 
 
 def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, Meta]:
@@ -469,7 +517,7 @@ def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, Me
     type_name, meta = extra
     if payload is not None:
         try:
-            return False, pickle.loads(payload), tb_text, meta
+            return False, _restore_fields(pickle.loads(payload)), tb_text, meta
         except BaseException as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {exc}"
     else:

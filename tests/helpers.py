@@ -250,3 +250,12 @@ async def async_echo(payload: bytes):
 def cpu_work(n):
     """Pure-Python CPU work: the sum of squares below ``n``."""
     return sum(i * i for i in range(n))
+
+
+def recurse_forever(n=0):
+    """Recurse until RecursionError: its traceback is too deep to pickle frame by frame."""
+    return recurse_forever(n + 1) + 1
+
+
+def exit_three():
+    sys.exit(3)

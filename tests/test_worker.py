@@ -129,3 +129,35 @@ def test_cancelling_a_run_cancels_its_async_thread_task():
     assert time.monotonic() - t0 < 3.0  # the grace period is 5 s
     assert result.status == "cancelled"
     assert cancelled.wait(5)
+
+
+# Errors whose traceback cannot travel (issue 12 item 19) ----------------------------------
+
+def test_recursion_error_in_a_process_keeps_its_type_and_traceback_text():
+    """A RecursionError (traceback too deep to pickle) arrives as RecursionError, with the
+    worker's traceback text kept."""
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(px.task(helpers.recurse_forever).options(id="deep"))
+    result = px.run(wf, check=False, progress=False)
+    assert type(result.errors["deep"]) is RecursionError
+    assert "recurse_forever" in result.tasks["deep"].traceback
+
+
+def test_unpicklable_traceback_falls_back_to_the_bare_exception():
+    """When the frames cannot be pickled, the exception is sent without them."""
+    import cloudpickle
+    ok, err, tb, _ = decode_outcome("t", run_payload(cloudpickle.dumps(
+        ("t", 1, 1, helpers.recurse_forever, (), {}))))
+    assert not ok and type(err) is RecursionError and "recurse_forever" in tb
+
+
+def test_sys_exit_in_a_process_task_arrives_as_system_exit():
+    """sys.exit(3) in a process task fails it with SystemExit(3), not a crash or Cancelled."""
+    import cloudpickle
+    ok, err, _, _ = decode_outcome("t", run_payload(cloudpickle.dumps(
+        ("t", 1, 1, helpers.exit_three, (), {}))))
+    assert not ok and type(err) is SystemExit and err.code == 3
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(px.task(helpers.exit_three).options(id="exits"))
+    result = px.run(wf, check=False, progress=False)
+    assert type(result.errors["exits"]) is SystemExit and result.errors["exits"].code == 3
