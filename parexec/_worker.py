@@ -491,9 +491,9 @@ def _restore_fields(err: BaseException) -> BaseException:
     tblib rebuilds exceptions with a custom ``__init__`` without calling it, so a
     ``SystemExit(3)`` would arrive with ``code`` None.
     """
-    if isinstance(err, SystemExit) and err.code is None and err.args:
-        err.code = err.args[0] if len(err.args) == 1 else err.args
-    elif isinstance(err, (StopIteration, StopAsyncIteration)) and err.value is None and err.args:
+    if isinstance(err, SystemExit) and err.code is None and len(err.args) == 1:
+        err.code = err.args[0]
+    elif isinstance(err, StopIteration) and err.value is None and err.args:
         err.value = err.args[0]
     return err
 
