@@ -125,6 +125,68 @@ def run_coroutine(coro: Any, attempt: Any = None) -> Any:
             attempt.on_cancel = None
 
 
+class _SavedLimits:
+    """What the first cap of this interpreter found, shared by every ``BlasCap``.
+
+    Overlapping runs each have a ``BlasCap`` (one per thread pool); saving and restoring per
+    run interleaves, and the run that saved second would put back the first one's cap for
+    good (issue 12 item 9). So the state is saved once, counted, and restored by the last
+    user to leave. Guarded by ``lock``.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.nusers = 0
+        self.env: dict[str, str | None] = {}
+        self.first: Any = None  # the threadpoolctl limiter holding the original limits
+        self.known: set[str] | None = None  # libraries loaded before the first cap
+        self.nmodules = 0  # len(sys.modules) at the first cap
+
+    def join(self, env_names: tuple[str, ...]) -> None:
+        with self.lock:
+            if self.nusers == 0:
+                self.env = {k: os.environ.get(k) for k in env_names}
+                self.nmodules = len(sys.modules)
+                self.first = None
+                self.known = None
+            self.nusers += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.nusers -= 1
+            if self.nusers == 0:
+                self._restore()
+
+    def _restore(self) -> None:
+        if self.first is not None:
+            try:
+                self.first.restore_original_limits()
+            except Exception:  # noqa: BLE001
+                pass
+            self.first = None
+        if len(sys.modules) != self.nmodules:
+            saved = self.env.get("OPENBLAS_NUM_THREADS") or self.env.get("OMP_NUM_THREADS")
+            default = int(saved) if saved and saved.isdigit() else len(os.sched_getaffinity(0))
+            try:
+                from threadpoolctl import ThreadpoolController
+                known = self.known or set()
+                for lib in ThreadpoolController().lib_controllers:
+                    if lib.filepath not in known:
+                        lib.set_num_threads(default)
+            except Exception:  # noqa: BLE001
+                pass
+        self.known = None
+        for k, v in self.env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self.env = {}
+
+
+_saved_limits = _SavedLimits()
+
+
 class BlasCap:
     """Cap BLAS/OpenMP thread pools (threadpoolctl) at a task's ``cpus``.
 
@@ -134,8 +196,9 @@ class BlasCap:
     libraries), so it is re-applied only when the wanted count changes or modules were
     imported since. BLAS pools are process-wide: in a process worker the cap is exactly the
     task's; thread tasks share the driver's pools, so concurrent thread tasks with different
-    ``cpus`` get the cap of the one that started last. ``restore()`` puts back the limits
-    and variables found before the first cap.
+    ``cpus`` get the cap of the one that started last. ``restore()`` gives up this cap; once
+    every ``BlasCap`` of the interpreter has (overlapping runs), the limits and variables
+    found before the first cap are put back.
     """
 
     ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
@@ -144,10 +207,8 @@ class BlasCap:
     def __init__(self) -> None:
         self.current = 0
         self._nmodules = -1
-        self._first: Any = None
-        self._saved_env: dict[str, str | None] | None = None
-        self._known: set[str] | None = None  # libraries loaded before the first cap
-        self._modules_at_start = 0
+        self._joined = False
+        self._lock = threading.Lock()  # thread workers of one pool apply concurrently
 
     def apply(self, cpus: float) -> None:
         """Cap the thread pools at ``max(1, int(cpus))`` threads."""
@@ -155,57 +216,40 @@ class BlasCap:
         nmodules = len(sys.modules)
         if want == self.current and nmodules == self._nmodules:
             return
+        saved = _saved_limits
+        with self._lock:
+            if not self._joined:
+                self._joined = True
+                saved.join(self.ENV)
         if want != self.current:
-            if self._saved_env is None:
-                self._saved_env = {k: os.environ.get(k) for k in self.ENV}
-                self._modules_at_start = nmodules
             for k in self.ENV:
                 os.environ[k] = str(want)
         self.current, self._nmodules = want, nmodules
         try:
             from threadpoolctl import ThreadpoolController
             controller = ThreadpoolController()
-            if self._known is None:
-                self._known = {c.filepath for c in controller.lib_controllers}
+            with saved.lock:
+                if saved.known is None:
+                    saved.known = {c.filepath for c in controller.lib_controllers}
             if controller.lib_controllers:
                 limiter = controller.limit(limits=want)
-                if self._first is None:
-                    self._first = limiter
+                with saved.lock:
+                    if saved.first is None:
+                        saved.first = limiter
         except Exception:  # noqa: BLE001 - a missing or odd library must not fail the task
             pass
         self._nmodules = len(sys.modules)  # threadpoolctl's own imports do not count
 
     def restore(self) -> None:
-        """Give back the limits that were in force before the first cap.
+        """Give up this cap; the last cap of the interpreter to go puts back the limits.
 
-        Libraries loaded since get the thread count they would have chosen themselves.
+        Libraries loaded since the first cap get the thread count they would have chosen
+        themselves.
         """
-        if self._first is not None:
-            try:
-                self._first.restore_original_limits()
-            except Exception:  # noqa: BLE001
-                pass
-            self._first = None
-        if self._saved_env is not None and len(sys.modules) != self._modules_at_start:
-            saved = self._saved_env.get("OPENBLAS_NUM_THREADS") or \
-                self._saved_env.get("OMP_NUM_THREADS")
-            default = int(saved) if saved and saved.isdigit() else len(os.sched_getaffinity(0))
-            try:
-                from threadpoolctl import ThreadpoolController
-                known = self._known or set()
-                for lib in ThreadpoolController().lib_controllers:
-                    if lib.filepath not in known:
-                        lib.set_num_threads(default)
-            except Exception:  # noqa: BLE001
-                pass
-        self._known = None
-        if self._saved_env is not None:
-            for k, v in self._saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            self._saved_env = None
+        with self._lock:
+            joined, self._joined = self._joined, False
+        if joined:
+            _saved_limits.leave()
         self.current = 0
 
 
