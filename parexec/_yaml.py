@@ -44,8 +44,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ._errors import ParexecError, WorkflowError
-from ._task import Retry, TaskRef, task
+from ._errors import ParexecError, TaskOptionError, WorkflowError
+from ._task import Retry, TaskRef, check_id, task
 from ._workflow import Workflow
 
 __all__ = ["ScriptError", "StepOutput", "load", "loads"]
@@ -331,7 +331,12 @@ class _Loader:
                                 "'name' and 'steps'")
         self.check_keys(data, TOP_KEYS, (), "the pipeline")
         name = data.get("name", Path(self.source).stem or "pipeline")
-        self.expect(name, str, ("name",), "name")
+        if self.expect(name, str, ("name",), "name"):
+            try:
+                check_id(name, "name", brackets=False)
+            except TaskOptionError as exc:
+                self.problem(("name",), f"the pipeline's {exc}")
+                name = "pipeline"
         inputs = self.inputs(data.get("inputs") or {})
         par = data.get("parallel") or {}
         max_workers, pools = None, {}
@@ -536,6 +541,15 @@ class _Loader:
         if not isinstance(sid, str) or not sid:
             self.problem(path, f"step {k + 1} needs an 'id' (a non-empty string)")
             return None
+        # Ids and names are printed in tables and terminals: no control characters (they
+        # could forge rows or move the cursor); '[' ']' in ids are reserved for map items.
+        for key, brackets in (("id", True), ("name", False)):
+            if isinstance(step.get(key), str):
+                try:
+                    check_id(step[key], f"step {k + 1} {key}", brackets=brackets)
+                except TaskOptionError as exc:
+                    self.problem(path + (key,), str(exc))
+                    return None
         self.check_keys(step, STEP_KEYS, path, f"step {sid!r}")
         kind = step.get("type")
         if kind not in STEP_TYPES:
@@ -893,8 +907,17 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
     stdout = b"".join(out).decode(errors="replace")
     stderr = b"".join(err).decode(errors="replace")
     if proc.returncode != 0:
-        raise ScriptError(step, proc.returncode, "\n".join(stderr.splitlines()[-10:]))
+        raise ScriptError(step, proc.returncode, _tail(stderr))
     return StepOutput(stdout[:-1] if stdout.endswith("\n") else stdout, stderr, 0)
+
+
+def _tail(text: str, n: int = 10) -> str:
+    """The last ``n`` lines of ``text``, split at line feeds only.
+
+    A carriage return is not a line break: it stays in the text, and printing escapes it.
+    """
+    lines = text.rstrip("\n").split("\n")[-n:]
+    return "\n".join(line.removesuffix("\r") for line in lines)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -120,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         wf = load(args.file, inputs=inputs)
         wf.validate()
     except ParexecError as exc:
-        print(f"parexec: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_INVALID
     if args.command == "validate":
-        print(f"{args.file}: ok ({len(wf)} steps in {len(wf.levels())} levels)")
+        print(f"{_printable(args.file)}: ok ({len(wf)} steps in {len(wf.levels())} levels)")
         return EXIT_OK
     if args.command == "graph":
         if args.format == "dot":
@@ -147,14 +147,13 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
     if args.trace:
         problem = _unwritable(args.trace)
         if problem:
-            print(f"parexec: cannot write the trace to {args.trace}: {problem}; nothing ran",
-                  file=sys.stderr)
+            _error(f"cannot write the trace to {args.trace}: {problem}; nothing ran")
             return EXIT_INVALID
     lock = threading.Lock()
     if args.verbose:
         def echo(step: str, line: str) -> None:
             with lock:
-                print(f"[{step}] {line}", flush=True)
+                print(f"[{_printable(step)}] {_printable(line)}", flush=True)
         _yaml.echo = echo
     try:
         with _stop_on_signals():
@@ -172,7 +171,7 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
         print("parexec: interrupted; every step was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except px.ParexecError as exc:  # WorkflowError, StoreError: the user's to fix
-        print(f"parexec: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_INVALID
     finally:
         _yaml.echo = None
@@ -180,17 +179,39 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.summary())
     for tid, err in result.errors.items():
-        print(f"parexec: step {tid!r} failed: {err}", file=sys.stderr)
+        _error(f"step {tid!r} failed: {err}")
     if args.trace:
         try:
             result.to_chrome_trace(args.trace)
         except OSError as exc:
             # Checked before the run, so something changed meanwhile; the run's outcome is
             # above, but a caller that asked for the trace must not take the exit as success.
-            print(f"parexec: cannot write the trace to {args.trace}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
+            _error(f"cannot write the trace to {args.trace}: {exc.strerror or exc}")
             status = max(status, EXIT_INVALID)
     return status
+
+
+def _printable(text: str, *, newlines: bool = False) -> str:
+    r"""``text`` with control characters escaped (``\x1b``, ``\r``, ...), tabs kept.
+
+    Step ids, error messages and step output come from the file and from the steps: printed
+    raw, a carriage return or an escape sequence could rewrite a terminal line or forge a
+    row of the summary. With ``newlines``, line breaks are kept (multi-line error text).
+    """
+    if text.isprintable():
+        return text
+    keep = "\t\n" if newlines else "\t"
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
+def _error(message: str) -> None:
+    """Print ``parexec: message`` on stderr, with control characters escaped.
+
+    Later lines of a multi-line message are indented, so none can pass for a line of
+    parexec's own.
+    """
+    first, *rest = _printable(message, newlines=True).split("\n")
+    print("\n".join([f"parexec: {first}"] + [f"  {line}" for line in rest]), file=sys.stderr)
 
 
 def _unwritable(path: str) -> str | None:

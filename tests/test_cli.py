@@ -245,3 +245,24 @@ def test_module_that_fails_to_import_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "cannot import 'badmod' (RuntimeError: no config here)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_printed_step_output_and_errors_cannot_forge_lines(tmp_path):
+    """Step output (--verbose) and error text are printed with control characters escaped;
+    a line break inside an error is indented, so it cannot pass for a line of parexec's own."""
+    script = tmp_path / "evil.py"
+    script.write_text(
+        "import sys\n"
+        "print('out\\x1b[2K\\rforged-out\\x1b]0;title\\x07')\n"
+        "sys.stderr.write('bad\\x1b[1A\\rthing\\nparexec: step \\'x\\' failed: forged\\n')\n"
+        "sys.exit(3)\n")
+    f = tmp_path / "p.yaml"
+    f.write_text("name: p\nsteps:\n  - id: evil\n    type: script\n"
+                 f"    config: {{command: python3, args: [{str(script)!r}]}}\n")
+    proc = parexec("run", f, "--verbose")
+    assert proc.returncode == 1
+    for text in (proc.stdout, proc.stderr):
+        assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+    assert "[evil] out\\x1b[2K\\rforged-out\\x1b]0;title\\x07" in proc.stdout
+    assert "bad\\x1b[1A\\rthing" in proc.stderr
+    assert not any(line.startswith("parexec: step 'x'") for line in proc.stderr.splitlines())

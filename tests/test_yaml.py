@@ -407,3 +407,17 @@ def test_long_chain_listed_downstream_first_validates_and_runs(tmp_path):
     assert wf["s0"].deps == ("s1",)
     result = px.run(wf, progress=False)
     assert result["s0"] == os.path.join("start", *[str(k) for k in reversed(range(n - 1))])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("id", "a\\x1b[2Kb"), ("id", "a\\nb"), ("id", "sq[0]"), ("name", "x\\rforged"),
+])
+def test_step_ids_and_names_with_control_characters_are_refused(tmp_path, field, value):
+    """Control characters in a step id or name (and '[' ']' in an id, reserved for map items)
+    are refused with file:line:col, before anything runs."""
+    f = tmp_path / "p.yaml"
+    other = "" if field == "id" else "    id: ok\n"
+    f.write_text(f"name: x\nsteps:\n  - {field}: \"{value}\"\n{other}    type: script\n"
+                 "    config: {command: echo}\n")
+    with pytest.raises(px.WorkflowError, match=rf"p.yaml:3:5: step 1 {field}=.* contains"):
+        px.load(f)
