@@ -71,21 +71,30 @@ _EXCLUSIVE_UNITS = 1_000_000
 
 
 class ScriptError(ParexecError):
-    """A script step exited with a non-zero status.
+    """A script step exited with a non-zero status (127: it could not be started).
+
+    The message ends with the last lines the step wrote to stderr, or, when it wrote
+    nothing there, the last lines of its stdout.
 
     Attributes:
         step: The step id.
         returncode: The exit status (negative: killed by that signal).
         stderr: The last lines the step wrote to stderr.
+        stdout: The last lines the step wrote to stdout.
     """
 
-    def __init__(self, step: str, returncode: int, stderr: str) -> None:
-        self.step, self.returncode, self.stderr = step, returncode, stderr
-        tail = f"; last lines of stderr:\n{stderr}" if stderr.strip() else ""
+    def __init__(self, step: str, returncode: int, stderr: str, stdout: str = "") -> None:
+        self.step, self.returncode, self.stderr, self.stdout = step, returncode, stderr, stdout
+        if stderr.strip():
+            tail = f"; last lines of stderr:\n{stderr}"
+        elif stdout.strip():
+            tail = f"; last lines of stdout:\n{stdout}"
+        else:
+            tail = ""
         super().__init__(f"step {step!r} exited with status {returncode}{tail}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.step, self.returncode, self.stderr))
+        return (type(self), (self.step, self.returncode, self.stderr, self.stdout))
 
 
 class StepOutput(str):
@@ -552,6 +561,10 @@ class _Loader:
                     return None
         self.check_keys(step, STEP_KEYS, path, f"step {sid!r}")
         kind = step.get("type")
+        if kind is None:
+            self.problem(path, f"step {sid!r} has no type; known types: "
+                         f"{', '.join(STEP_TYPES)} (add 'type: script' or 'type: python')")
+            return None
         if kind not in STEP_TYPES:
             self.problem(path + ("type",) if "type" in step else path,
                          f"step {sid!r} has unknown type {kind!r}; known types: "
@@ -867,7 +880,13 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
                                 env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
     except OSError as exc:
-        raise ScriptError(step, 127, f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        hint = ""
+        if not shell and len(argv[0].split()) > 1:
+            hint = ("; config.command names one program and runs without a shell: put its "
+                    "arguments in config.args, or set config.shell: true to run it as a "
+                    "shell command line")
+        raise ScriptError(step, 127, f"cannot start {argv[0]!r}: {exc.strerror}{hint}"
+                          ) from None
     out: list[bytes] = []
     err: list[bytes] = []
     partial = {"stdout": b"", "stderr": b""}
@@ -907,7 +926,7 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
     stdout = b"".join(out).decode(errors="replace")
     stderr = b"".join(err).decode(errors="replace")
     if proc.returncode != 0:
-        raise ScriptError(step, proc.returncode, _tail(stderr))
+        raise ScriptError(step, proc.returncode, _tail(stderr), _tail(stdout))
     return StepOutput(stdout[:-1] if stdout.endswith("\n") else stdout, stderr, 0)
 
 

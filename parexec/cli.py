@@ -77,7 +77,13 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="parexec", description="Run a pipeline of steps as a task graph.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="run a YAML pipeline")
+    run = sub.add_parser(
+        "run", help="run a YAML pipeline",
+        description="Run a YAML pipeline and print a summary table. Step output is shown only "
+                    "with --verbose; when a step fails, the last lines of its stderr (or, if "
+                    "it wrote none, of its stdout) are printed under the summary. Exit status: "
+                    "0 succeeded, 1 failed or partial, 2 invalid file, usage or unusable store "
+                    "or trace, 130 Ctrl-C, 128+N stopped by signal N (143 SIGTERM).")
     run.add_argument("file")
     run.add_argument("--max-workers", type=int, metavar="N", help="steps running at once")
     run.add_argument("--sequential", action="store_true", help="one step at a time")
@@ -89,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="skip steps recorded as succeeded in --store with the same inputs")
     run.add_argument("--quiet", action="store_true", help="no progress and no summary")
     run.add_argument("--verbose", action="store_true",
-                     help="stream each step's output, prefixed by its id")
+                     help="stream each step's output (stdout and stderr), prefixed by its id; "
+                          "without it, step output is not shown")
     val = sub.add_parser("validate", help="check a YAML pipeline without running it")
     val.add_argument("file")
     val.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")

@@ -266,3 +266,21 @@ def test_printed_step_output_and_errors_cannot_forge_lines(tmp_path):
     assert "[evil] out\\x1b[2K\\rforged-out\\x1b]0;title\\x07" in proc.stdout
     assert "bad\\x1b[1A\\rthing" in proc.stderr
     assert not any(line.startswith("parexec: step 'x'") for line in proc.stderr.splitlines())
+
+
+def test_run_help_says_output_needs_verbose():
+    """`parexec run --help` says that step output is shown only with --verbose."""
+    out = " ".join(parexec("run", "--help").stdout.split())
+    assert "Step output is shown only with --verbose" in out
+
+
+def test_failing_step_output_tail_is_printed_under_the_summary(tmp_path):
+    """Without --verbose, a failing step's last output lines are printed after the summary."""
+    f = tmp_path / "p.yaml"
+    f.write_text("name: p\nsteps:\n  - id: build\n    type: script\n    config: {command: "
+                 "python3, args: ['-c', 'print(\"compiling\"); print(\"error: x.h missing\"); "
+                 "raise SystemExit(1)']}\n")
+    proc = parexec("run", f)
+    assert proc.returncode == 1
+    assert "p: failed" in proc.stdout
+    assert "last lines of stdout:\n  compiling\n  error: x.h missing" in proc.stderr

@@ -421,3 +421,34 @@ def test_step_ids_and_names_with_control_characters_are_refused(tmp_path, field,
                  "    config: {command: echo}\n")
     with pytest.raises(px.WorkflowError, match=rf"p.yaml:3:5: step 1 {field}=.* contains"):
         px.load(f)
+
+
+def test_command_with_spaces_that_cannot_start_gets_a_hint():
+    """A command line written in config.command without a shell fails with status 127 and a
+    hint to use config.args or config.shell: true."""
+    wf = px.loads("name: h\nsteps:\n  - id: up\n    type: script\n"
+                  "    config: {command: 'echo hello | tr a-z A-Z'}\n")
+    err = px.run(wf, check=False, progress=False).errors["up"]
+    assert isinstance(err, px.ScriptError) and err.returncode == 127
+    msg = str(err)
+    assert "cannot start 'echo hello | tr a-z A-Z'" in msg
+    assert "config.args" in msg and "shell: true" in msg
+
+
+def test_missing_type_says_so():
+    """A step without 'type' is told it has no type, with the known types."""
+    with pytest.raises(px.WorkflowError) as info:
+        px.loads("name: t\nsteps:\n  - id: wait\n    config: {command: sleep}\n")
+    msg = str(info.value)
+    assert "step 'wait' has no type; known types: script, python" in msg
+    assert "None" not in msg
+
+
+def test_failing_step_without_stderr_reports_its_stdout_tail():
+    """A step that fails having written only to stdout shows the end of its stdout."""
+    wf = px.loads(f"name: f\nsteps:\n  - id: bad\n    type: script\n    config: {{command: "
+                  f"{PY}, args: ['-c', 'print(*range(30), sep=chr(10)); raise SystemExit(2)']}}\n")
+    err = px.run(wf, check=False, progress=False).errors["bad"]
+    assert isinstance(err, px.ScriptError) and err.returncode == 2 and err.stderr == ""
+    assert err.stdout.splitlines() == [str(k) for k in range(20, 30)]
+    assert str(err).endswith("last lines of stdout:\n" + "\n".join(map(str, range(20, 30))))
