@@ -174,10 +174,9 @@ class ProcessPool:
 
     def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Pickle the call (raising ``PicklingError`` naming the task) and send it to a worker."""
-        import cloudpickle
         try:
-            data = cloudpickle.dumps((attempt.task_id, attempt.number, attempt.cpus, fn, args,
-                                      kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+            data = dumps_payload((attempt.task_id, attempt.number, attempt.cpus, fn, args,
+                                  kwargs))
         except Exception as exc:  # noqa: BLE001
             raise PicklingError(
                 f"task {attempt.task_id!r} runs in a process, but its function or arguments "
@@ -363,6 +362,39 @@ class ProcessPool:
             attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
                                                              worker.process.exitcode),
                                worker.pid, None))
+
+
+_pickler_class: Any = None
+
+
+def dumps_payload(obj: Any) -> bytes:
+    """Pickle ``obj`` with cloudpickle, keeping the file names of functions pickled by value.
+
+    cloudpickle writes ``co_filename = "<dynamic-code>"`` for every function it pickles by
+    value (those of ``__main__`` and notebooks), to make its output deterministic; worker
+    tracebacks then say ``File "<dynamic-code>"`` and show no source line (issue 22 item
+    10). A payload only needs to be faithful, so the real file name is kept.
+    """
+    global _pickler_class
+    import io
+    if _pickler_class is None:
+        import types
+        from collections import ChainMap
+
+        import cloudpickle
+        base = cloudpickle.Pickler
+        code_reduce = base.dispatch_table[types.CodeType]
+
+        def reduce_code(code: types.CodeType) -> Any:
+            rebuild, args = code_reduce(code)
+            return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a
+                                  for a in args)
+
+        _pickler_class = type("_PayloadPickler", (base,), {
+            "dispatch_table": ChainMap({types.CodeType: reduce_code}, base.dispatch_table)})
+    buf = io.BytesIO()
+    _pickler_class(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 _process_pool: ProcessPool | None = None

@@ -289,7 +289,9 @@ class PeakMeter:
 
 # Process workers ------------------------------------------------------------------------
 
-_cap = BlasCap()
+# Set by worker_main: only a process worker caps BLAS for the whole process and keeps the cap
+# (run_payload called elsewhere, as tests do, leaves the caller's environment alone).
+_cap: BlasCap | None = None
 _meter: PeakMeter | None = None
 
 
@@ -300,8 +302,9 @@ def worker_main(conn: Any) -> None:
     started and left running (a background ``Popen``, a daemon that double-forked) before it
     exits: nothing a task started outlives the worker. See issue 12 item 2.
     """
-    global _meter
+    global _meter, _cap
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _cap = BlasCap()
     _become_subreaper()
     _allow_children()
     _meter = PeakMeter()
@@ -433,7 +436,8 @@ def run_payload(data: bytes) -> bytes:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, not raised
         return _error_outcome(task_id, exc, "could not unpickle the task in the worker: ")
     _local.context = TaskContext(task_id, attempt)
-    _cap.apply(cpus)
+    if _cap is not None:
+        _cap.apply(cpus)
     meter = _meter
     if meter is not None:
         meter.reset()

@@ -161,3 +161,24 @@ def test_sys_exit_in_a_process_task_arrives_as_system_exit():
         wf.add(px.task(helpers.exit_three).options(id="exits"))
     result = px.run(wf, check=False, progress=False)
     assert type(result.errors["exits"]) is SystemExit and result.errors["exits"].code == 3
+
+
+def test_traceback_of_a_main_function_names_the_script_file_and_line(run_script):
+    """A process task defined in the user's script: its traceback shows the script's path and
+    the raising line, not File "<dynamic-code>"."""
+    proc = run_script("""
+        import traceback, parexec as px
+
+        def fails():
+            raise ValueError("from the script")  # the raising line
+
+        with px.Workflow("w", isolation="process") as wf:
+            wf.add(px.task(fails).options(id="fails"))
+        result = px.run(wf, check=False, progress=False)
+        print(result.tasks["fails"].traceback)
+        print("".join(traceback.format_exception(result.errors["fails"])))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "<dynamic-code>" not in proc.stdout
+    assert proc.stdout.count('script.py", line 5, in fails') == 2, proc.stdout
+    assert proc.stdout.count("# the raising line") == 2, proc.stdout
