@@ -1,32 +1,59 @@
 """YAML pipelines: ``px.load("pipeline.yaml")`` builds an ordinary ``Workflow``.
 
-The format is the one users know from the seed documents (camelCase keys)::
+The format (camelCase keys; README.rst, "Pipelines in YAML", has the full reference)::
 
-    name: build
+    name: build                        # default: the file's stem
     version: 1.0.0
-    inputs: {target: release}          # defaults; null = required (--set NAME=VALUE)
+    description: Build and report
+    inputs: {target: release, token: null}   # defaults; null = required (--set NAME=VALUE)
     parallel:
       enabled: true                    # false: one step at a time
       defaultMaxConcurrency: 4         # -> max_workers
-      resources: {cpu: 2, network: 5}  # -> named pools
-    timeout: 600
-    retry: {maxRetries: 2, initialDelay: 1, backoffFactor: 2}   # seconds
-    env: {LANG: C}
-    cwd: .
+      resources: {cpu: 2, network: 5}  # -> named pools (name: capacity)
+    timeout: 600                       # seconds, the whole run
+    retry: {maxRetries: 2, initialDelay: 1, backoffFactor: 2}   # default of every step
+    env: {LANG: C}                     # environment of script steps
+    cwd: .                             # relative to the file's folder
     steps:
-      - id: compile
-        type: script                   # argv, no shell unless config.shell: true
-        config: {command: make, args: ["${inputs.target}"]}
-        parallel: {resource: cpu, isolateErrors: true}          # -> pools, on_error="skip"
+      - id: compile                    # required, unique, printable, no '[' ']'
+        name: Compile                  # display name
+        type: script                   # required: script | python
+        config: {command: make, args: ["${inputs.target}"], shell: false, env: {}, cwd: src}
+        parallel: {resource: cpu, isolateErrors: true, enabled: true, maxConcurrency: 1}
+        timeout: 300                   # seconds per attempt
+        retry: {maxRetries: 3}         # replaces the pipeline's
+        priority: 10                   # higher starts first
+        env: {CC: gcc}
+        cwd: build
       - id: report
         type: python
-        config: {call: "mypkg.reports:summarize", args: ["${steps.compile.output}"]}
+        config: {call: "mypkg.reports:summarize", args: ["${steps.compile.output}"],
+                 kwargs: {fmt: text}, isolation: thread}      # or process
         dependsOn: [compile]
-        continueOnError: true                                   # -> on_error="ignore"
+        continueOnError: true
 
-``${steps.<id>.output}``, ``${inputs.<name>}`` and ``${env.<NAME>}`` are substituted inside
-each argument string, never through a shell; a step reference implies the dependency.
-Every problem of a file is collected and reported together, each with its line and column.
+How keys map onto the engine: ``parallel.resource`` holds one unit of that pool;
+``parallel.enabled: false`` on a step makes it run alone (it takes a hidden pool whole);
+``isolateErrors: true`` is ``on_error="skip"``; ``continueOnError: true`` is
+``on_error="ignore"`` (dependents get an empty output); ``maxConcurrency`` is accepted and
+has no effect (a step runs once). A script step runs ``command`` with ``args`` as its argv
+(no shell unless ``shell: true``) in its own process group; its output is its stdout
+(``StepOutput``); a non-zero exit raises ``ScriptError``. A python step calls
+``package.module:function`` (imported at load time) and its output is the return value.
+
+Substitution, in config strings and in ``env``/``cwd`` values: ``${inputs.NAME}`` (a
+declared input), ``${env.NAME}`` (unset is an error unless written ``${env.NAME:-default}``;
+``${env.NAME:-}`` is an explicit empty default) and ``${steps.ID.output}`` (filled in at run
+time; implies the dependency). Strings are kept as ``_Template`` parts, so a value is
+inserted once and never substituted again. With ``shell: true``, every value is quoted for
+the place it stands in the command line the file wrote (``_shell_line``): as one word, or
+escaped inside the user's quotes; places that cannot be tracked are refused.
+
+Loading is bounded (``_Loader.parse``): non-UTF-8 bytes, characters YAML refuses, anchors
+that contain themselves, and aliases that add more than ``MAX_ALIAS_EXPANSION`` values are
+clear errors; positions are recorded visiting each node once; nothing recurses on the
+file's depth except PyYAML itself, whose ``RecursionError`` becomes a clear error. Every
+problem of a file is collected and reported together, each with its ``file:line:column``.
 """
 
 from __future__ import annotations

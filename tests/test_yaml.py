@@ -452,3 +452,22 @@ def test_failing_step_without_stderr_reports_its_stdout_tail():
     assert isinstance(err, px.ScriptError) and err.returncode == 2 and err.stderr == ""
     assert err.stdout.splitlines() == [str(k) for k in range(20, 30)]
     assert str(err).endswith("last lines of stdout:\n" + "\n".join(map(str, range(20, 30))))
+
+
+def test_every_key_the_loader_accepts_is_documented_in_the_readme():
+    """README's "Pipelines in YAML" section names every key and step type the loader knows;
+    the module docstring stands on its own."""
+    from parexec import _yaml
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    section = readme.split("Pipelines in YAML\n=================\n", 1)[1]
+    section = section.split("\nA first workflow\n", 1)[0]
+    keys = {*_yaml.TOP_KEYS, *_yaml.PARALLEL_KEYS, *_yaml.STEP_KEYS, *_yaml.STEP_PARALLEL_KEYS,
+            *_yaml.RETRY_KEYS, *_yaml.STEP_TYPES}
+    for config_keys in _yaml.STEP_TYPES.values():
+        keys.update(config_keys)
+    missing = sorted(k for k in keys if f"``{k}``" not in section and f"``config.{k}``"
+                     not in section and f"{k}:" not in section)
+    assert not missing, f"undocumented keys: {missing}"
+    for text in ("${env.NAME:-default}", "shlex.quote", "143"):
+        assert text in section
+    assert "seed" not in (_yaml.__doc__ or "")
