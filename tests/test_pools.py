@@ -132,9 +132,16 @@ def test_stuck_thread_task_does_not_block_interpreter_exit(run_script):
 
 def test_workers_ignore_sigint():
     """SIGINT sent to a worker (a notebook interrupt hits the process group) does not kill it."""
+    def interrupt_myself():
+        import os
+        import signal
+        # A signal a process sends itself is delivered before kill() returns: a worker that
+        # did not ignore SIGINT would die (or raise KeyboardInterrupt) here, not later.
+        os.kill(os.getpid(), signal.SIGINT)
+        return os.getpid()
+
     worker = run_one(pid)["t"]
-    os.kill(worker, signal.SIGINT)
-    time.sleep(0.2)
+    assert run_one(interrupt_myself)["t"] == worker  # it survived, and no other worker ran it
     assert run_one(pid)["t"] == worker
 
 
@@ -453,3 +460,16 @@ def test_overlapping_runs_give_back_the_blas_environment(monkeypatch, first_done
         releases[k].set()
         assert runs[k].wait(20).ok
     assert {k: os.environ.get(k) for k in BLAS_VARS} == before
+
+
+def test_memory_limit_message_says_what_the_limit_covers():
+    """MemoryLimitExceeded says the limit covers the worker's whole resident memory (the
+    interpreter and imports too), in MiB/GiB, and what to change."""
+    with px.Workflow("m", isolation="process") as wf:
+        wf.add(px.task(helpers.leak_memory).options(id="leak", memory="100MiB"), 20)
+    error = px.run(wf, check=False, progress=False).errors["leak"]
+    text = str(error)
+    assert isinstance(error, px.MemoryLimitExceeded)
+    assert "'leak'" in text and "memory=100 MiB" in text
+    assert "whole resident memory" in text and "interpreter" in text
+    assert "Raise memory=" in text and " MB" not in text
