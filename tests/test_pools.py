@@ -91,13 +91,19 @@ def test_process_function_that_cannot_be_pickled_fails_before_running():
 
 
 def test_process_argument_that_cannot_be_pickled_fails_the_task():
-    """An argument that cannot be pickled fails that task with an error naming it."""
+    """An upstream value that cannot be pickled fails the process task receiving it (at
+    dispatch) with an error naming that task; a literal one is refused before anything runs."""
     import threading
-    with px.Workflow("w", isolation="process") as wf:
-        wf.add(px.task(helpers.echo).options(id="bad-arg"), threading.Lock())
+    with px.Workflow("w") as wf:
+        lock = wf.add(px.task(helpers.return_unpicklable).options(id="make-lock"))
+        wf.add(px.task(helpers.echo).options(id="bad-arg", isolation="process"), lock)
     result = px.run(wf, check=False, progress=False)
     assert isinstance(result.errors["bad-arg"], px.PicklingError)
     assert "'bad-arg'" in str(result.errors["bad-arg"])
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(px.task(helpers.echo).options(id="bad-literal"), threading.Lock())
+    with pytest.raises(px.PicklingError, match="'bad-literal'"):
+        px.run(wf, progress=False)
 
 
 def test_functions_defined_in_main_run_in_processes(run_script):
