@@ -109,6 +109,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``parexec`` command; returns the exit status."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``parexec ... | head``). Point stdout at /dev/null so the
+        # interpreter's own flush at exit cannot fail again, and exit as a shell would.
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run" and args.resume and not args.store:
         print("parexec: --resume needs --store DB (the file that recorded the earlier run)",
@@ -160,7 +175,10 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
     if args.verbose:
         def echo(step: str, line: str) -> None:
             with lock:
-                print(f"[{_printable(step)}] {_printable(line)}", flush=True)
+                try:
+                    print(f"[{_printable(step)}] {_printable(line)}", flush=True)
+                except (BrokenPipeError, ValueError):
+                    pass  # nobody reads the output any more; that must not fail the step
         _yaml.echo = echo
     try:
         with _stop_on_signals():

@@ -284,3 +284,13 @@ def test_failing_step_output_tail_is_printed_under_the_summary(tmp_path):
     assert proc.returncode == 1
     assert "p: failed" in proc.stdout
     assert "last lines of stdout:\n  compiling\n  error: x.h missing" in proc.stderr
+
+
+def test_closed_stdout_is_not_a_traceback():
+    """`parexec ... | head` closing the pipe early: no traceback, exit 141 (128 + SIGPIPE)."""
+    proc = subprocess.Popen([sys.executable, "-m", "parexec", "validate", str(EXAMPLE)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the child can write: its write fails with EPIPE
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 128 + signal.SIGPIPE
