@@ -51,7 +51,16 @@ from queue import SimpleQueue
 from typing import Any
 
 from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
-from ._worker import STARTED, BlasCap, _local, decode_outcome, kill_tree, run_coroutine, worker_main
+from ._worker import (
+    STARTED,
+    BlasCap,
+    _local,
+    decode_outcome,
+    kill_tree,
+    run_coroutine,
+    user_frames,
+    worker_main,
+)
 
 __all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown_process_pool"]
 
@@ -131,9 +140,7 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
                 value = run_coroutine(value, attempt)
         except BaseException as exc:  # noqa: BLE001 - every outcome is reported
             attempt.t_end = monotonic()
-            tb = exc.__traceback__
-            if tb is not None:
-                exc.__traceback__ = tb.tb_next  # the user's frames only, as in processes
+            exc.__traceback__ = user_frames(exc.__traceback__)  # as in processes
             attempt.queue.put((attempt, False, exc, name, None))
             del exc
         else:

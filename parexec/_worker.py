@@ -22,6 +22,7 @@ import threading
 import traceback
 from inspect import iscoroutine
 from time import monotonic
+from types import TracebackType
 from typing import Any
 
 from ._errors import Cancelled, ParexecError
@@ -123,6 +124,28 @@ def run_coroutine(coro: Any, attempt: Any = None) -> Any:
     finally:
         if attempt is not None:
             attempt.on_cancel = None
+
+
+def user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The frames of ``tb`` below the worker's: from the task's function down.
+
+    ``tb`` starts at the worker frame that caught the error; for an ``async def`` task the
+    frames of ``run_coroutine`` and asyncio's loop come next, down to the coroutine.
+    """
+    user = tb.tb_next if tb is not None else None
+    if user is not None and user.tb_frame.f_code is run_coroutine.__code__:
+        inner: TracebackType | None = user
+        while inner is not None and not _is_coroutine_main(inner):
+            inner = inner.tb_next
+        if inner is not None:
+            user = inner.tb_next
+    return user
+
+
+def _is_coroutine_main(tb: TracebackType) -> bool:
+    """Whether ``tb`` is the frame of ``main`` inside ``run_coroutine``."""
+    frame = tb.tb_frame
+    return frame.f_code.co_name == "main" and frame.f_globals is globals()
 
 
 class _SavedLimits:
@@ -448,9 +471,7 @@ def run_payload(data: bytes) -> bytes:
             value = run_coroutine(value)
     except BaseException as exc:  # noqa: BLE001
         t1 = monotonic()
-        tb = exc.__traceback__
-        if tb is not None:
-            exc.__traceback__ = tb.tb_next  # hide this wrapper's frame
+        exc.__traceback__ = user_frames(exc.__traceback__)
         return _error_outcome(task_id, exc, meta=(meter.peak() if meter else None, t0, t1))
     finally:
         _local.context = None

@@ -259,3 +259,10 @@ def recurse_forever(n=0):
 
 def exit_three():
     sys.exit(3)
+
+
+async def async_raise_custom():
+    """Raise CustomError from a coroutine, one await deep."""
+    import asyncio
+    await asyncio.sleep(0)
+    inner_raise()

@@ -182,3 +182,15 @@ def test_traceback_of_a_main_function_names_the_script_file_and_line(run_script)
     assert "<dynamic-code>" not in proc.stdout
     assert proc.stdout.count('script.py", line 5, in fails') == 2, proc.stdout
     assert proc.stdout.count("# the raising line") == 2, proc.stdout
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_async_task_error_shows_the_coroutines_frames_only(isolation):
+    """An async task's error keeps its type and frames, without the event loop's frames."""
+    with px.Workflow("w", isolation=isolation) as wf:
+        wf.add(px.task(helpers.async_raise_custom).options(id="a"))
+    err = px.run(wf, check=False, progress=False).errors["a"]
+    assert type(err) is helpers.CustomError
+    text = "".join(traceback.format_exception(err))
+    assert "async_raise_custom" in text and "inner_raise" in text
+    assert "run_coroutine" not in text and "base_events.py" not in text
