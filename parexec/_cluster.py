@@ -12,7 +12,7 @@ tasks and the results it holds all survive (issue 21 items 1, 4 and 7)::
       client loop ◄── event "started" ───────┘
         └─► run queue: STARTED (timeout armed now, worker address)
       done-callback ─► fetch thread ─► (value if wanted) ─► run queue: finished
-      kill ─► stop thread ─► cancel the future; client.run(_stop_here) on that worker
+      kill ─► stop thread ─► cancel the future; client.run(_stop_here) on its worker
 
 Why a child process and not the worker itself: Dask cannot interrupt a running task, and the
 only other stop (killing the worker process through its nanny) also killed the tasks that
@@ -144,31 +144,38 @@ def _materialize(payload: bytes, values: tuple[Any, ...]) -> Any:
     return fn(*args, **kwargs)
 
 
-def _stop_here(key: str) -> bool:
-    """Run on a Dask worker: kill the child running ``key`` (and its descendants).
+def _stop_here(keys: list[str]) -> int:
+    """Run on a Dask worker: kill the children running ``keys`` (and their descendants).
 
-    A key not running here yet is remembered, so it stops as soon as it starts. Returns
-    whether a running attempt was found.
+    A key not running here yet is remembered, so it stops as soon as it starts. Returns how
+    many running attempts were found.
     """
+    found = []
     with _lock:
-        local = _running.get(key)
-        if local is None:
-            _tombstones[key] = None
-            while len(_tombstones) > MAX_TOMBSTONES:
-                _tombstones.popitem(last=False)
-            return False
-        local.stopped = True
-    if local.handle is not None:
-        from ._pools import process_pool
-        process_pool().kill(local)
-    local.queue.put((local, _STOPPED, None, None, None))
-    return True
+        for key in keys:
+            local = _running.get(key)
+            if local is None:
+                _tombstones[key] = None
+            else:
+                local.stopped = True
+                found.append(local)
+        while len(_tombstones) > MAX_TOMBSTONES:
+            _tombstones.popitem(last=False)
+    for local in found:
+        if local.handle is not None:
+            from ._pools import process_pool
+            process_pool().kill(local)
+        local.queue.put((local, _STOPPED, None, None, None))
+    return len(found)
 
 
-def _where(dask_scheduler: Any, key: Any) -> str | None:
-    """Run on the Dask scheduler: the address of the worker holding ``key`` to run."""
-    ts = dask_scheduler.tasks.get(key)
-    return ts.processing_on.address if ts is not None and ts.processing_on else None
+def _where(dask_scheduler: Any, keys: list[Any]) -> list[str | None]:
+    """Run on the Dask scheduler: the addresses of the workers holding ``keys`` to run."""
+    out: list[str | None] = []
+    for key in keys:
+        ts = dask_scheduler.tasks.get(key)
+        out.append(ts.processing_on.address if ts is not None and ts.processing_on else None)
+    return out
 
 
 # Driver side ------------------------------------------------------------------------------
@@ -440,19 +447,34 @@ class ClusterPool:
             "lost it (a closed client or scheduler)"), worker, None))
 
     def _stop_loop(self) -> None:
+        """Deliver stops, batched: the stops of a run that ends come all at once."""
         while True:
-            item = self._stops.get()
-            if item is None:
+            batch = [self._stops.get()]
+            while not self._stops.empty() and batch[-1] is not None:
+                batch.append(self._stops.get())
+            items = [item for item in batch if item is not None]
+            if items:
+                try:
+                    self._stop(items)
+                except Exception:  # noqa: BLE001 - workers or tasks may be gone meanwhile
+                    logger.debug("stopping cluster tasks failed", exc_info=True)
+            if batch[-1] is None:
                 return
-            attempt, address = item
-            future = attempt.handle
-            try:
-                if address is None:
-                    address = self.client.run_on_scheduler(_where, key=future.key)
-                # Cancel first, so Dask never starts it (or starts it again) elsewhere.
-                self.client.cancel([future], force=True)
+
+    def _stop(self, items: list[tuple[Any, str | None]]) -> None:
+        unknown = [attempt.handle.key for attempt, address in items if address is None]
+        where = iter(self.client.run_on_scheduler(_where, keys=unknown) if unknown else ())
+        by_worker: dict[str, list[str]] = {}
+        for attempt, address in items:
+            if address is None:
+                address = next(where)
+            if address:
                 key = f"{self.prefix}/{attempt.index}/{attempt.number}"
-                if address:
-                    self.client.run(_stop_here, key, workers=[address])
-            except Exception:  # noqa: BLE001 - the worker or the task may be gone meanwhile
-                logger.debug("stopping cluster task %r", attempt.task_id, exc_info=True)
+                by_worker.setdefault(address, []).append(key)
+        # Cancel first, so Dask never starts them (or starts them again) elsewhere.
+        self.client.cancel([attempt.handle for attempt, _ in items], force=True)
+        for address, keys in by_worker.items():
+            try:
+                self.client.run(_stop_here, keys, workers=[address])
+            except Exception:  # noqa: BLE001 - that worker may be gone meanwhile
+                logger.debug("stopping %s on %s failed", keys, address, exc_info=True)
