@@ -117,7 +117,8 @@ def _cluster_call(meta: tuple[Any, ...], payload: bytes, *values: Any) -> Any:
             worker = get_worker()
             address = worker.address
             worker.log_event(topic, [index, number, address])
-        except Exception:  # noqa: BLE001 - no worker context: the timeout counts from submit
+        except Exception:  # noqa: BLE001 - no worker context (not seen in practice): the task
+            # then runs without its timeout armed, as the scheduler never hears it started
             logger.debug("task %r could not report its start", task_id, exc_info=True)
         _allow_children()
         pool = process_pool()
