@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from helpers import noop, sleep_then
 
@@ -25,11 +27,16 @@ def test_named_pool_limits_concurrency_without_blocking_others():
         for _ in range(3):
             wf.add(px.task(sleep_then).options(pools="db"), 0.15)
         free = wf.add(px.task(sleep_then).options(id="free"), 0.15)
+    t0 = time.monotonic()
     result = px.run(wf, max_workers=3, progress=False)
+    elapsed = time.monotonic() - t0
     db = sorted((t.started_at, t.finished_at) for k, t in result.tasks.items() if k != "free")
     assert all(db[k][1] <= db[k + 1][0] + 1e-3 for k in range(2))
     assert result.tasks[free.id].started_at < db[1][0]
-    assert 0.3 < result.stats.pool_utilization["db"] <= 1.0
+    # The unit is held at least while each db task runs, within the run's span: a bound
+    # that holds however slow the machine is (no fixed fraction).
+    busy = sum(f - s for s, f in db)
+    assert busy / elapsed <= result.stats.pool_utilization["db"] <= 1.0
 
 
 def test_cpu_budget_gates_by_cpus():

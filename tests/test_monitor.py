@@ -88,6 +88,7 @@ def test_task_waits_for_measured_memory(monkeypatch):
 
     monkeypatch.setattr(_scheduler, "MEMORY_RECHECK", 0.05)
     free = threading.Event()
+    refusals = threading.Semaphore(0)  # one per measurement that found too little memory
     real = psutil.virtual_memory
 
     class Fake:
@@ -95,22 +96,34 @@ def test_task_waits_for_measured_memory(monkeypatch):
             v = real()
             self.total = v.total
             self.available = v.available if free.is_set() else 1
+            if not free.is_set():
+                refusals.release()
 
     monkeypatch.setattr(psutil, "virtual_memory", Fake)
     release = threading.Event()
-    events = []
+
+    def needs_memory():
+        return free.is_set(), release.is_set()
 
     def on_event(e):
-        events.append((e.kind, e.task_id))
-        if e.kind == "task:started" and e.task_id == "blocker":
-            threading.Timer(0.3, free.set).start()
-            threading.Timer(0.6, release.set).start()
+        if e.kind == "task:completed" and e.task_id == "needs-memory":
+            release.set()
 
     with px.Workflow("m") as wf:
         wf.add(px.task(helpers.ignore_cancel).options(id="blocker"), release)
-        wf.add(px.task(hold_memory).options(id="needs-memory", memory="50MB"), 1, 0.0)
-    result = px.run(wf, max_workers=2, memory_budget="1GB", on_event=on_event, progress=False)
+        wf.add(px.task(needs_memory).options(id="needs-memory", memory="50MB"))
+    handle = px.start(wf, max_workers=2, memory_budget="1GB", on_event=on_event,
+                      progress=False)
+    try:
+        # Refused when first ready, and again at a re-check: it waits and measures again.
+        assert refusals.acquire(timeout=10) and refusals.acquire(timeout=10)
+        free.set()
+        result = handle.wait(30)
+    finally:
+        free.set()
+        release.set()
+        handle.wait(30)
     assert result.ok
-    started = [t for k, t in events if k == "task:started"]
-    assert started == ["blocker", "needs-memory"]
-    assert result.tasks["needs-memory"].started_at - result.tasks["blocker"].started_at >= 0.25
+    # It started once the memory was there, while "blocker" still ran: at a re-check, not
+    # because the run had nothing else running.
+    assert result["needs-memory"] == (True, False)

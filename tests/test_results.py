@@ -42,7 +42,13 @@ def test_stats_make_sense():
     s = result.stats
     assert s.makespan > 0.05 and s.total_task_time >= 0.1
     assert s.speedup == pytest.approx(s.total_task_time / s.makespan)
-    assert s.max_concurrency == 2 and s["makespan"] == s.makespan
+    # Concurrency as the task records show it (a, b and bad start together, so 2 or 3
+    # depending on the machine's cores): never a fixed number.
+    spans = [(t.started_at, t.finished_at) for t in result.tasks.values()
+             if t.started_at is not None]
+    assert s.max_concurrency == max(sum(s0 <= start < f for s0, f in spans)
+                                    for start, _ in spans)
+    assert 1 <= s.max_concurrency <= 3 and s["makespan"] == s.makespan
     assert s.critical_path[-1] == "<lambda>" and s.scheduler_overhead > 0
 
 
