@@ -270,15 +270,15 @@ def test_workers_without_a_nanny_get_their_task_stopped(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_cluster_timeout_counts_from_the_start_on_a_worker(client):
-    """Five 1 s tasks that each need a whole worker (two workers), under a 2.5 s timeout:
-    time spent queued in Dask does not count, so none times out."""
+    """Twelve 0.5 s tasks that each need a whole worker (two workers), under a 2.5 s
+    timeout: time spent queued in Dask (up to 2.5 s) does not count, so none times out."""
     with px.Workflow("warm", isolation="cluster") as wf:  # children started beforehand
         for k in range(4):
             wf.add(px.task(sleep_then).options(id=f"w-{k}"), 0.3)
     px.run(wf, cluster=client, progress=False)
     with px.Workflow("queued", isolation="cluster") as wf:
-        for k in range(5):
-            wf.add(px.task(sleep_then).options(id=f"t-{k}", cpus=2, timeout=2.5), 1.0, k)
+        for k in range(12):
+            wf.add(px.task(sleep_then).options(id=f"t-{k}", cpus=2, timeout=2.5), 0.5, k)
     result = px.run(wf, cluster=client, progress=False)
     assert {t.status for t in result.tasks.values()} == {"succeeded"}, result.errors
     assert all(t.attempts == 1 for t in result.tasks.values())
