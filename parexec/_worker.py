@@ -210,6 +210,30 @@ class _SavedLimits:
 _saved_limits = _SavedLimits()
 
 
+def _reset_limits_after_fork() -> None:
+    """In a forked child: the parent's runs (the users of the saved limits) are not here.
+
+    The lock may have been held by a parent thread at the fork, and a count left above zero
+    would keep the child's environment capped for good: give the child the variables found
+    before the parent's first cap, and a fresh count.
+    """
+    saved = _saved_limits
+    saved.lock = threading.Lock()
+    if saved.nusers:
+        for k, v in saved.env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    saved.nusers = 0
+    saved.env = {}
+    saved.first = None
+    saved.known = None
+
+
+os.register_at_fork(after_in_child=_reset_limits_after_fork)
+
+
 class BlasCap:
     """Cap BLAS/OpenMP thread pools (threadpoolctl) at a task's ``cpus``.
 

@@ -266,3 +266,8 @@ async def async_raise_custom():
     import asyncio
     await asyncio.sleep(0)
     inner_raise()
+
+
+def send_blas_env(conn):
+    """Send this process's OMP_NUM_THREADS and OPENBLAS_NUM_THREADS through ``conn``."""
+    conn.send({k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")})

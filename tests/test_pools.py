@@ -479,3 +479,28 @@ def test_memory_limit_message_says_what_the_limit_covers():
     assert "'leak'" in text and "memory=100 MiB" in text
     assert "whole resident memory" in text and "interpreter" in text
     assert "Raise memory=" in text and " MB" not in text
+
+
+def test_child_forked_during_a_run_gets_the_blas_environment_from_before_it(monkeypatch):
+    """A child forked while a thread run caps BLAS starts with the variables as they were
+    before the run (the parent's run, which would restore them, is not in the child)."""
+    import multiprocessing as mp
+    import threading
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    started, release = threading.Event(), threading.Event()
+    with px.Workflow("w") as wf:
+        wf.add(px.task(helpers.ignore_cancel).options(id="hold"), release, started)
+    run = px.start(wf, progress=False)
+    try:
+        assert started.wait(20) and os.environ.get("OMP_NUM_THREADS") == "1"
+        ctx = mp.get_context("fork")
+        a, b = ctx.Pipe()
+        child = ctx.Process(target=helpers.send_blas_env, args=(b,))
+        child.start()
+        assert a.poll(30)
+        assert a.recv() == {"OMP_NUM_THREADS": None, "OPENBLAS_NUM_THREADS": "3"}
+        child.join(30)
+    finally:
+        release.set()
+        run.wait(20)
