@@ -66,7 +66,8 @@ class _Local:
     learns new fields.
     """
 
-    def __init__(self, task_id: str, number: int, cpus: float) -> None:
+    def __init__(self, index: int, task_id: str, number: int, cpus: float) -> None:
+        self.index = index
         self.task_id = task_id
         self.number = number
         self.cpus = cpus
@@ -105,7 +106,7 @@ def _cluster_call(meta: tuple[Any, ...], payload: bytes, *values: Any) -> Any:
     """
     topic, key, index, number, task_id, cpus = meta
     from ._pools import process_pool
-    local = _Local(task_id, number, cpus)
+    local = _Local(index, task_id, number, cpus)
     with _lock:
         if _tombstones.pop(key, 0) is None:
             raise Cancelled(f"task {task_id!r} (attempt {number}) was stopped before it started")
