@@ -365,6 +365,88 @@ def worker_main(conn: Any) -> None:
             return
         send(run_payload(data))
         del data
+        _reaper.reap()
+
+
+class _OrphanReaper:
+    """Reap, between tasks, the adopted orphans that exited.
+
+    A subreaper must, or zombies pile up in a long-lived worker whose tasks start daemons.
+
+    Only zombies that no ``subprocess.Popen`` or multiprocessing process of this worker owns
+    are reaped: reaping an owned one would make its ``wait()`` report 0 instead of the real
+    exit status. The common case (no zombie child at all) costs one ``waitid`` call.
+    """
+
+    def __init__(self) -> None:
+        self.owned_zombies: set[int] = set()  # zombies left to their owners, not rescanned
+
+    def reap(self) -> None:
+        try:
+            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except (ChildProcessError, AttributeError, OSError):
+            return
+        if found is None:  # no child has exited: the common case
+            self.owned_zombies.clear()
+            return
+        children = _child_pids()
+        self.owned_zombies.intersection_update(children)  # owners reaped the others
+        zombies = [pid for pid in children if pid not in self.owned_zombies
+                   and _is_zombie(pid)]
+        if not zombies:
+            return
+        owned = _owned_pids()
+        for pid in zombies:
+            if pid in owned:
+                self.owned_zombies.add(pid)
+                continue
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+_reaper = _OrphanReaper()
+
+
+def _child_pids() -> list[int]:
+    """Pids of this process's children (Linux /proc; empty elsewhere)."""
+    pids: list[int] = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:][:1] == b"Z"
+    except (OSError, ValueError):
+        return False
+
+
+def _owned_pids() -> set[int]:
+    """Pids that a live ``subprocess.Popen`` or multiprocessing process of ours will wait for."""
+    import gc
+    import multiprocessing.process as mp_process
+    import subprocess
+    owned = {p.pid for p in gc.get_objects()
+             if isinstance(p, subprocess.Popen) and p.returncode is None}
+    owned.update(p.pid for p in getattr(subprocess, "_active", None) or ())
+    for p in getattr(mp_process, "_children", ()):
+        popen = getattr(p, "_popen", None)
+        if popen is not None:
+            owned.add(popen.pid)
+    return owned
 
 
 def _allow_children() -> None:

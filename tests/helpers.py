@@ -271,3 +271,112 @@ async def async_raise_custom():
 def send_blas_env(conn):
     """Send this process's OMP_NUM_THREADS and OPENBLAS_NUM_THREADS through ``conn``."""
     conn.send({k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+
+
+def orphan_quick_child():
+    """Double-fork a `true` that exits at once, so the worker adopts an orphan that dies."""
+    subprocess.run(["sh", "-c", "true &"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return os.getpid()
+
+
+def zombie_children():
+    """This process's pid, and its children that have exited and were never reaped."""
+    import psutil
+    zombies = [p.pid for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+    return os.getpid(), zombies
+
+
+# Property-based fault injection (tests/test_properties.py) ----------------------------------
+# One task body for every generated task: it logs its start and end (with the attempt, wall
+# time and the units it holds) to a file opened with O_APPEND, so gates and dependencies can
+# be checked across processes, then behaves as planned.
+
+def prop_log(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def prop_norm(x):
+    """A comparable, repr-stable form of a task input (dicts sorted, Outcomes as tuples)."""
+    if isinstance(x, px.Outcome):
+        return ("outcome", x.ok, prop_norm(x.value) if x.ok else type(x.error).__name__)
+    if isinstance(x, dict):
+        return tuple(sorted((k, prop_norm(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(prop_norm(v) for v in x)
+    return x
+
+
+def prop_value(tid, inputs):
+    import zlib
+    return zlib.crc32(repr((tid, prop_norm(inputs))).encode()) % 1_000_000
+
+
+def prop_task(log, tid, behaviour, pause, counter, *inputs):
+    """Log, then behave: ok, raise, flaky, timeout, coop, exit, sigkill, memory, items:K."""
+    ctx = px.current()
+    prop_log(log, f"S {tid} {ctx.attempt} {time.time():.6f}\n")
+    try:
+        value = prop_value(tid, inputs)
+        if behaviour == "raise":
+            raise ValueError(f"planned failure of {tid}")
+        if behaviour == "flaky":
+            if not os.path.exists(counter):
+                prop_log(counter, "failed once\n")
+                raise OSError(f"planned transient failure of {tid}")
+        elif behaviour == "timeout":
+            time.sleep(pause)  # longer than the task's timeout
+        elif behaviour == "coop":
+            deadline = time.monotonic() + pause
+            while time.monotonic() < deadline:
+                ctx.check()
+                time.sleep(0.005)
+        elif behaviour == "exit":
+            os._exit(3)
+        elif behaviour == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif behaviour == "memory":
+            blocks = []
+            for _ in range(40):  # up to 800 MiB, far above the task's memory=
+                block = bytearray(20 * 2**20)
+                for k in range(0, len(block), 4096):
+                    block[k] = 1
+                blocks.append(block)
+                time.sleep(0.01)
+            time.sleep(2)
+        elif behaviour.startswith("items:"):
+            value = [value % 97 + k for k in range(int(behaviour[6:]))]
+        elif pause:
+            time.sleep(pause)
+        return value
+    finally:
+        prop_log(log, f"E {tid} {ctx.attempt} {time.time():.6f}\n")
+
+
+def prop_item(item, log, tid_prefix):
+    """A map item: logs like prop_task, returns a value derived from the item."""
+    ctx = px.current()
+    tid = ctx.task_id
+    prop_log(log, f"S {tid} {ctx.attempt} {time.time():.6f}\n")
+    try:
+        return prop_value(tid_prefix, (item,))
+    finally:
+        prop_log(log, f"E {tid} {ctx.attempt} {time.time():.6f}\n")
+
+
+_kept_popen = []
+
+
+def start_kept_child(code):
+    """Start `sh -c 'exit code'` and keep its Popen for a later task on this worker."""
+    _kept_popen.append(subprocess.Popen(["sh", "-c", f"exit {int(code)}"]))
+    _kept_popen[-1].pid  # noqa: B018
+    return os.getpid()
+
+
+def wait_kept_child():
+    """Wait for the child start_kept_child started here; return (pid, its exit status)."""
+    return os.getpid(), _kept_popen.pop().wait(10)

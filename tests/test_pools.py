@@ -504,3 +504,28 @@ def test_child_forked_during_a_run_gets_the_blas_environment_from_before_it(monk
     finally:
         release.set()
         run.wait(20)
+
+
+def test_adopted_orphans_are_reaped_between_tasks():
+    """A worker adopts orphans (it is their subreaper): those that exit are reaped after the
+    task, so a long-lived worker does not pile up zombies."""
+    with px.Workflow("w", isolation="process", max_workers=1) as wf:
+        for i in range(5):
+            wf.add(px.task(helpers.orphan_quick_child).options(id=f"o{i}"))
+    result = px.run(wf, progress=False)
+    workers = {result[f"o{i}"] for i in range(5)}
+    assert len(workers) == 1
+    with px.Workflow("w", isolation="process", max_workers=1) as wf:
+        wf.add(px.task(helpers.zombie_children).options(id="z"))
+    assert px.run(wf, progress=False)["z"] == (workers.pop(), [])  # the same worker
+
+
+def test_reaping_leaves_a_tasks_own_popen_to_it():
+    """A child a task keeps a Popen for is not reaped by the worker: a later task on that
+    worker still reads its real exit status."""
+    with px.Workflow("w", isolation="process", max_workers=1) as wf:
+        first = wf.add(px.task(helpers.start_kept_child).options(id="start"), 7)
+        wf.add(px.task(helpers.orphan_quick_child).options(id="orphan", after=[first]))
+        wf.add(px.task(helpers.wait_kept_child).options(id="wait", after=["orphan"]))
+    result = px.run(wf, progress=False)
+    assert result["wait"] == (result["start"], 7)
