@@ -177,6 +177,21 @@ def binary_size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def memory_limit_error(task_id: str, used: int, limit: int) -> MemoryLimitExceeded:
+    """The error of a process task stopped for using more memory than its ``memory=``.
+
+    It says what the limit covers (issue 22 item 6): the worker's whole resident memory,
+    which is more than the task's data.
+    """
+    return MemoryLimitExceeded(
+        f"task {task_id!r} used {binary_size(used)}, above its declared "
+        f"memory={binary_size(limit)}, so its worker was stopped. The limit bounds the "
+        "worker process's whole resident memory, the Python interpreter and the modules "
+        f"it imported included (about {BARE_WORKER_MIB} MiB for a bare worker, more once "
+        "numpy or pandas are loaded), not only the task's data. Raise memory= to the "
+        "task's peak plus that overhead, or make the task use less")
+
+
 class ProcessPool:
     """Process workers shared by every run of this interpreter (see the module docstring)."""
 
@@ -239,13 +254,8 @@ class ProcessPool:
                 return
             worker.killed = True
         kill_tree(worker.pid)
-        attempt.queue.put((attempt, False, MemoryLimitExceeded(
-            f"task {attempt.task_id!r} used {binary_size(used)}, above its declared "
-            f"memory={binary_size(limit)}, so its worker was stopped. The limit bounds the "
-            "worker process's whole resident memory, the Python interpreter and the modules "
-            f"it imported included (about {BARE_WORKER_MIB} MiB for a bare worker, more once "
-            "numpy or pandas are loaded), not only the task's data. Raise memory= to the "
-            "task's peak plus that overhead, or make the task use less"), worker.pid, None))
+        attempt.queue.put((attempt, False, memory_limit_error(attempt.task_id, used, limit),
+                           worker.pid, None))
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)

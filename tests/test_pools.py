@@ -468,6 +468,13 @@ def test_overlapping_runs_give_back_the_blas_environment(monkeypatch, first_done
     assert {k: os.environ.get(k) for k in BLAS_VARS} == before
 
 
+def test_memory_limit_error_says_what_the_limit_covers():
+    """The MemoryLimitExceeded message: readable units, what the limit covers, what to do."""
+    text = str(_pools.memory_limit_error("leak", 170 * 2**20, 100 * 2**20))
+    assert "'leak' used 170 MiB" in text and "memory=100 MiB" in text
+    assert "whole resident memory" in text and "interpreter" in text and "Raise memory=" in text
+
+
 def test_memory_limit_message_says_what_the_limit_covers():
     """MemoryLimitExceeded says the limit covers the worker's whole resident memory (the
     interpreter and imports too), in MiB/GiB, and what to change."""
