@@ -349,6 +349,11 @@ class ClusterPool:
         self._stops.put((attempt, address))
         return True
 
+    def release(self, index: int) -> None:
+        """Drop task ``index``'s result from the cluster (no consumer needs it any more)."""
+        with self._lock:
+            self.futures.pop(index, None)
+
     def shutdown(self) -> None:
         """Deliver pending stops, release the run's futures, close the client if owned."""
         if self._stopper is not None:

@@ -382,3 +382,45 @@ def test_unreachable_cluster_fails_within_the_connect_timeout():
         with pytest.raises(px.ParexecError, match=address):
             px.run(wf, cluster=address, progress=False)
     assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.timeout(60)
+def test_pool_reports_start_then_value_and_release_frees_the_result(client):
+    """ClusterPool on its own: STARTED (with the worker) then the finished report on the
+    attempt's queue; release(index) lets Dask drop the result it held."""
+    from queue import SimpleQueue
+
+    from parexec._cluster import ClusterPool
+    from parexec._worker import STARTED
+
+    class Attempt:  # what the pool reads of the scheduler's _Attempt (hashed by identity)
+        index, number, task_id, cpus, memory_limit = 0, 1, "unit", 1.0, None
+        handle = worker = None
+        t_start = t_end = 0.0
+
+        def __init__(self):
+            self.queue = SimpleQueue()
+
+    pool = ClusterPool(client, "parexec-unit-test")
+    try:
+        attempt = Attempt()
+        pool.submit(attempt, add, (1, 2), {})
+        started = attempt.queue.get(timeout=30)
+        assert started[1] == STARTED and started[3] in client.scheduler_info()["workers"]
+        _, ok, value, worker, _ = attempt.queue.get(timeout=30)
+        assert (ok, value, worker) == (True, 3, started[3])
+        key = pool.futures[0].key
+
+        def held():
+            return client.run_on_scheduler(
+                lambda dask_scheduler: key in dask_scheduler.tasks)
+
+        assert held()
+        attempt.handle = None  # the scheduler drops finished attempts
+        pool.release(0)
+        deadline = time.monotonic() + 30
+        while held():
+            assert time.monotonic() < deadline, "Dask still holds the released result"
+            time.sleep(0.05)
+    finally:
+        pool.shutdown()
