@@ -22,8 +22,8 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from queue import SimpleQueue
 from dataclasses import dataclass
+from queue import SimpleQueue
 from typing import Any
 
 from ._errors import TaskOptionError
@@ -76,8 +76,9 @@ class Event:
 
 
 class Emitter:
-    """Deliver events to ``(kind, callback)`` subscribers on a thread of their own; ``"*"``
-    matches every kind.
+    """Deliver events to ``(kind, callback)`` subscribers on a thread of their own.
+
+    ``"*"`` matches every kind.
 
     ``emit`` only enqueues (the scheduler thread never runs a callback); ``close`` marks the
     end of the run's events and ``drain`` waits for their delivery.
@@ -171,7 +172,7 @@ def _in_notebook() -> bool:
 
 
 class _Lines:
-    """A stream for tqdm that turns each redraw (``"\r" + bar``) into a line of its own."""
+    """A stream for tqdm that turns each redraw (carriage return, bar) into a line."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream

@@ -96,12 +96,15 @@ def _missing(task: str, dep: str, ids: Sequence[str], workflow: str) -> MissingD
     close = difflib.get_close_matches(dep, ids, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else \
         "; add that task first or fix the id in `after=`"
-    return MissingDependencyError(f"task {task!r} depends on {dep!r}, which is not in {where}{hint}")
+    return MissingDependencyError(
+        f"task {task!r} depends on {dep!r}, which is not in {where}{hint}")
 
 
 def _find_cycle(ids: list[str], deps: list[list[int]], npending: list[int]) -> list[str]:
-    """Return one cycle among the nodes Kahn's algorithm could not order, as ids in data-flow
-    order (upstream first), the first id repeated at the end."""
+    """Return one cycle among the nodes Kahn's algorithm could not order.
+
+    The ids are in data-flow order (upstream first), the first id repeated at the end.
+    """
     stuck = {i for i, k in enumerate(npending) if k}
     start = min(stuck)
     # Every stuck node has a stuck dependency, so walking up dependencies must revisit a node.
@@ -121,8 +124,10 @@ def _find_cycle(ids: list[str], deps: list[list[int]], npending: list[int]) -> l
 
 
 def depths(graph: Graph) -> list[int]:
-    """The dependency depth of every task: 0 without dependencies, else one more than its
-    deepest dependency."""
+    """The dependency depth of every task.
+
+    0 for a task without dependencies, else one more than its deepest dependency.
+    """
     depth = [0] * len(graph.ids)
     for i in graph.order:
         d = graph.deps[i]

@@ -88,8 +88,10 @@ class TaskRun:
 
     @property
     def elapsed(self) -> float | None:
-        """Seconds from the first attempt's start to the final end: every attempt and every
-        wait between retries (None if it never started)."""
+        """Seconds from the first attempt's start to the final end (None if never started).
+
+        Every attempt and every wait between retries counts.
+        """
         if self.first_started_at is None or self.finished_at is None:
             return self.duration
         return self.finished_at - self.first_started_at
@@ -155,7 +157,7 @@ def build_stats(tasks: Sequence[TaskRun], is_group: Sequence[bool], *, makespan:
     """The figures of a run, from its task records (groups are their members' work)."""
     spans: list[tuple[float, float]] = []
     by_level: dict[int, list[tuple[float, float]]] = {}
-    for tr, group in zip(tasks, is_group):
+    for tr, group in zip(tasks, is_group, strict=True):
         if group:
             continue
         mine = [(s, f) for _, s, f, _, _ in tr.history or ()]
@@ -225,8 +227,10 @@ class RunResult:
 
     @property
     def results(self) -> dict[str, Any]:
-        """Task id → value, for every task that succeeded or was cached (and whose value was
-        kept, see ``run(keep=...)``)."""
+        """Task id → value, for every task that succeeded or was cached.
+
+        Values released under ``run(keep=...)`` are left out.
+        """
         return {tid: tr.value for tid, tr in self.tasks.items() if tr.ok and not tr.released}
 
     @property
@@ -321,7 +325,7 @@ class RunResult:
         lines = []
         for n, row in enumerate(rows):
             cells = [c.rjust(w) if k in right else c.ljust(w)
-                     for k, (c, w) in enumerate(zip(row, widths))]
+                     for k, (c, w) in enumerate(zip(row, widths, strict=True))]
             lines.append("  ".join(cells).rstrip())
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths))
@@ -378,8 +382,10 @@ class RunResult:
                                      "makespan": self.stats.makespan}}, f)
 
     def plot(self, ax: Any = None) -> Any:
-        """A Gantt chart of the run: one row per worker (thread or process), one bar per
-        attempt coloured by outcome, the critical path outlined.
+        """A Gantt chart of the run.
+
+        One row per worker (thread or process), one bar per attempt coloured by outcome,
+        the critical path outlined.
 
         Args:
             ax: A matplotlib Axes to draw into (default: a new Figure).
@@ -403,8 +409,10 @@ class RunResult:
 
 
 def worker_label(worker: int | str | None) -> str:
-    """How summaries, tables and charts name a worker: ``process 20596``, ``thread 2``, or
-    a cluster worker's address."""
+    """How summaries, tables and charts name a worker.
+
+    ``process 20596``, ``thread 2``, or a cluster worker's address.
+    """
     if worker is None:
         return ""
     if isinstance(worker, int) or (isinstance(worker, str) and worker.isdigit()):
@@ -416,8 +424,11 @@ def worker_label(worker: int | str | None) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters escaped, so that an id or an error message printed
-    in a table or a terminal cannot forge rows or move the cursor."""
+    """``text`` with control characters escaped.
+
+    An id or an error message printed in a table or a terminal cannot forge rows or move
+    the cursor.
+    """
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -266,8 +266,10 @@ _OPTIONS = ("id", "name", "isolation", "priority", "estimate", "timeout", "retry
 
 def check_positive(value: Any, where: str, field: str,
                    meaning: str = "a positive number of seconds") -> float | None:
-    """Validate an optional positive finite number (None passes); ``where`` prefixes the
-    message, e.g. ``"task 'fit'"``."""
+    """Validate an optional positive finite number (None passes).
+
+    ``where`` prefixes the message, e.g. ``"task 'fit'"``.
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -415,8 +417,10 @@ def _children(obj: Any) -> Iterable[Any]:
 
 
 def find_refs(obj: Any, found: list[TaskRef]) -> None:
-    """Append every TaskRef inside ``obj`` (nested in list/tuple/dict/set) to ``found``, in
-    order of appearance (depth first)."""
+    """Append every TaskRef inside ``obj`` (nested in list/tuple/dict/set) to ``found``.
+
+    Refs come in order of appearance (depth first).
+    """
     if isinstance(obj, TaskRef):
         found.append(obj)
         return
@@ -437,8 +441,10 @@ def find_refs(obj: Any, found: list[TaskRef]) -> None:
 
 
 def resolve_args(args: tuple[Any, ...], values: list[Any]) -> tuple[Any, ...]:
-    """Positional arguments with refs replaced by ``values[ref.index]`` (the hot path: a flat
-    tuple of refs and plain values walks nothing)."""
+    """Positional arguments with refs replaced by ``values[ref.index]``.
+
+    This is the hot path: a flat tuple of refs and plain values walks nothing.
+    """
     return tuple([values[a.index] if isinstance(a, TaskRef)
                   else resolve_refs(a, values.__getitem__) if isinstance(a, _CONTAINERS) else a
                   for a in args])
@@ -632,8 +638,9 @@ def task(fn: None = None, /, **options: Any) -> Callable[[Callable[P, R]], TaskT
 
 
 def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
-    """Declare a function as a task: ``@px.task``, ``@px.task(**options)`` or
-    ``px.task(fn, **options)``.
+    """Declare a function as a task.
+
+    Three spellings: ``@px.task``, ``@px.task(**options)`` or ``px.task(fn, **options)``.
 
     Usage::
 

@@ -14,9 +14,23 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import DuplicateTaskError, MissingDependencyError, TaskOptionError
 from ._graph import Graph, compile_graph, critical_path, levels, to_dot
-from ._task import (ISOLATIONS, WAITS, GroupInfo, GroupRef, MapRef, TaskRef, TaskSpec,
-                    TaskTemplate, _fn_name, check_callable, check_id, check_options,
-                    check_positive, find_refs, parse_size)
+from ._task import (
+    ISOLATIONS,
+    WAITS,
+    GroupInfo,
+    GroupRef,
+    MapRef,
+    TaskRef,
+    TaskSpec,
+    TaskTemplate,
+    _fn_name,
+    check_callable,
+    check_id,
+    check_options,
+    check_positive,
+    find_refs,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from ._events import Event
