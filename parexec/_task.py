@@ -413,7 +413,7 @@ _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
 def _children(obj: Any) -> Iterable[Any]:
-    return obj.values() if isinstance(obj, dict) else obj  # type: ignore[no-any-return]
+    return obj.values() if isinstance(obj, dict) else obj
 
 
 def find_refs(obj: Any, found: list[TaskRef]) -> None:
@@ -473,7 +473,7 @@ def resolve_refs(obj: Any, value_of: Callable[[int], Any]) -> Any:
     def start(x: Any) -> list[Any]:
         # A frame: [original, iterator over its items, the resolved items, the copy or None].
         # Mutable containers get their (empty) copy at once, so a cycle back to them finds it.
-        copy = None
+        copy: Any = None
         if isinstance(x, list):
             copy = []
         elif isinstance(x, dict):
