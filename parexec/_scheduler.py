@@ -61,6 +61,7 @@ __all__ = ["Run", "last_result", "run", "start"]
 
 GRACE = 5.0  # seconds a stopping run waits for thread tasks to notice their cancel flag
 MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task waits for memory
+MAX_EVICTIONS = 3  # times one task may be stopped and queued again for the run's memory budget
 # Pipelining of short thread tasks. Handing a task to an idle thread and hearing back costs a
 # thread round trip (measured 66-75 us on the 2-core test machine), during which that thread
 # idles: with 2 slots, no-op tasks ran at 1.5x a raw ThreadPoolExecutor, which keeps its
@@ -222,7 +223,8 @@ class _Scheduler:
         self.gates = build_gates(specs, [iso != "cluster" for iso in isolation],
                                  max_workers=max_workers, cpu_budget=cpu_budget,
                                  memory_budget=memory_budget, pools=wf.pools,
-                                 force_cpu_gate=force_cpu_gate)
+                                 force_cpu_gate=force_cpu_gate,
+                                 process=[_isolation_of(wf, s) == "process" for s in specs])
         # Groups and maps: member_of[i] lists the groups task i belongs to.
         self.member_of: list[list[int] | None] = [None] * n
         self.groups: dict[int, _Group] = {}
@@ -327,8 +329,18 @@ class _Scheduler:
             self.finish()
 
     def begin(self) -> None:
+        from ._gates import MemoryGate
         from ._monitor import Monitor
-        self.monitor = Monitor()
+        # The measured memory gate (issue 21 item 11): the monitor reports, this thread acts.
+        memory = self.memory_gate = next(
+            (g for g in self.gates if isinstance(g, MemoryGate)), None)
+        self.evictions: dict[int, int] = {}
+        self.monitor = Monitor(queue=self.queue,
+                               budget=memory.capacity if memory is not None else None)
+        if memory is not None:
+            pools, threads, cluster = self.pools, self.threads, self.cluster
+            memory.monitor = self.monitor
+            memory.measured = lambda i: pools[i] is not threads and pools[i] is not cluster
         self.emit("workflow:started")
         if self.debug:
             logger.debug("run of %r: %d tasks, gates %s", self.name, self.n, self.gates)
@@ -518,6 +530,8 @@ class _Scheduler:
             attempt.memory_limit = spec.memory
             if pool is not self.cluster:
                 attempt.monitor = self.monitor
+                if self.memory_gate is not None:
+                    self.memory_gate.started(i, attempt)
         if prefetch:  # queued beyond the slots: it takes no slot (see PREFETCH_BELOW)
             attempt.prefetched = True
             self.nprefetched += 1
@@ -1143,6 +1157,8 @@ class _Scheduler:
             if self.paused:
                 self.paused = False
                 self.emit("workflow:resumed")
+        elif command == "memory":
+            self.memory_report()
 
     def stop(self, status: str) -> None:
         """Stop starting tasks; cancel the pending ones; stop the running ones."""
@@ -1247,6 +1263,47 @@ class _Scheduler:
                            pool_utilization=pools,
                            critical_path=critical_path(self.graph, durations) if self.n else [],
                            scheduler_overhead=getattr(self, "cpu_time", 0.0))
+
+    # Measured memory (the monitor reports, this thread decides; see _gates) ---------------
+
+    def memory_report(self) -> None:
+        """Act on the monitor's reports: a process task above its declared ``memory`` is
+        killed and fails with ``MemoryLimitExceeded`` (retried as its policy says); when the run's process tasks together hold more than
+        the budget, the most recently started one is stopped and queued again (its attempt
+        not counted, at most ``MAX_EVICTIONS`` times per task, never the only one)."""
+        from ._errors import format_size
+        monitor = self.monitor
+        while monitor.reports:
+            report = monitor.reports.popleft()
+            if report[0] == "budget":
+                monitor.budget_reported = False
+                mine = [a for a in self.running if a.monitor is not None and not a.final]
+                if self.stopping or len(mine) < 2:
+                    continue  # stopping a lone task frees nothing it would not need again
+                mine = [a for a in mine if self.evictions.get(a.index, 0) < MAX_EVICTIONS]
+                if not mine:
+                    continue
+                attempt = max(mine, key=lambda a: self.runs[a.index].started_at or 0.0)
+                i = attempt.index
+                self.evictions[i] = self.evictions.get(i, 0) + 1
+                monitor.unwatch(attempt)
+                self.kill_or_flag(attempt)  # a process attempt: killed, resources released
+                self.runs[i].attempts -= 1
+                self.state[i] = _READY
+                heappush(self.ready, self.keys[i])
+                msg = (f"run of {self.name!r}: its process tasks held {format_size(report[1])}, "
+                       f"above memory_budget={format_size(monitor.budget or 0)}; task "
+                       f"{attempt.task_id!r}, the last started, was stopped and queued again "
+                       f"(not counted as an attempt). It starts again when its measured need "
+                       f"({format_size(attempt.peak_memory or 0)}) fits; declare memory= on "
+                       "the task to have it wait from the start")
+                logger.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=1)
+                continue
+            _, attempt, used, limit = report
+            if not attempt.final and attempt in self.running:
+                # Killed by the pool, which reports MemoryLimitExceeded like any failure.
+                attempt.pool.kill_for_memory(attempt, used, limit)
 
 
 class Run:
@@ -1519,7 +1576,7 @@ def _isolation_of(wf: Workflow, spec: TaskSpec) -> str:
     if info is not None:
         if info.dynamic is None:
             return "group"
-        return info.dynamic[1].get("isolation") or wf.isolation  # type: ignore[no-any-return]
+        return info.dynamic[1].get("isolation") or wf.isolation
     return spec.isolation or wf.isolation
 
 
