@@ -33,8 +33,8 @@ needing the whole CPU budget is protected the same way as one needing a whole po
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ResourceError
 
@@ -43,7 +43,11 @@ if TYPE_CHECKING:
     from ._task import TaskSpec
     from ._workflow import Workflow
 
-__all__ = ["CapacityGate", "MemoryGate", "build_gates", "check_resources"]
+__all__ = ["CapacityGate", "HIGH_WATER", "MemoryGate", "PROBE_SECONDS", "build_gates",
+           "check_resources"]
+
+HIGH_WATER = 0.8  # no new process task starts while the measured total is above this share
+PROBE_SECONDS = 1.0  # the first task of a function runs alone this long for its peak
 
 
 class CapacityGate:
@@ -109,11 +113,15 @@ class CapacityGate:
     def reserve(self, i: int, key: tuple[object, ...]) -> bool:
         """Make task ``i`` (ready key ``key``), refused for lack of units, the holder.
 
-        A better-ranked holder keeps the reservation. Returns whether ``i`` took it.
+        A better-ranked holder keeps the reservation. Returns whether ``i`` took it over
+        (False also when it already held it: its need is only brought up to date).
         """
+        if self.holder == i:
+            self.holder_need = self.need(i)  # a learned memory need may have changed
+            return False
         if self.holder >= 0 and self.holder_key <= key:
             return False
-        self.holder, self.holder_key, self.holder_need = i, key, self.needs[i]
+        self.holder, self.holder_key, self.holder_need = i, key, self.need(i)
         self.shadow = None
         return True
 
@@ -129,7 +137,7 @@ class CapacityGate:
 
         Then the units it takes are not among those the holder waits for, whatever happens.
         """
-        return self.used + self.needs[i] + self.holder_need <= self.capacity
+        return self.used + self.need(i) + self.holder_need <= self.capacity
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -147,30 +155,126 @@ class CapacityGate:
 
 
 class MemoryGate(CapacityGate):
-    """Declared memory within the budget, and measured available memory covering the need.
+    """Declared and learned memory within the budget, and measured memory under it.
 
-    The measured check is what keeps a run from starting a 4 GB task while another program
-    already took the memory. A task refused only by the measurement is re-checked at the
-    scheduler's next resource sample (``measured_refusal`` tells the scheduler to schedule it).
+    See "Measured memory" in the module docstring. The scheduler wires ``monitor`` (the
+    run's ``Monitor``) and ``measured`` (whether task ``i`` runs in a process worker the
+    monitor measures) when the run begins. A task refused by a measurement, not by the
+    accounting, sets ``measured_refusal``: the scheduler then re-checks it
+    ``MEMORY_RECHECK`` seconds later, since no release may come to wake it.
     """
 
-    __slots__ = ("measured_refusal",)
+    __slots__ = ("measured_refusal", "specs", "monitor", "measured", "learned", "probing",
+                 "held", "attempts", "high_water")
 
-    def __init__(self, capacity: float, needs: list[float]) -> None:
+    def __init__(self, capacity: float, needs: list[float],
+                 specs: Sequence[TaskSpec] = ()) -> None:
         super().__init__("memory", capacity, needs, track=False)
         self.measured_refusal = False
+        self.specs = specs  # the run's list (map items are appended to it)
+        self.monitor: Any = None
+        self.measured: Callable[[int], bool] = _never
+        self.learned: dict[Any, float] = {}  # function -> highest peak measured in this run
+        self.probing: dict[Any, tuple[int, float]] = {}  # function -> (task, started at)
+        self.held: dict[int, float] = {}  # undeclared process task -> bytes it was admitted with
+        self.attempts: dict[int, Any] = {}  # process task -> its running attempt
+        self.high_water = HIGH_WATER * capacity
+
+    def need(self, i: int) -> float:
+        """Declared memory of task ``i``, else the peak its function reached in this run."""
+        declared = self.needs[i]
+        if declared or not self.learned:
+            return declared
+        return self.learned.get(_fn_key(self.specs[i].fn), 0.0)
 
     def admits(self, i: int) -> bool:  # noqa: D102 - see class docstring
-        need = self.needs[i]
-        if not need:
+        declared = self.needs[i]
+        measured = self.measured(i)
+        if not declared and not measured:
             return True
+        need = declared
+        if not need:
+            fn = _fn_key(self.specs[i].fn)
+            need = self.learned.get(fn, 0.0)
+            if not need and fn in self.probing and not self._end_probe(fn):
+                self.measured_refusal = True  # its first task still runs: wait for its peak
+                return False
         if self.used + need > self.capacity:
             return False
-        import psutil
-        if psutil.virtual_memory().available < need:
-            self.measured_refusal = True
-            return False
+        monitor = self.monitor
+        if measured and monitor is not None:
+            total = monitor.total
+            if total > self.high_water or total + need > self.capacity:
+                self.measured_refusal = True
+                return False
+        if declared:
+            import psutil
+            if psutil.virtual_memory().available < declared:
+                self.measured_refusal = True
+                return False
         return True
+
+    def acquire(self, i: int) -> None:  # noqa: D102 - see class docstring
+        declared = self.needs[i]
+        if declared:
+            self.used += declared
+        elif self.measured(i):
+            fn = _fn_key(self.specs[i].fn)
+            need = self.learned.get(fn, 0.0)
+            if not need and fn not in self.probing:
+                self.probing[fn] = (i, time.monotonic())  # this task measures the function
+            self.held[i] = need
+            self.used += need
+        self.shadow = None
+
+    def release(self, i: int) -> None:  # noqa: D102 - see class docstring
+        declared = self.needs[i]
+        self.used -= declared if declared else self.held.pop(i, 0.0)
+        self.shadow = None
+        attempt = self.attempts.pop(i, None)
+        if attempt is None:
+            return
+        fn = _fn_key(self.specs[i].fn)
+        peak = attempt.peak_memory
+        if peak and peak > self.learned.get(fn, 0.0):
+            self.learned[fn] = float(peak)
+        probe = self.probing.get(fn)
+        if probe is not None and probe[0] == i:
+            del self.probing[fn]
+
+    def started(self, i: int, attempt: Any) -> None:
+        """Process task ``i`` runs ``attempt``: its measured peak teaches its function's need."""
+        self.attempts[i] = attempt
+
+    def _end_probe(self, fn: Any) -> bool:
+        """Whether the first task of ``fn`` ran ``PROBE_SECONDS``, ending its probe.
+
+        Its peak so far then serves as its function's need, and it counts with that need.
+        """
+        i, since = self.probing[fn]
+        attempt = self.attempts.get(i)
+        peak = attempt.peak_memory if attempt is not None else None
+        if not peak or time.monotonic() - since < PROBE_SECONDS:
+            return False
+        del self.probing[fn]
+        self.learned[fn] = max(self.learned.get(fn, 0.0), float(peak))
+        if i in self.held:
+            self.used += self.learned[fn] - self.held[i]
+            self.held[i] = self.learned[fn]
+        return True
+
+
+def _never(i: int) -> bool:
+    return False
+
+
+def _fn_key(fn: Any) -> Any:
+    """The key under which a function's measured peaks are kept (any callable)."""
+    try:
+        hash(fn)
+    except TypeError:
+        return id(fn)
+    return fn
 
 
 def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
@@ -207,16 +311,21 @@ def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
 
 def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers: int,
                 cpu_budget: float, memory_budget: int, pools: Mapping[str, int],
-                force_cpu_gate: bool = False) -> list[CapacityGate]:
-    """The gates a run needs, slots first; gates that could never bind are left out."""
+                force_cpu_gate: bool = False,
+                process: Sequence[bool] = ()) -> list[CapacityGate]:
+    """The gates a run needs, slots first; gates that could never bind are left out.
+
+    ``process[i]`` says task ``i`` (or the items of map ``i``) runs in process workers: the
+    memory gate then measures it, declared or not.
+    """
     gates: list[CapacityGate] = [CapacityGate("slots", max_workers,
                                               [1.0 if x else 0.0 for x in local], blocks_all=True)]
     cpus = [s.cpus if loc else 0 for s, loc in zip(specs, local, strict=True)]
     if force_cpu_gate or cpu_budget < max_workers or any(c not in (0, 1) for c in cpus):
         gates.append(CapacityGate("cpus", cpu_budget, cpus))
     memory = [float(s.memory or 0) if loc else 0.0 for s, loc in zip(specs, local, strict=True)]
-    if any(memory):
-        gates.append(MemoryGate(memory_budget, memory))
+    if any(memory) or any(process):
+        gates.append(MemoryGate(memory_budget, memory, specs))
     for pool, capacity in pools.items():
         needs = [float(s.pools.get(pool, 0)) for s in specs]
         if any(needs):

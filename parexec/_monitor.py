@@ -4,11 +4,17 @@ One ``Monitor`` per run samples, ``SAMPLES_PER_SECOND`` times a second on its ow
 (never the scheduler's):
 
 * the RSS of every process worker running one of the run's tasks, children included: its
-  maximum becomes the task's ``peak_memory``, and a task that exceeds its declared ``memory``
-  is stopped at once by killing that worker alone (``MemoryLimitExceeded``);
+  maximum becomes the task's ``peak_memory``; their sum is ``total``, the memory the run's
+  process tasks hold, which the memory gate reads (see ``_gates``: Measured memory);
 * the RSS of this process, from which thread tasks get their ``peak_memory`` (the
   process-wide peak during their run) and the run its ``peak_memory``;
 * system CPU use, for ``RunStats.cpu_utilization``.
+
+The monitor decides nothing (one owner of state): it *reports*, by appending to ``reports``
+and putting ``(None, "memory", None, None, None)`` on the run's queue, when a task exceeds
+its declared ``memory`` (``("limit", attempt, used, limit)``) and when ``total`` goes above
+the run's budget (``("budget", total)``, at most one unhandled at a time). The scheduler
+kills.
 
 Sampling every 0.1 s caught a task leaking memory long before it reached 4 GB on the test
 machine. The exact peak of a process task that ended between two samples comes from the
@@ -19,6 +25,7 @@ worker itself (``VmHWM`` after resetting it with ``/proc/self/clear_refs``, see
 from __future__ import annotations
 
 import bisect
+import collections
 import threading
 import time
 from typing import Any
@@ -31,7 +38,15 @@ SAMPLES_PER_SECOND = 10
 class Monitor:
     """Samples memory and CPU while a run is going on (see the module docstring)."""
 
-    def __init__(self, interval: float = 1 / SAMPLES_PER_SECOND) -> None:
+    def __init__(self, interval: float = 1 / SAMPLES_PER_SECOND, *, queue: Any = None,
+                 budget: float | None = None) -> None:
+        """Start sampling.
+
+        Args:
+            interval: Seconds between samples.
+            queue: The run's queue, where reports are announced (None: no reports).
+            budget: Bytes the run's process tasks may hold together (None: no limit).
+        """
         import psutil
         self._psutil = psutil
         self._interval = interval
@@ -43,6 +58,12 @@ class Monitor:
         self.times: list[float] = []  # monotonic time of each sample of this process
         self.rss: list[int] = []      # ... and its RSS then
         self.peak = 0                 # highest memory seen: this process or one worker
+        self.total = 0                # memory of the watched workers at the last sample
+        self.peak_total = 0           # ... and its highest value
+        self.reports: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.budget_reported = False  # a "budget" report waits for the scheduler
+        self._queue = queue
+        self.budget = budget
         self._cpu_start = psutil.cpu_times()
         self._t_start = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="parexec-monitor", daemon=True)
@@ -72,16 +93,19 @@ class Monitor:
         self._thread.join(timeout=2)
         try:
             end = self._psutil.cpu_times()
+            start = self._cpu_start
             busy = (sum(end) - end.idle - getattr(end, "iowait", 0.0)) - \
-                (sum(self._cpu_start) - self._cpu_start.idle - getattr(self._cpu_start, "iowait", 0.0))
+                (sum(start) - start.idle - getattr(start, "iowait", 0.0))
             total = sum(end) - sum(self._cpu_start)
             return 100.0 * busy / total if total > 0 else None
         except Exception:  # noqa: BLE001 - stats are best effort
             return None
 
     def peak_between(self, start: float, end: float) -> int | None:
-        """Highest RSS of this process sampled in ``[start, end]`` (monotonic seconds), or the
-        last sample before ``start`` when none falls inside; None when nothing was sampled."""
+        """Highest RSS of this process sampled in ``[start, end]`` (monotonic seconds).
+
+        Without a sample inside, the last one before ``start``; None when nothing was sampled.
+        """
         times = self.times
         if not times:
             return None
@@ -111,6 +135,7 @@ class Monitor:
         self.peak = max(self.peak, rss)
         with self._lock:
             watched = list(self._watched.items())
+        total_all = 0
         for attempt, (_, proc) in watched:
             try:
                 total = proc.memory_info().rss
@@ -126,5 +151,19 @@ class Monitor:
             self.peak = max(self.peak, total)
             limit = attempt.memory_limit
             if limit is not None and total > limit:
-                self.unwatch(attempt)
-                attempt.pool.kill_for_memory(attempt, total, limit)
+                self.unwatch(attempt)  # reported once; the scheduler stops it
+                self._report(("limit", attempt, total, limit))
+            else:
+                total_all += total
+        self.total = total_all
+        self.peak_total = max(self.peak_total, total_all)
+        budget = self.budget
+        if budget is not None and total_all > budget and not self.budget_reported:
+            self.budget_reported = True
+            self._report(("budget", total_all))
+
+    def _report(self, report: tuple[Any, ...]) -> None:
+        if self._queue is None:
+            return
+        self.reports.append(report)
+        self._queue.put((None, "memory", None, None, None))

@@ -437,7 +437,7 @@ class _Scheduler:
             for g in gates:
                 if not g.admits(i):
                     break
-                if g.holder >= 0 and g.holder != i and g.needs[i] and key > g.holder_key \
+                if g.holder >= 0 and g.holder != i and key > g.holder_key and g.need(i) \
                         and not self.may_backfill(g, i):
                     short = False
                     break
@@ -452,7 +452,7 @@ class _Scheduler:
             if g.blocks_all:
                 if (self.nprefetched < self.threads.max_threads and self.plain[i]
                         and self.mean_thread_duration < PREFETCH_BELOW
-                        and all(h.admits(i) and (h.holder < 0 or not h.needs[i]
+                        and all(h.admits(i) and (h.holder < 0 or not h.need(i)
                                                  or h.spares(i)) for h in gates[1:])):
                     heapq.heappop(ready)
                     self.launch(i, prefetch=True)
@@ -502,11 +502,11 @@ class _Scheduler:
         short = g.used + g.holder_need - g.capacity
         if short <= 0:
             return now
-        needs, specs, runs, offset = g.needs, self.specs, self.runs, self.offset
+        specs, runs, offset = self.specs, self.runs, self.offset
         ends = []
         for attempt in self.running:  # at most max_workers (plus cluster tasks)
             j = attempt.index
-            need = needs[j]
+            need = g.need(j)
             if need:
                 estimate = specs[j].estimate
                 started = runs[j].started_at

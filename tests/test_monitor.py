@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import helpers
 import pytest
+from helpers import hold_memory, leak_memory, sleep_pid
 
 import parexec as px
-import helpers
-from helpers import hold_memory, leak_memory, sleep_pid
 
 MiB = 2**20
 
@@ -69,6 +69,7 @@ def test_driver_blas_and_environment_are_restored_after_a_thread_run():
     """Capping BLAS inside thread tasks leaves the driver's settings as they were."""
     pytest.importorskip("numpy")
     import os
+
     from threadpoolctl import threadpool_info
     before = [i["num_threads"] for i in threadpool_info()]
     env_before = os.environ.get("OPENBLAS_NUM_THREADS")
@@ -83,7 +84,9 @@ def test_task_waits_for_measured_memory(monkeypatch):
     """A task declaring memory waits while psutil reports too little available, and starts
     at the next re-check once the memory is there."""
     import threading
+
     import psutil
+
     from parexec import _scheduler
 
     monkeypatch.setattr(_scheduler, "MEMORY_RECHECK", 0.05)
@@ -127,3 +130,111 @@ def test_task_waits_for_measured_memory(monkeypatch):
     # It started once the memory was there, while "blocker" still ran: at a re-check, not
     # because the run had nothing else running.
     assert result["needs-memory"] == (True, False)
+
+
+def record_hold(folder, mib, seconds):
+    """Hold ``mib`` MiB (touched) for ``seconds``; write when the hold began and ended."""
+    import os
+    import time
+    block = bytearray(mib * MiB)
+    for k in range(0, len(block), 4096):
+        block[k] = 1
+    began = time.monotonic()
+    time.sleep(seconds)
+    ended = time.monotonic()
+    path = os.path.join(folder, f"{os.getpid()}-{began}")
+    with open(path, "w") as f:
+        f.write(f"{began} {ended} {len(block)}")
+    return len(block)
+
+
+def grow(mib, step=20):
+    """Grow by ``step`` MiB every 20 ms up to ``mib`` MiB, then return the bytes held."""
+    import time
+    blocks = []
+    while len(blocks) * step < mib:
+        block = bytearray(step * MiB)
+        for k in range(0, len(block), 4096):
+            block[k] = 1
+        blocks.append(block)
+        time.sleep(0.02)
+    return len(blocks) * step * MiB
+
+
+def _max_held(folder):
+    """Largest sum of bytes held at one moment, from the records of ``record_hold``."""
+    import os
+    edges = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            began, ended, size = f.read().split()
+        edges += [(float(began), int(size)), (float(ended), -int(size))]
+    held = peak = 0
+    for _, delta in sorted(edges, key=lambda e: (e[0], e[1])):  # ends before starts
+        held += delta
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.timeout(180)
+def test_measured_memory_gate_keeps_undeclared_tasks_under_the_budget(tmp_path):
+    """Six undeclared 500 MiB process tasks under memory_budget=1.5GB: the memory they hold
+    at once stays under the budget (the first one's measured peak is the others' need), and
+    all succeed at their first attempt."""
+    with px.Workflow("m", isolation="process") as wf:
+        for k in range(6):
+            wf.add(px.task(record_hold).options(id=f"hold{k}"), str(tmp_path), 500, 0.5)
+    result = px.run(wf, max_workers=6, memory_budget="1.5GB", progress=False)
+    assert result.ok
+    assert all(t.attempts == 1 for t in result.tasks.values())
+    assert len(list(tmp_path.iterdir())) == 6
+    assert _max_held(tmp_path) < 1.5e9
+
+
+@pytest.mark.timeout(180)
+def test_over_budget_stops_the_newest_process_task_and_queues_it_again(tmp_path):
+    """When the run's process tasks together go above memory_budget, the most recently
+    started one is stopped with a warning and queued again, without counting an attempt;
+    it starts again once its measured need fits."""
+    with px.Workflow("m", isolation="process") as wf:
+        wf.add(px.task(record_hold).options(id="steady", priority=1), str(tmp_path), 300, 2.0)
+        wf.add(px.task(grow).options(id="grower"), 1000)
+    with pytest.warns(RuntimeWarning, match="'grower'.*queued again"):
+        result = px.run(wf, max_workers=2, memory_budget="700MB", progress=False)
+    assert result.ok
+    steady, grower = result.tasks["steady"], result.tasks["grower"]
+    assert steady.attempts == 1 and grower.attempts == 1
+    assert grower.started_at >= steady.finished_at - 0.05
+    assert grower.peak_memory >= 1000 * MiB
+
+
+def test_monitor_reports_a_memory_limit_and_kills_nothing():
+    """Above a task's declared memory the monitor puts a report on the run queue; the
+    decision (and the kill) is the scheduler's."""
+    import os
+    import queue
+
+    from parexec._monitor import Monitor
+
+    class Pool:
+        killed = []
+
+        def kill_for_memory(self, *args):
+            self.killed.append(args)
+
+    class Attempt:
+        memory_limit = 1
+        peak_memory = None
+        pool = Pool()
+
+    runq = queue.SimpleQueue()
+    monitor = Monitor(interval=0.01, queue=runq)
+    attempt = Attempt()
+    try:
+        monitor.watch(attempt, os.getpid())
+        assert runq.get(timeout=10) == (None, "memory", None, None, None)
+        kind, who, used, limit = monitor.reports.popleft()
+        assert (kind, who, limit) == ("limit", attempt, 1) and used > 1
+    finally:
+        monitor.stop()
+    assert Pool.killed == []
