@@ -192,6 +192,9 @@ def memory_limit_error(task_id: str, used: int, limit: int) -> MemoryLimitExceed
         "task's peak plus that overhead, or make the task use less")
 
 
+_WORKER_NAME = "parexec-worker"
+
+
 class ProcessPool:
     """Process workers shared by every run of this interpreter (see the module docstring)."""
 
@@ -260,7 +263,7 @@ class ProcessPool:
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=worker_main, args=(child_conn,),
-                                    name="parexec-worker")
+                                    name=_WORKER_NAME)
         process.daemon = True
         process.start()
         child_conn.close()
@@ -311,9 +314,11 @@ class ProcessPool:
         self._lock = threading.Lock()  # the parent's may have been held at the fork
         self._closed = True
         children = getattr(mp_process, "_children", None)
+        if isinstance(children, set):  # a worker being spawned at the fork is not listed yet
+            for p in list(children):
+                if getattr(p, "name", None) == _WORKER_NAME:
+                    children.discard(p)
         for w in self._workers.values():
-            if isinstance(children, set):
-                children.discard(w.process)
             try:
                 w.conn.close()  # our copy only: the parent's end stays open
             except OSError:
