@@ -10,8 +10,8 @@ Gates exist only when they can bind: a run of plain tasks has just the slot gate
 * ``slots``    one unit per local task, capacity ``max_workers``; when it refuses, nothing
                else can start either (``blocks_all``)
 * ``cpus``     the tasks' ``cpus``, capacity ``cpu_budget``
-* ``memory``   declared ``memory``, capacity ``memory_budget``, and psutil-measured available
-               memory must cover the task's need
+* ``memory``   declared (or learned) ``memory``, capacity ``memory_budget``, and measured
+               memory (see below); present when a task declares memory or runs in a process
 * ``pool:X``   units of named pool ``X``
 
 Reservations (issue 21 item 10). Without them a task that needs a whole pool starves behind
@@ -28,6 +28,28 @@ the holder (backfilling, as batch schedulers do):
 A better-ranked task takes the reservation over. Gates keep their reservations apart, so a
 task waiting on a pool does not hold up tasks that use only the CPU budget, and a task
 needing the whole CPU budget is protected the same way as one needing a whole pool.
+
+Measured memory (issue 21 item 11). ``memory_budget`` (default: 90% of the memory psutil
+reports available at the start) binds process tasks whether or not they declare
+``memory=``, as Dask's worker memory thresholds do. The run's ``Monitor`` sums the resident
+memory of the process workers running its tasks, children included (``Monitor.total``, 10
+samples a second), and reports to the scheduler, which alone decides:
+
+* **need**: a task's declared ``memory``; else the highest peak a task of the same function
+  reached earlier in this run. Needs add up against the budget.
+* **probe**: while a function has no measured peak yet, its first task runs without the
+  others (``PROBE_SECONDS``, 1 s, or until it ends); its peak so far is then the need.
+* **high water** (``HIGH_WATER``, 80% of the budget): no process task starts while the
+  measured total is above it, nor while the total plus the task's need is above the budget.
+  Such refusals are re-checked every ``MEMORY_RECHECK`` (0.25 s) and on every release.
+* **above the budget**: the scheduler stops the most recently started process task (never
+  the only one; at most ``MAX_EVICTIONS``, 3, times per task), with a ``RuntimeWarning``, and
+  queues it again without counting an attempt; it starts again when its peak fits.
+* a process task above its own declared ``memory`` is killed alone and fails with
+  ``MemoryLimitExceeded`` (retried as its policy says).
+
+Thread tasks share the driver's memory, which cannot be told apart per task, so only their
+declared ``memory`` counts; with a declaration, psutil's available memory must also cover it.
 """
 
 from __future__ import annotations
