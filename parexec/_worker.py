@@ -10,6 +10,12 @@ pickled payload at a time, runs it, and writes back one pickled outcome::
 Everything a task needs travels in that one payload. The worker ignores SIGINT (a notebook's
 interrupt button signals the whole process group; the scheduler alone decides what to stop)
 and exits as soon as its parent process is gone, even in the middle of a task.
+
+What a worker's tasks start never outlives it: the worker is the child subreaper of its
+descendants (a double-forked daemon stays in its tree), kills them all when its parent dies
+or its pipe closes, and reaps adopted orphans between tasks. It may have children of its
+own, a nested run's process workers included. An ``async def`` task's coroutine runs to
+completion on an event loop in the worker (``run_coroutine``).
 """
 
 from __future__ import annotations
