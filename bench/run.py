@@ -501,6 +501,43 @@ def bench_memory(quick: bool) -> list[Row]:
     return rows + peaks
 
 
+def bench_memory_measured(quick: bool) -> list[Row]:
+    """Issue 21 item 11: the same pressure with no memory= declared; parexec measures."""
+    ntasks, gib, budget = (6, 0.5, "1.5GB") if quick else (8, 1.0, "3GB")
+    case = f"{ntasks} x {gib:g} GiB undeclared"
+    wf = px.Workflow("measured", isolation="process")
+    for _ in range(ntasks):
+        wf.add(px.task(touch), gib)
+    px.run(px_workflow([[] for _ in range(ntasks)], isolation="process"), max_workers=ntasks,
+           progress=False)  # warm: start the workers
+    ppe = ProcessPoolExecutor(ntasks)
+    [f.result() for f in [ppe.submit(noop) for _ in range(ntasks)]]
+    rows = [Row("memory-measured", case, "ProcessPoolExecutor: makespan", reference=True),
+            Row("memory-measured", case, "parexec measured gate: makespan")]
+    peaks = [Row("memory-measured", f"{case}, peak", "ProcessPoolExecutor", unit="GiB",
+                 scale=1 / 2**30, reference=True, note=f"budget {budget}"),
+             Row("memory-measured", f"{case}, peak", "parexec measured gate", unit="GiB",
+                 scale=1 / 2**30, note=f"budget {budget}")]
+
+    def measured(fn: Callable[[], Any], peak: Row) -> float:
+        gc.collect()
+        time.sleep(0.5)  # let the previous run's memory go back to the system
+        sampler = MemorySampler()
+        t = time.perf_counter()
+        fn()
+        took = time.perf_counter() - t
+        peak.samples.append(float(sampler.stop()))
+        return took
+
+    alternate(rows, [
+        lambda: measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
+                                                       for _ in range(ntasks)]], peaks[0]),
+        lambda: measured(lambda: px.run(wf, max_workers=ntasks, memory_budget=budget,
+                                        progress=False), peaks[1])], REPS)
+    ppe.shutdown()
+    return rows + peaks
+
+
 # 6b. Fair reservations -----------------------------------------------------------------------
 
 def bench_fairness(quick: bool) -> list[Row]:
@@ -586,7 +623,8 @@ def bench_cluster(quick: bool) -> list[Row]:
 
 BENCHES = {"threads": bench_threads, "processes": bench_processes, "cpu": bench_cpu,
            "schedule": bench_schedule, "scale": bench_scale, "memory": bench_memory,
-           "fairness": bench_fairness, "cluster": bench_cluster}
+           "measured": bench_memory_measured, "fairness": bench_fairness,
+           "cluster": bench_cluster}
 
 
 def machine() -> str:
