@@ -503,7 +503,7 @@ def bench_memory(quick: bool) -> list[Row]:
 
 def bench_memory_measured(quick: bool) -> list[Row]:
     """Issue 21 item 11: the same pressure with no memory= declared; parexec measures."""
-    ntasks, gib, budget = (6, 0.5, "1.5GB") if quick else (8, 1.0, "3GB")
+    ntasks, gib, budget = (4, 0.25, "0.75GB") if quick else (6, 0.5, "1.5GB")
     case = f"{ntasks} x {gib:g} GiB undeclared"
     wf = px.Workflow("measured", isolation="process")
     for _ in range(ntasks):
@@ -533,7 +533,7 @@ def bench_memory_measured(quick: bool) -> list[Row]:
         lambda: measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
                                                        for _ in range(ntasks)]], peaks[0]),
         lambda: measured(lambda: px.run(wf, max_workers=ntasks, memory_budget=budget,
-                                        progress=False), peaks[1])], REPS)
+                                        progress=False), peaks[1])], 2 if quick else REPS)
     ppe.shutdown()
     return rows + peaks
 
