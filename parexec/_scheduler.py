@@ -1285,9 +1285,13 @@ class _Scheduler:
                     continue
                 attempt = max(mine, key=lambda a: self.runs[a.index].started_at or 0.0)
                 i = attempt.index
-                self.evictions[i] = self.evictions.get(i, 0) + 1
+                attempt.pool.kill(attempt)
+                if not getattr(attempt.handle, "killed", False):
+                    continue  # it had just finished: its result is on the queue; keep it
                 monitor.unwatch(attempt)
-                self.kill_or_flag(attempt)  # a process attempt: killed, resources released
+                self.evictions[i] = self.evictions.get(i, 0) + 1
+                attempt.final = True
+                self.release(attempt)
                 self.runs[i].attempts -= 1
                 self.state[i] = _READY
                 heappush(self.ready, self.keys[i])
