@@ -67,7 +67,7 @@ import selectors
 import shlex
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -92,6 +92,11 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # an alias adds tens or thousands; a million Python values cost about 100 MB at worst, and a
 # file without aliases is never refused, whatever its size (its cost is what it holds).
 MAX_ALIAS_EXPANSION = 1_000_000
+# Messages stay readable and cheap however broken a file is: the first problems are shown
+# (all are counted) and only the first ones get a "did you mean" suggestion.
+MAX_PROBLEMS_SHOWN = 50
+MAX_SUGGESTIONS = 20
+MAX_COMPARISONS = 20_000  # about 1 s of difflib at worst
 _SIZE_CAP = 1 << 62  # sizes stop growing here, so a deep bomb never builds huge integers
 _EXCLUSIVE = "__exclusive__"  # the pool a step with parallel.enabled: false takes whole
 _EXCLUSIVE_UNITS = 1_000_000
@@ -147,36 +152,17 @@ class StepOutput(str):
         return (StepOutput, (str(self), self.stderr, self.returncode))
 
 
-def _safe_loader() -> type:
+def _SafeLoader(text: str) -> Any:  # noqa: N802 - stands for the class it picks
+    """PyYAML's safe loader for ``text``: the C one (libyaml) when PyYAML was built with it.
+
+    libyaml parses several times faster, and refuses nesting deeper than 1,000 levels itself.
+    """
     import yaml
-
-    class Loader(yaml.SafeLoader):  # type: ignore[misc]
-        """PyYAML's safe loader that also remembers anchor names, for messages."""
-
-        anchor_names: dict[int, str]
-        anchors: dict[str, Any]
-
-        def compose_document(self) -> Any:
-            # As yaml.composer.Composer.compose_document, keeping the anchors it forgets.
-            self.get_event()
-            node = self.compose_node(None, None)
-            self.get_event()
-            self.anchor_names = {id(n): name for name, n in self.anchors.items()}
-            self.anchors = {}
-            return node
-    return Loader
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
 
 
-def _SafeLoader(text: str) -> Any:  # noqa: N802 - a class made on first use (lazy import)
-    global _loader_class
-    if _loader_class is None:
-        _loader_class = _safe_loader()
-    loader = _loader_class(text)
-    loader.anchor_names = {}
-    return loader
-
-
-_loader_class: Any = None
+_TOO_DEEP = "nested too deeply for YAML to read; a pipeline needs only a few levels of nesting"
+_ANCHOR = re.compile(r"&([^\s,\[\]{}]+)")
 
 
 def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None) -> Workflow:
@@ -217,6 +203,7 @@ class _Loader:
         self.problems: list[str] = []
         self.marks: dict[tuple[Any, ...], tuple[int, int]] = {}
         self.sids: dict[int, str] = {}  # step index -> id, for messages
+        self.nsuggested = self.ncompared = 0
 
     # Errors with positions ------------------------------------------------------------
 
@@ -228,13 +215,26 @@ class _Loader:
         pos = f":{where[0]}:{where[1]}" if where else ""
         self.problems.append(f"{self.source}{pos}: {message}")
 
+    def suggest(self, word: str, choices: Collection[Any]) -> str:
+        """``"; did you mean 'x'?"`` for a close match among ``choices``, else ``""``.
+
+        Each suggestion compares ``word`` with every choice (about 50 us each), so only the
+        first ``MAX_SUGGESTIONS`` problems get one, within ``MAX_COMPARISONS`` comparisons in
+        all: a file with thousands of unknown ids among thousands of steps must not take
+        minutes to refuse (5,000 of each took 400 s before this bound).
+        """
+        if self.nsuggested >= MAX_SUGGESTIONS or self.ncompared + len(choices) > MAX_COMPARISONS:
+            return ""
+        self.nsuggested += 1
+        self.ncompared += len(choices)
+        close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
+        return f"; did you mean {close[0]!r}?" if close else ""
+
     def check_keys(self, data: Mapping[str, Any], allowed: tuple[str, ...],
                    path: tuple[Any, ...], what: str) -> None:
         for key in data:
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else \
-                    f"; known keys: {', '.join(allowed)}"
+                hint = self.suggest(str(key), allowed) or f"; known keys: {', '.join(allowed)}"
                 self.problem(path + (key,), f"unknown key {key!r} in {what}{hint}")
 
     def expect(self, value: Any, types: type | tuple[type, ...], path: tuple[Any, ...],
@@ -261,7 +261,7 @@ class _Loader:
             node = loader.get_single_node()
             if node is None:
                 return None
-            self.check_expansion(node, loader.anchor_names)
+            self.check_expansion(node)
             data = loader.construct_document(node)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
@@ -270,6 +270,8 @@ class _Loader:
             line = lines[mark.line] if mark and mark.line < len(lines) else ""
             if "\t" in line[:len(line) - len(line.lstrip())] or "'\\t'" in str(exc):
                 msg = "tab character used for indentation; YAML allows only spaces"
+            elif "nesting depth" in str(exc.problem):
+                msg = _TOO_DEEP
             else:
                 msg = f"YAML syntax error: {exc.problem or exc}"
             raise WorkflowError(f"{self.source}{pos}: {msg}") from None
@@ -282,15 +284,14 @@ class _Loader:
         except RecursionError:
             # PyYAML composes and constructs recursively; a pipeline needs a few levels.
             pos = f":{loader.line + 1}:{loader.column + 1}" if loader is not None else ""
-            raise WorkflowError(f"{self.source}{pos}: nested too deeply for YAML to read; a "
-                                "pipeline needs only a few levels of nesting") from None
+            raise WorkflowError(f"{self.source}{pos}: {_TOO_DEEP}") from None
         finally:
             if loader is not None:
                 loader.dispose()
         self._marks(node)
         return data
 
-    def check_expansion(self, root: Any, anchor_names: Mapping[int, str]) -> None:
+    def check_expansion(self, root: Any) -> None:
         """Refuse a self-containing anchor, and aliases that expand the file beyond reason.
 
         PyYAML shares an aliased node, so parsing costs what the file holds; but whatever
@@ -317,8 +318,9 @@ class _Loader:
             if key in size:
                 continue
             if key in expanding:
-                name = anchor_names.get(key)
-                mark = node.start_mark
+                mark = node.start_mark  # an anchored node starts at its '&name'
+                found = _ANCHOR.match(self.text, mark.index)
+                name = found.group(1) if found else None
                 raise WorkflowError(
                     f"{self.source}:{mark.line + 1}:{mark.column + 1}: anchor "
                     f"{'&' + name if name else ''} contains itself (an alias inside it refers "
@@ -430,8 +432,11 @@ class _Loader:
         plans = [self.step(k, s, ids, inputs, env, cwd, retry, pools, exclusive)
                  for k, s in enumerate(steps)]
         if self.problems:
+            shown = self.problems[:MAX_PROBLEMS_SHOWN]
+            more = len(self.problems) - len(shown)
             raise WorkflowError(f"{len(self.problems)} problem(s) in {self.source}:\n  "
-                                + "\n  ".join(self.problems))
+                                + "\n  ".join(shown)
+                                + (f"\n  ... and {more} more" if more else ""))
         refs: dict[str, TaskRef] = {}
         pending = [p for p in plans if p is not None]
         # Add steps upstream first (a step may name a later step in dependsOn).
@@ -456,8 +461,7 @@ class _Loader:
                 out[name] = str(default)
         for name in self.given:
             if name not in declared:
-                close = difflib.get_close_matches(name, list(declared), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = self.suggest(name, declared)
                 self.problem(("inputs",), f"--set {name}=... names an input the pipeline does "
                              f"not declare{hint}")
         return out
@@ -552,8 +556,7 @@ class _Loader:
                 if steps is None:
                     self.problem(path, f"${{{ref}}} can only be used inside a step's config")
                 elif ids is not None and sid not in ids:
-                    close = difflib.get_close_matches(sid, list(ids), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    hint = self.suggest(sid, ids)
                     self.problem(path, f"${{{ref}}} refers to unknown step {sid!r}{hint}")
                 else:
                     steps.add(sid)
@@ -609,8 +612,7 @@ class _Loader:
         if self.expect(after, list, path + ("dependsOn",), "dependsOn"):
             for j, dep in enumerate(after):
                 if dep not in ids:
-                    close = difflib.get_close_matches(str(dep), list(ids), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    hint = self.suggest(str(dep), ids)
                     self.problem(path + ("dependsOn", j),
                                  f"step {sid!r} depends on unknown step {dep!r}{hint}")
                 else:

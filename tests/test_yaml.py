@@ -471,3 +471,21 @@ def test_every_key_the_loader_accepts_is_documented_in_the_readme():
     for text in ("${env.NAME:-default}", "shlex.quote", "143"):
         assert text in section
     assert "seed" not in (_yaml.__doc__ or "")
+
+
+@pytest.mark.timeout(60)
+def test_thousands_of_problems_are_refused_quickly_and_listed_briefly(tmp_path):
+    """5,000 steps each naming an unknown step: refused in seconds (suggestions are bounded),
+    with the first 50 problems listed and the rest counted."""
+    n = 5000
+    f = tmp_path / "many.yaml"
+    f.write_text("name: m\nsteps:\n" + "".join(
+        f"  - id: step-number-{k}\n    type: script\n    config: {{command: echo}}\n"
+        f"    dependsOn: [stepnumber{k}x]\n" for k in range(n)))
+    t0 = time.process_time()
+    with pytest.raises(px.WorkflowError) as info:
+        px.load(f)
+    assert time.process_time() - t0 < 8
+    msg = str(info.value)
+    assert msg.startswith(f"{n} problem(s) in {f}") and msg.endswith(f"... and {n - 50} more")
+    assert "did you mean 'step-number-0'?" in msg
