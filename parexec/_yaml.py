@@ -492,7 +492,18 @@ class _Loader:
     def env(self, value: Any, path: tuple[Any, ...], inputs: dict[str, str]) -> dict[str, str]:
         if not self.expect(value, dict, path, "env"):
             return {}
-        return {str(k): self.subst(str(v), path + (k,), inputs) for k, v in value.items()}
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            name, text = str(k), self.subst(str(v), path + (k,), inputs)
+            if not name or "=" in name or "\0" in name:
+                self.problem(path + (k,), f"{self.field(path)}: {name!r} cannot name an "
+                             "environment variable (it must be non-empty, without '=')")
+            elif "\0" in text:
+                self.problem(path + (k,), f"{self.field(path + (k,))}: an environment "
+                             "variable cannot hold a NUL character")
+            else:
+                out[name] = text
+        return out
 
     def cwd(self, value: Any, path: tuple[Any, ...], inputs: dict[str, str],
             default: Path) -> Path:

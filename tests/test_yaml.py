@@ -489,3 +489,12 @@ def test_thousands_of_problems_are_refused_quickly_and_listed_briefly(tmp_path):
     msg = str(info.value)
     assert msg.startswith(f"{n} problem(s) in {f}") and msg.endswith(f"... and {n - 50} more")
     assert "did you mean 'step-number-0'?" in msg
+
+
+@pytest.mark.parametrize("env", ["{'A=B': x}", "{'': x}", "{A: \"x\\0y\"}"])
+def test_environment_names_and_values_the_os_refuses_are_load_errors(env):
+    """An env name with '=' or an empty one, or a value with a NUL byte, is refused at load
+    time with its position, instead of failing the step when it starts."""
+    with pytest.raises(px.WorkflowError, match=r"<string>:3:\d+: .*environment"):
+        px.loads("name: e\nsteps:\n  - {id: s, type: script, config: {command: echo}, "
+                 f"env: {env}}}\n")
