@@ -248,7 +248,8 @@ def _unwritable(path: str) -> str | None:
     import os
     existed = os.path.lexists(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # O_NONBLOCK: a FIFO without a reader is refused (ENXIO) instead of hanging here.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
     except OSError as exc:
         return exc.strerror or str(exc)
     os.close(fd)
