@@ -61,6 +61,16 @@ def pid_gone(pid, timeout):
     return True
 
 
+def warm_up(client):
+    """Run one cluster task per worker thread, so tasks that follow find their child process
+    started (a stop may otherwise land before a loaded machine has started the child)."""
+    nthreads = sum(client.nthreads().values())
+    with px.Workflow("warm", isolation="cluster") as wf:
+        for k in range(nthreads):
+            wf.add(px.task(sleep_then).options(id=f"w-{k}"), 0.3)
+    px.run(wf, cluster=client, progress=False)
+
+
 def wait_for_file(path, timeout=30):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -224,8 +234,9 @@ def test_timeout_kills_the_processes_a_cluster_task_started(client, tmp_path):
     """A cluster task running `sleep 45` that times out: the sleep is gone too."""
     from helpers import run_sleep
     pidfile = str(tmp_path / "sleep.pid")
+    warm_up(client)
     with px.Workflow("tree") as wf:
-        wf.add(px.task(run_sleep).options(id="sleeper", isolation="cluster", timeout=1.0,
+        wf.add(px.task(run_sleep).options(id="sleeper", isolation="cluster", timeout=3.0,
                                           on_error="ignore"), pidfile, 45)
     result = px.run(wf, cluster=client, progress=False)
     assert result.tasks["sleeper"].status == "timed_out"
@@ -248,8 +259,9 @@ def test_workers_without_a_nanny_get_their_task_stopped(tmp_path):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                                   dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
+        warm_up(c)
         with px.Workflow("nonanny") as wf:
-            wf.add(px.task(run_sleep).options(id="sleeper", isolation="cluster", timeout=1.0,
+            wf.add(px.task(run_sleep).options(id="sleeper", isolation="cluster", timeout=3.0,
                                               on_error="ignore"), pidfile, 45)
             wf.add(px.task(add).options(id="other", isolation="cluster"), 1, 2)
         t0 = time.monotonic()
@@ -272,10 +284,7 @@ def test_workers_without_a_nanny_get_their_task_stopped(tmp_path):
 def test_cluster_timeout_counts_from_the_start_on_a_worker(client):
     """Twelve 0.5 s tasks that each need a whole worker (two workers), under a 2.5 s
     timeout: time spent queued in Dask (up to 2.5 s) does not count, so none times out."""
-    with px.Workflow("warm", isolation="cluster") as wf:  # children started beforehand
-        for k in range(4):
-            wf.add(px.task(sleep_then).options(id=f"w-{k}"), 0.3)
-    px.run(wf, cluster=client, progress=False)
+    warm_up(client)
     with px.Workflow("queued", isolation="cluster") as wf:
         for k in range(12):
             wf.add(px.task(sleep_then).options(id=f"t-{k}", cpus=2, timeout=2.5), 0.5, k)
