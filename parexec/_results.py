@@ -46,6 +46,10 @@ class TaskRun:
             process task its worker's resident memory (children included, interpreter too);
             for a thread task the driver process's, which its neighbours share.
         first_started_at: When the first attempt started, or None.
+        result_bytes: Size of the task's result in bytes as it left its worker (process
+            tasks: pickle plus out-of-band buffers), else None.
+        shm_bytes: Bytes its attempts moved through shared memory (arguments and result).
+        pipe_bytes: Bytes its attempts moved through worker pipes.
         level: The dependency level (the "parallel group") it belongs to: 0 for tasks with
             no dependencies, else one more than its deepest dependency (``wf.levels()``).
         released: True when the task succeeded but its value was released once every
@@ -58,7 +62,7 @@ class TaskRun:
 
     __slots__ = ("id", "status", "value", "error", "traceback", "attempts", "queued_at",
                  "started_at", "finished_at", "worker", "peak_memory", "first_started_at",
-                 "history", "released", "level")
+                 "history", "released", "level", "result_bytes", "shm_bytes", "pipe_bytes")
 
     def __init__(self, id: str) -> None:
         self.id = id
@@ -78,6 +82,9 @@ class TaskRun:
         self.history: list[tuple[int, float, float, int | str | None, str]] | None = None
         self.released = False  # its value was dropped once consumed (run(keep=...))
         self.level: int | None = None  # its dependency level (parallel group), 0 = no deps
+        self.result_bytes: int | None = None  # size of its pickled result (process tasks)
+        self.shm_bytes = 0  # bytes its attempts moved through shared memory (both directions)
+        self.pipe_bytes = 0  # ... and through worker pipes
 
     @property
     def duration(self) -> float | None:
@@ -133,6 +140,8 @@ class RunStats:
         scheduler_overhead: CPU seconds the scheduler thread used.
         cpu_utilization: System CPU use during the run, in percent of all cores, if measured.
         parallel_groups: Dependency levels in which more than one task ran at the same time.
+        shm_bytes: Bytes moved between the driver and process workers through shared memory.
+        pipe_bytes: Bytes moved between the driver and process workers through pipes.
     """
 
     makespan: float = 0.0
@@ -146,6 +155,8 @@ class RunStats:
     scheduler_overhead: float = 0.0
     cpu_utilization: float | None = None
     parallel_groups: int = 0
+    shm_bytes: int = 0
+    pipe_bytes: int = 0
 
     def __getitem__(self, key: str) -> Any:  # stats["makespan"] reads like the API table
         return getattr(self, key)
@@ -174,7 +185,9 @@ def build_stats(tasks: Sequence[TaskRun], is_group: Sequence[bool], *, makespan:
         mean_concurrency=total / makespan if makespan > 0 else 0.0,
         pool_utilization=pool_utilization, critical_path=critical_path,
         scheduler_overhead=scheduler_overhead,
-        parallel_groups=sum(1 for level in by_level.values() if _peak_overlap(level) > 1))
+        parallel_groups=sum(1 for level in by_level.values() if _peak_overlap(level) > 1),
+        shm_bytes=sum(tr.shm_bytes for tr in tasks),
+        pipe_bytes=sum(tr.pipe_bytes for tr in tasks))
 
 
 def _peak_overlap(spans: Sequence[tuple[float, float]]) -> int:
@@ -337,7 +350,10 @@ class RunResult:
                      f"max concurrency {s.max_concurrency}, "
                      f"{s.parallel_groups} parallel group(s)"
                      + "".join(f", pool {printable(k)} {v:.0%} used"
-                               for k, v in s.pool_utilization.items()))
+                               for k, v in s.pool_utilization.items())
+                     + (f"; moved {_bytes(s.shm_bytes)} through shared memory, "
+                        f"{_bytes(s.pipe_bytes)} through pipes"
+                        if s.shm_bytes or s.pipe_bytes else ""))
         return "\n".join(lines)
 
     def to_chrome_trace(self, path: str | os.PathLike[str]) -> None:

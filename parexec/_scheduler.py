@@ -128,7 +128,8 @@ class _Attempt:
 
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
                  "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end",
-                 "monitor", "memory_limit", "peak_memory", "on_cancel", "worker")
+                 "monitor", "memory_limit", "peak_memory", "on_cancel", "worker", "result_bytes",
+                 "shm_bytes", "pipe_bytes")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
@@ -150,6 +151,11 @@ class _Attempt:
         self.peak_memory: int | None = None
         self.on_cancel: Callable[[], Any] | None = None
         self.worker: int | str | None = None  # set by the pool once known (pid, thread name)
+        # Set by the process pool (API section 9 accounting): the size of the pickled result,
+        # and the bytes this attempt moved through shared memory and through its pipe.
+        self.result_bytes: int | None = None
+        self.shm_bytes = 0
+        self.pipe_bytes = 0
 
     def request_cancel(self) -> None:
         """Set the cancel flag (``px.current().cancelled()``) and call ``on_cancel``.
@@ -627,6 +633,10 @@ class _Scheduler:
             tr.finished_at = now + self.offset
         if attempt.peak_memory is not None:
             tr.peak_memory = attempt.peak_memory
+        if attempt.result_bytes is not None:
+            tr.result_bytes = attempt.result_bytes
+            tr.shm_bytes += attempt.shm_bytes
+            tr.pipe_bytes += attempt.pipe_bytes
         tr.worker = worker
         if ok:
             self.values[i] = value
