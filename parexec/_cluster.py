@@ -186,32 +186,35 @@ def _always(index: int) -> bool:
     return True
 
 
-class _Pickler:
-    """cloudpickle with Dask futures replaced by persistent ids.
+_pickler_class: Any = None
 
-    The futures are passed to Dask separately, so Dask moves their data between workers and
+
+def _dumps_call(call: Any) -> tuple[bytes, list[Any]]:
+    """Pickle ``call``, Dask futures replaced by ids: ``(bytes, futures in id order)``.
+
+    cloudpickle, so functions from ``__main__`` or a notebook travel by value. The futures are passed to Dask separately, so Dask moves their data between workers and
     replaces them by values; the driver never holds them.
     """
-
-    def __init__(self) -> None:
+    global _pickler_class
+    if _pickler_class is None:
         import cloudpickle
         from distributed import Future
-        self.futures: list[Any] = []
-        buffer = self.buffer = io.BytesIO()
-        futures = self.futures
 
-        class P(cloudpickle.Pickler):  # type: ignore[misc]
+        class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+            futures: list[Any]
+
             def persistent_id(self, obj: Any) -> int | None:
                 if isinstance(obj, Future):
-                    futures.append(obj)
-                    return len(futures) - 1
+                    self.futures.append(obj)
+                    return len(self.futures) - 1
                 return None
 
-        self.pickler = P(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def dumps(self, obj: Any) -> bytes:
-        self.pickler.dump(obj)
-        return self.buffer.getvalue()
+        _pickler_class = _Pickler
+    buffer = io.BytesIO()
+    pickler = _pickler_class(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.futures = []
+    pickler.dump(call)
+    return buffer.getvalue(), pickler.futures
 
 
 def _connect(cluster: Any) -> tuple[Any, bool]:
@@ -304,9 +307,8 @@ class ClusterPool:
         Raises:
             PicklingError: The function or an argument cannot be pickled (names the task).
         """
-        pickler = _Pickler()
         try:
-            payload = pickler.dumps((fn, args, kwargs))
+            payload, futures = _dumps_call((fn, args, kwargs))
         except Exception as exc:  # noqa: BLE001
             raise PicklingError(
                 f"task {attempt.task_id!r} runs on the cluster, but its function or arguments "
@@ -321,7 +323,7 @@ class ClusterPool:
         meta = (self.topic, f"{self.prefix}/{attempt.index}/{attempt.number}", attempt.index,
                 attempt.number, attempt.task_id, attempt.cpus)
         self._attempts[(attempt.index, attempt.number)] = attempt
-        future = self.client.submit(_cluster_call, meta, payload, *pickler.futures, pure=False,
+        future = self.client.submit(_cluster_call, meta, payload, *futures, pure=False,
                                     key=key, resources=resources or None)
         attempt.handle = future
         self._start_fetchers()
