@@ -192,8 +192,9 @@ _pickler_class: Any = None
 def _dumps_call(call: Any) -> tuple[bytes, list[Any]]:
     """Pickle ``call``, Dask futures replaced by ids: ``(bytes, futures in id order)``.
 
-    cloudpickle, so functions from ``__main__`` or a notebook travel by value. The futures are passed to Dask separately, so Dask moves their data between workers and
-    replaces them by values; the driver never holds them.
+    cloudpickle, so functions from ``__main__`` or a notebook travel by value. The futures
+    are passed to Dask separately, so Dask moves their data between workers and replaces
+    them by values; the driver never holds them.
     """
     global _pickler_class
     if _pickler_class is None:
