@@ -129,7 +129,7 @@ class _Attempt:
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
                  "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end",
                  "monitor", "memory_limit", "peak_memory", "on_cancel", "worker", "result_bytes",
-                 "shm_bytes", "pipe_bytes")
+                 "shm_bytes", "pipe_bytes", "sampler")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
@@ -156,6 +156,9 @@ class _Attempt:
         self.result_bytes: int | None = None
         self.shm_bytes = 0
         self.pipe_bytes = 0
+        # The run's Monitor, for a thread task that starts processes of its own (a script
+        # step): ``sampler.watch(attempt, pid)`` makes their memory the task's peak_memory.
+        self.sampler: Any = None
 
     def request_cancel(self) -> None:
         """Set the cancel flag (``px.current().cancelled()``) and call ``on_cancel``.
@@ -538,6 +541,8 @@ class _Scheduler:
                 attempt.monitor = self.monitor
                 if self.memory_gate is not None:
                     self.memory_gate.started(i, attempt)
+        else:
+            attempt.sampler = self.monitor
         if prefetch:  # queued beyond the slots: it takes no slot (see PREFETCH_BELOW)
             attempt.prefetched = True
             self.nprefetched += 1
@@ -1240,7 +1245,7 @@ class _Scheduler:
             threads, offset = self.threads, self.offset
             for i, tr in enumerate(self.runs):
                 if self.pools[i] is threads and tr.started_at is not None \
-                        and tr.finished_at is not None:
+                        and tr.finished_at is not None and tr.peak_memory is None:
                     tr.peak_memory = monitor.peak_between(tr.started_at - offset,
                                                           tr.finished_at - offset)
         for i in range(self.n):  # only after an internal error can tasks be left open
