@@ -287,8 +287,6 @@ class ClusterPool:
         self.topic = f"{prefix}-started"
         self.want_value: Callable[[int], bool] = _always  # the scheduler sets its own
         self.futures: dict[int, Any] = {}
-        info = self.client.scheduler_info().get("workers", {})
-        self._resources = {name for w in info.values() for name in (w.get("resources") or {})}
         self._lock = threading.Lock()
         self._attempts: dict[tuple[int, int], Any] = {}  # (index, number) -> attempt
         self._started: dict[Any, str] = {}  # attempt -> address of the worker running it
@@ -298,7 +296,17 @@ class ClusterPool:
         self._done: SimpleQueue[Any] = SimpleQueue()
         self._fetchers: list[threading.Thread] = []
         self.address = getattr(self.client.scheduler, "address", "cluster")
-        self.client.subscribe_topic(self.topic, self._on_started)
+        try:
+            info = self.client.scheduler_info().get("workers", {})
+            self.client.subscribe_topic(self.topic, self._on_started)
+        except Exception as exc:  # noqa: BLE001 - e.g. a closed client
+            if self._own:
+                self.client.close()
+            raise ParexecError(
+                f"cluster={cluster!r} cannot be used: its Dask client is "
+                f"{getattr(self.client, 'status', 'unusable')!r} ({type(exc).__name__}: "
+                f"{exc}); pass a connected distributed.Client") from exc
+        self._resources = {name for w in info.values() for name in (w.get("resources") or {})}
 
     # Scheduler thread ---------------------------------------------------------------
 
@@ -314,7 +322,7 @@ class ClusterPool:
             raise PicklingError(
                 f"task {attempt.task_id!r} runs on the cluster, but its function or arguments "
                 f"cannot be pickled ({type(exc).__name__}: {exc}); pass picklable data, or "
-                "use isolation='thread'") from None
+                "use isolation='thread'") from exc
         resources = {}
         if "CPU" in self._resources:
             resources["CPU"] = attempt.cpus

@@ -433,3 +433,17 @@ def test_pool_reports_start_then_value_and_release_frees_the_result(client):
             time.sleep(0.05)
     finally:
         pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_closed_client_is_an_error_naming_it(client):
+    """A distributed.Client that was closed: a ParexecError saying so, before anything runs."""
+    ran = []
+    closed = distributed.Client(client.scheduler.address, set_as_default=False)
+    closed.close()
+    with px.Workflow("closed") as wf:
+        wf.add(ran.append, 1)
+        wf.add(px.task(add).options(id="remote", isolation="cluster"), 1, 2)
+    with pytest.raises(px.ParexecError, match="closed"):
+        px.run(wf, cluster=closed, progress=False)
+    assert ran == []
