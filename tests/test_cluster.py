@@ -251,6 +251,32 @@ def test_timeout_kills_the_processes_a_cluster_task_started(client, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_group_decision_stops_the_losing_cluster_task_alone(client, tmp_path):
+    """wait="any": once one cluster member succeeds (after the other started a `sleep`),
+    the other is stopped: its `sleep` is gone and no Dask worker is restarted."""
+    from helpers import run_sleep
+    pidfile = str(tmp_path / "sleep.pid")
+    warm_up(client)
+    workers = set(client.scheduler_info()["workers"])
+    with px.Workflow("race") as wf:
+        loser = wf.add(px.task(run_sleep).options(id="loser", isolation="cluster"), pidfile, 45)
+        winner = wf.add(px.task(wait_for_file).options(id="winner", isolation="cluster"),
+                        pidfile)
+        g = px.group([loser, winner], wait="any", id="first")
+    result = px.run(wf, cluster=client, progress=False)
+    pid = result[g]  # the winner returns once the loser's `sleep` is running
+    assert result.tasks["loser"].status == "cancelled"
+    try:
+        assert pid_gone(pid, 20), "the losing task's `sleep 45` survived"
+    finally:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    assert set(client.scheduler_info()["workers"]) == workers
+
+
+@pytest.mark.timeout(120)
 def test_workers_without_a_nanny_get_their_task_stopped(tmp_path):
     """LocalCluster(processes=False): a timed-out cluster task is really stopped (its `sleep`
     is gone and the run does not wait for it)."""
