@@ -599,11 +599,6 @@ class _Scheduler:
             self.attempt_started(attempt, value, worker)
             return
         pool = attempt.pool
-        if ok is None:  # a Dask future: read it here, never on Dask's thread
-            if attempt.final:
-                return
-            ok, value, tb_text = pool.decode(attempt, value)
-            worker = pool.address
         if pool is self.threads:
             pool.nbusy -= 1
             if attempt.t_start and attempt.t_end:
@@ -775,12 +770,15 @@ class _Scheduler:
         return any(pools[j] is not cluster or is_group[j] for j in self.dependents[i])
 
     def release_value(self, i: int) -> None:
-        """Drop task ``i``'s value from the run (keep=); its record stays."""
+        """Drop task ``i``'s value from the run (keep=); its record stays. A cluster task's
+        result is dropped from the cluster too."""
         tr = self.runs[i]
         if self.values[i] is not None or tr.value is not None:
             self.values[i] = None
             tr.value = None
             tr.released = True
+        if self.pools[i] is self.cluster and self.cluster is not None:
+            self.cluster.release(i)
 
     def release_dependents(self, i: int) -> None:
         npending, state, is_group = self.npending, self.state, self.is_group
@@ -1661,7 +1659,7 @@ def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
 
     seen: set[int] = set()
     for s in specs:
-        if _isolation_of(wf, s) != "process":
+        if _isolation_of(wf, s) not in ("process", "cluster"):
             continue
         fn, args, kwargs = s.fn, s.args, s.kwargs
         if s.group is not None:  # a map over a task's result: its function and fixed kwargs
@@ -1672,8 +1670,9 @@ def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
                 check(fn)
             except Exception as exc:  # noqa: BLE001
                 raise PicklingError(
-                    f"task {s.id!r} runs in a process, but its function cannot be pickled "
-                    f"({type(exc).__name__}: {exc}); define it at module level or in a "
+                    f"task {s.id!r} runs in a {_isolation_of(wf, s)} worker, but its function "
+                    f"cannot be pickled ({type(exc).__name__}: {exc}); define it at module "
+                    "level or in a "
                     "notebook cell without references to locks, files or sockets, or use "
                     "isolation='thread'") from exc
         if args or kwargs:
@@ -1681,7 +1680,8 @@ def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
                 check((args, kwargs))
             except Exception as exc:  # noqa: BLE001
                 raise PicklingError(
-                    f"task {s.id!r} runs in a process, but its arguments cannot be pickled "
-                    f"({type(exc).__name__}: {exc}); pass picklable data (not locks, open "
+                    f"task {s.id!r} runs in a {_isolation_of(wf, s)} worker, but its arguments "
+                    f"cannot be pickled ({type(exc).__name__}: {exc}); pass picklable data "
+                    "(not locks, open "
                     "files, sockets or generators), create the object inside the task, or use "
                     "isolation='thread'") from exc

@@ -473,3 +473,17 @@ def test_closed_client_is_an_error_naming_it(client):
     with pytest.raises(px.ParexecError, match="closed"):
         px.run(wf, cluster=closed, progress=False)
     assert ran == []
+
+
+def test_unpicklable_literal_argument_of_a_cluster_task_fails_before_anything_runs(client,
+                                                                                   tmp_path):
+    """A cluster task's literal argument that cannot be pickled is a PicklingError from run()
+    naming the task, before any task ran (API section 7)."""
+    import threading
+    marker = tmp_path / "ran"
+    with px.Workflow("lit") as wf:
+        up = wf.add(px.task(lambda: marker.write_text("x")).options(id="up"))
+        wf.add(px.task(add).options(id="remote", isolation="cluster"), up, threading.Lock())
+    with pytest.raises(px.PicklingError, match="'remote' runs in a cluster worker"):
+        px.run(wf, cluster=client, progress=False)
+    assert not marker.exists()
