@@ -50,6 +50,7 @@ from inspect import iscoroutine
 from queue import SimpleQueue
 from typing import Any
 
+from . import _shm
 from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
 from ._worker import (
     STARTED,
@@ -152,7 +153,7 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "pid", "attempt", "killed")
+    __slots__ = ("process", "conn", "pid", "attempt", "killed", "pins")
 
     def __init__(self, process: Any, conn: Any) -> None:
         self.process = process
@@ -160,6 +161,9 @@ class _Worker:
         self.pid: int = process.pid
         self.attempt: Any = None
         self.killed = False
+        # Segments the running attempt's payload names: kept (linked) until its reply was
+        # read, even if the driver's values using them are released meanwhile.
+        self.pins: list[_shm.Segment] | None = None
 
 
 # Resident memory of a worker (Python 3.11, Linux), measured as the peak_memory of one task
@@ -216,10 +220,20 @@ class ProcessPool:
     # Scheduler side -----------------------------------------------------------------
 
     def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Pickle the call (raising ``PicklingError`` naming the task) and send it to a worker."""
+        """Pickle the call (raising ``PicklingError`` naming the task) and send it to a worker.
+
+        Buffers of 1 MiB or more in the arguments go through shared memory (``_shm``): a
+        buffer that already lies in a segment (a value another process task returned) is
+        named, not copied; the others are written into new segments; when shared memory is
+        short they follow the pickle through the pipe.
+        """
+        where = _shm.segment_dir()
+        payload = (attempt.task_id, attempt.number, attempt.cpus, fn,
+                   tuple(map(_shm.wrap, args)) if args else args,
+                   {k: _shm.wrap(v) for k, v in kwargs.items()} if kwargs else kwargs, where)
         try:
-            data = dumps_payload((attempt.task_id, attempt.number, attempt.cpus, fn, args,
-                                  kwargs))
+            enc = _shm.encode(lambda cb: dumps_payload(payload, cb), where=where,
+                              driver_pid=os.getpid(), owner=True)
         except Exception as exc:  # noqa: BLE001
             raise PicklingError(
                 f"task {attempt.task_id!r} runs in a process, but its function or arguments "
@@ -230,12 +244,16 @@ class ProcessPool:
         if worker is None:
             worker = self._spawn()
         worker.attempt = attempt
+        worker.pins = enc.segments or None
         attempt.handle = worker
         attempt.worker = worker.pid
+        attempt.shm_bytes += enc.shm_bytes
+        attempt.pipe_bytes += enc.pipe_bytes
         if attempt.monitor is not None:
             attempt.monitor.watch(attempt, worker.pid)
         try:
-            worker.conn.send_bytes(data)
+            for part in enc.parts:
+                worker.conn.send_bytes(part)
         except OSError:
             # The worker died while idle; the reader reports the crash for this attempt.
             pass
@@ -265,7 +283,7 @@ class ProcessPool:
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=worker_main, args=(child_conn,),
+        process = self._ctx.Process(target=worker_main, args=(child_conn, os.getpid()),
                                     name=_WORKER_NAME)
         process.daemon = True
         process.start()
@@ -369,16 +387,26 @@ class ProcessPool:
             return
         try:
             data = conn.recv_bytes()
+            descs, body = _shm.split(data)
+            piped = _shm.receive_parts(descs, conn.recv_bytes_into) if descs else []
         except (EOFError, OSError):
             self._reap(worker)
             return
         with self._lock:
             attempt, worker.attempt = worker.attempt, None
+            pins, worker.pins = worker.pins, None  # released once the result is mapped
             if worker.killed or attempt is None:
+                _shm.discard(descs)
                 return  # the scheduler already decided this attempt's outcome
             if not self._closed:
                 self._idle.append(worker)
-        ok, value, tb_text, (peak, t0, t1) = decode_outcome(attempt.task_id, data)
+        ok, value, tb_text, (peak, t0, t1) = decode_outcome(attempt.task_id, body, descs,
+                                                            piped)
+        del pins
+        attempt.result_bytes = len(body) + sum(d[2] for d in descs)
+        attempt.shm_bytes += sum(d[2] for d in descs if d[0] is not None)
+        attempt.pipe_bytes += len(data) + sum(len(b) for b in piped)
+        del data, body, piped
         if attempt.monitor is not None:
             attempt.monitor.unwatch(attempt)
         if peak is not None and peak > (attempt.peak_memory or 0):
@@ -394,7 +422,10 @@ class ProcessPool:
             if worker in self._idle:
                 self._idle.remove(worker)
             attempt, worker.attempt = worker.attempt, None
+            worker.pins = None
         worker.process.join(timeout=1)
+        if worker.process.exitcode is not None:  # what it was writing for us, if anything
+            _shm.sweep_writer(worker.pid)
         try:
             worker.conn.close()
         except OSError:
@@ -410,8 +441,10 @@ class ProcessPool:
 _pickler_class: Any = None
 
 
-def dumps_payload(obj: Any) -> bytes:
+def dumps_payload(obj: Any, buffer_callback: Any = None) -> bytes:
     """Pickle ``obj`` with cloudpickle, keeping the file names of functions pickled by value.
+
+    ``buffer_callback`` receives the out-of-band buffers (pickle protocol 5).
 
     cloudpickle writes ``co_filename = "<dynamic-code>"`` for every function it pickles by
     value (those of ``__main__`` and notebooks), to make its output deterministic; worker
@@ -436,7 +469,7 @@ def dumps_payload(obj: Any) -> bytes:
         _pickler_class = type("_PayloadPickler", (base,), {
             "dispatch_table": ChainMap({types.CodeType: reduce_code}, base.dispatch_table)})
     buf = io.BytesIO()
-    _pickler_class(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    _pickler_class(buf, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
     return buf.getvalue()
 
 
@@ -446,8 +479,13 @@ _atexit_registered = False
 
 
 def process_pool() -> ProcessPool:
-    """The interpreter's process pool, created on first use."""
+    """The interpreter's process pool, created on first use.
+
+    Each call (each run with process tasks) first removes the shared-memory segments of
+    drivers that died (``_shm.sweep_dead_drivers``).
+    """
     global _process_pool, _atexit_registered
+    _shm.sweep_dead_drivers()
     with _process_pool_lock:
         if _process_pool is None:
             _process_pool = ProcessPool()

@@ -348,12 +348,14 @@ _cap: BlasCap | None = None
 _meter: PeakMeter | None = None
 
 
-def worker_main(conn: Any) -> None:
+def worker_main(conn: Any, driver_pid: int | None = None) -> None:
     """Entry point of a process worker: serve payloads from ``conn`` until it closes.
 
-    At EOF (pool shutdown, the driver's normal exit) the worker kills every process its tasks
-    started and left running (a background ``Popen``, a daemon that double-forked) before it
-    exits: nothing a task started outlives the worker. See issue 12 item 2.
+    ``driver_pid`` names the segments the worker writes its large results into (see
+    ``_shm``). At EOF (pool shutdown, the driver's normal exit) the worker kills every
+    process its tasks started and left running (a background ``Popen``, a daemon that
+    double-forked) before it exits: nothing a task started outlives the worker. See issue 12
+    item 2.
     """
     global _meter, _cap
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -362,15 +364,22 @@ def worker_main(conn: Any) -> None:
     _allow_children()
     _meter = PeakMeter()
     _watch_parent()
-    recv, send = conn.recv_bytes, conn.send_bytes
+    from . import _shm
+    recv, send, recv_into = conn.recv_bytes, conn.send_bytes, conn.recv_bytes_into
+    driver = driver_pid or os.getppid()
     while True:
         try:
             data = recv()
+            descs, body = _shm.split(data)
+            piped = _shm.receive_parts(descs, recv_into) if descs else []
         except (EOFError, OSError):
             kill_tree(os.getpid(), include_root=False)
             return
-        send(run_payload(data))
-        del data
+        parts = _run(body, descs, piped, driver).parts
+        del data, body, piped
+        for part in parts:
+            send(part)
+        del parts
         _reaper.reap()
 
 
@@ -565,11 +574,25 @@ def _watch_parent() -> None:
 
 def run_payload(data: bytes) -> bytes:
     """Run one pickled task call and return its pickled outcome (never raises)."""
+    return _run(data, [], [], os.getpid()).parts[0]  # type: ignore[no-any-return]
+
+
+def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -> Any:
+    """Run one payload (its large buffers in ``descs``/``piped``); the outcome to send.
+
+    The payload is ``(task_id, attempt, cpus, fn, args, kwargs[, segment directory])``;
+    with a directory, the result's large buffers go into segments there (``_shm.encode``),
+    those still in the payload's own unwritten segments by name, without a copy.
+    """
+    from . import _shm
     task_id = "?"
     try:
-        task_id, attempt, cpus, fn, args, kwargs = pickle.loads(data)
+        bufs = _shm.buffers(descs, piped, owner=False) if descs else None
+        task_id, attempt, cpus, fn, args, kwargs, *rest = pickle.loads(data, buffers=bufs)
+        del bufs
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, not raised
-        return _error_outcome(task_id, exc, "could not unpickle the task in the worker: ")
+        return _plain(_error_outcome(task_id, exc, "could not unpickle the task in the worker: "))
+    where = rest[0] if rest else None
     _local.context = TaskContext(task_id, attempt)
     if _cap is not None:
         _cap.apply(cpus)
@@ -584,26 +607,39 @@ def run_payload(data: bytes) -> bytes:
     except BaseException as exc:  # noqa: BLE001
         t1 = monotonic()
         exc.__traceback__ = user_frames(exc.__traceback__)
-        return _error_outcome(task_id, exc, meta=(meter.peak() if meter else None, t0, t1))
+        return _plain(_error_outcome(task_id, exc,
+                                     meta=(meter.peak() if meter else None, t0, t1)))
     finally:
         _local.context = None
     meta = (meter.peak() if meter is not None else None, t0, monotonic())
+    outcome = (True, _shm.wrap(value), None, meta)
+    reusable = {d[0] for d in descs if d[0] is not None}
     try:
-        return pickle.dumps((True, value, None, meta), protocol=pickle.HIGHEST_PROTOCOL)
+        return _shm.encode(lambda cb: pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL,
+                                                   buffer_callback=cb),
+                           where=where, driver_pid=driver_pid, owner=False, reusable=reusable)
     except Exception:  # noqa: BLE001 - try harder below
         pass
     try:
         import cloudpickle
-        out: bytes = cloudpickle.dumps((True, value, None, meta),
-                                       protocol=pickle.HIGHEST_PROTOCOL)
-        return out
+        return _shm.encode(lambda cb: cloudpickle.dumps(
+            outcome, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=cb),
+            where=where, driver_pid=driver_pid, owner=False, reusable=reusable)
     except Exception as exc:  # noqa: BLE001
         from ._errors import PicklingError
         err = PicklingError(
             f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
             f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
             "with isolation='thread'")
-        return _error_outcome(task_id, err, meta=meta)
+        return _plain(_error_outcome(task_id, err, meta=meta))
+
+
+def _plain(data: bytes) -> Any:
+    from ._shm import Encoded
+    out = Encoded()
+    out.parts.append(data)
+    out.pickled = out.pipe_bytes = len(data)
+    return out
 
 
 Meta = tuple[int | None, float | None, float | None]  # peak bytes, start, end (monotonic)
@@ -679,16 +715,27 @@ def _restore_fields(err: BaseException) -> BaseException:
     return err
 
 
-def decode_outcome(task_id: str, data: bytes) -> tuple[bool, Any, str | None, Meta]:
+def decode_outcome(task_id: str, data: Any, descs: Any = (),
+                   piped: Any = ()) -> tuple[bool, Any, str | None, Meta]:
     """Parent side of ``run_payload``: ``(ok, value or error, traceback text, meta)``.
 
     ``meta`` is ``(peak bytes, start, end)`` as measured in the worker (None where unknown).
+    ``descs`` and ``piped`` are the result's large buffers (see ``_shm``): segments are
+    mapped copy-on-write, and become the driver's, unlinked once the value is dropped.
     """
     unknown: Meta = (None, None, None)
     from ._errors import RemoteError
     try:
-        ok, payload, tb_text, extra = pickle.loads(data)
+        bufs = None
+        if descs:
+            from . import _shm
+            bufs = _shm.buffers(list(descs), list(piped), owner=True)
+        ok, payload, tb_text, extra = pickle.loads(data, buffers=bufs)
+        del bufs
     except BaseException as exc:  # noqa: BLE001
+        if descs:
+            from . import _shm
+            _shm.discard(list(descs))
         return False, RemoteError(
             f"task {task_id!r}: its result could not be unpickled in the parent "
             f"({type(exc).__name__}: {exc}); make sure the modules it uses are importable "

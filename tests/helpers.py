@@ -380,3 +380,54 @@ def start_kept_child(code):
 def wait_kept_child():
     """Wait for the child start_kept_child started here; return (pid, its exit status)."""
     return os.getpid(), _kept_popen.pop().wait(10)
+
+
+# Shared-memory transport (tests/test_shm.py) --------------------------------------------
+
+def make_array(n, value=0.0):
+    """A float64 numpy array of n items, all equal to value."""
+    import numpy as np
+    return np.full(n, value, dtype=np.float64)
+
+
+def array_sum(a):
+    """The sum of an array, as a float."""
+    return float(a.sum())
+
+
+def first_item(a, *after):
+    """a[0] (the extra arguments only order the task after others)."""
+    return float(a[0])
+
+
+def bump_first(a):
+    """Add 1 to a[0] in place and return a[0]."""
+    a[0] += 1
+    return float(a[0])
+
+
+def identity(x):
+    """x itself."""
+    return x
+
+
+def make_bytes(n, kind="bytes"):
+    """n bytes of 0x07, as bytes or bytearray."""
+    data = b"\x07" * n
+    return bytearray(data) if kind == "bytearray" else data
+
+
+def die_while_writing(n):
+    """Return an n-item array, SIGKILLing this worker half way through writing its segment."""
+    import numpy as np
+
+    from parexec import _shm
+
+    def write(buf, driver_pid, where):
+        path = os.path.join(where, f"{_shm.PREFIX}{driver_pid}-{os.getpid()}-partial")
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, buf.cast("B")[:buf.nbytes // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _shm.write = write
+    return np.zeros(n)
