@@ -4,8 +4,8 @@ A value pickled with protocol 5 hands its large buffers (numpy arrays, pandas an
 data, ``bytes`` and ``bytearray`` given or returned at the top level) to a callback instead
 of copying them into the pickle. Each buffer of at least ``THRESHOLD`` bytes is written once
 into a file of the segment directory (``/dev/shm``, or ``PAREXEC_SHM_DIR``, or the module
-attribute ``directory``) named ``parexec-<driver pid>-<writer pid>-<random>``; the pipe
-carries the small pickle and the segments' names. The reader maps each segment
+attribute ``directory``) named ``parexec-<driver pid>-<writer pid>-<pid namespace>-<random>``;
+the pipe carries the small pickle and the segments' names. The reader maps each segment
 ``MAP_PRIVATE`` with ``PROT_READ | PROT_WRITE`` and unpickles with ``buffers=``: the value is
 writable, a write copies the page for that process alone (copy-on-write), so values behave
 exactly like copies, and pages nobody touches cost no memory in the reader.
@@ -56,6 +56,21 @@ PREFIX = "parexec-"
 RESERVE_FRACTION = 0.05
 
 directory: str | None = None  # tests point this at a small or missing place
+
+
+def _pid_namespace() -> str:
+    """The pid namespace of this process, in segment names: sweeps judge only its pids.
+
+    Containers that share /dev/shm (``--ipc=host``) but not pids would otherwise take a live
+    driver elsewhere for a dead one.
+    """
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    except OSError:
+        return "0"
+
+
+_NS = _pid_namespace()
 
 
 def segment_dir() -> str:
@@ -141,7 +156,7 @@ def write(buf: memoryview, driver_pid: int, where: str) -> str | None:
         logger.debug("parexec: no room for %d bytes in %s; sending them through the pipe",
                      size, where)
         return None
-    path = os.path.join(where, f"{PREFIX}{driver_pid}-{os.getpid()}-"
+    path = os.path.join(where, f"{PREFIX}{driver_pid}-{os.getpid()}-{_NS}-"
                                f"{secrets.token_hex(6)}{next(_counter)}")
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -443,10 +458,10 @@ def sweep_dead_drivers(where: str | None = None) -> int:
     for name in names:
         if not name.startswith(PREFIX):
             continue
-        try:
-            pid = int(name[len(PREFIX):].split("-", 1)[0])
-        except ValueError:
-            continue
+        fields = name[len(PREFIX):].split("-")
+        if len(fields) < 4 or fields[2] != _NS or not fields[0].isdigit():
+            continue  # not ours, or another pid namespace's: its pids mean nothing here
+        pid = int(fields[0])
         if pid not in alive:
             alive[pid] = _pid_alive(pid)
         if not alive[pid]:

@@ -424,7 +424,7 @@ def die_while_writing(n):
     from parexec import _shm
 
     def write(buf, driver_pid, where):
-        path = os.path.join(where, f"{_shm.PREFIX}{driver_pid}-{os.getpid()}-partial")
+        path = os.path.join(where, f"{_shm.PREFIX}{driver_pid}-{os.getpid()}-{_shm._NS}-part")
         fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
         os.write(fd, buf.cast("B")[:buf.nbytes // 2])
         os.kill(os.getpid(), signal.SIGKILL)

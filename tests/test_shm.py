@@ -197,3 +197,20 @@ def test_segments_of_a_killed_driver_are_swept_by_the_next_run(run_script, shm_d
     """)
     assert second.returncode == 0, second.stderr
     assert os.listdir(shm_dir) == []
+
+
+def test_sweep_removes_only_dead_drivers_of_this_pid_namespace(shm_dir):
+    """The sweep removes segments of dead drivers here; live ones and other namespaces stay."""
+    import subprocess
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    names = {"dead": f"parexec-{dead_pid.pid}-1-{_shm._NS}-x",
+             "live": f"parexec-{os.getpid()}-1-{_shm._NS}-x",
+             "elsewhere": f"parexec-{dead_pid.pid}-1-{_shm._NS}0-x",
+             "other": "unrelated-file"}
+    for name in names.values():
+        open(os.path.join(shm_dir, name), "wb").close()
+    assert _shm.sweep_dead_drivers(shm_dir) == 1
+    assert sorted(os.listdir(shm_dir)) == sorted(v for k, v in names.items() if k != "dead")
+    for name in os.listdir(shm_dir):
+        os.unlink(os.path.join(shm_dir, name))
