@@ -14,10 +14,11 @@ The format (camelCase keys; README.rst, "Pipelines in YAML", has the full refere
     retry: {maxRetries: 2, initialDelay: 1, backoffFactor: 2}   # default of every step
     env: {LANG: C}                     # environment of script steps
     cwd: .                             # relative to the file's folder
+    agents: {summarizer: "mypkg.agents:summarize"}   # px.load(agents={...}) wins
     steps:
       - id: compile                    # required, unique, printable, no '[' ']'
         name: Compile                  # display name
-        type: script                   # required: script | python
+        type: script                   # required: script | python | agent
         config: {command: make, args: ["${inputs.target}"], shell: false, env: {}, cwd: src}
         parallel: {resource: cpu, isolateErrors: true, enabled: true, maxConcurrency: 1}
         timeout: 300                   # seconds per attempt
@@ -31,6 +32,11 @@ The format (camelCase keys; README.rst, "Pipelines in YAML", has the full refere
                  kwargs: {fmt: text}, isolation: thread}      # or process
         dependsOn: [compile]
         continueOnError: true
+      - id: summary
+        type: agent                    # summarize(prompt, input); output = its return value
+        isolation: process             # python and agent steps; default thread
+        config: {agent: summarizer, prompt: "Summarize ${inputs.target}",
+                 input: "${steps.report.output}"}
 
 How keys map onto the engine: ``parallel.resource`` holds one unit of that pool;
 ``parallel.enabled: false`` on a step makes it run alone (it takes a hidden pool whole);
@@ -39,15 +45,19 @@ How keys map onto the engine: ``parallel.resource`` holds one unit of that pool;
 has no effect (a step runs once). A script step runs ``command`` with ``args`` as its argv
 (no shell unless ``shell: true``) in its own process group; its output is its stdout
 (``StepOutput``); a non-zero exit raises ``ScriptError``. A python step calls
-``package.module:function`` (imported at load time) and its output is the return value.
+``package.module:function`` (imported at load time) and its output is the return value;
+an agent step calls its agent ``agent(prompt, input)`` the same way.
 
 Substitution, in config strings and in ``env``/``cwd`` values: ``${inputs.NAME}`` (a
 declared input), ``${env.NAME}`` (unset is an error unless written ``${env.NAME:-default}``;
 ``${env.NAME:-}`` is an explicit empty default) and ``${steps.ID.output}`` (filled in at run
-time; implies the dependency). Strings are kept as ``_Template`` parts, so a value is
-inserted once and never substituted again. With ``shell: true``, every value is quoted for
-the place it stands in the command line the file wrote (``_shell_line``): as one word, or
-escaped inside the user's quotes; places that cannot be tracked are refused.
+time; implies the dependency). In python args/kwargs and an agent's input (also nested in
+lists and mappings), a string that is exactly one ``${steps.ID.output}`` receives the value
+itself (``_Template.value``); elsewhere values become text. Strings are kept as
+``_Template`` parts, so a value is inserted once and never substituted again. With
+``shell: true``, every value is quoted for the place it stands in the command line the file
+wrote (``_shell_line``): as one word, or escaped inside the user's quotes; places that
+cannot be tracked are refused.
 
 Loading is bounded (``_Loader.parse``): non-UTF-8 bytes, characters YAML refuses, anchors
 that contain themselves, and aliases that add more than ``MAX_ALIAS_EXPANSION`` values are
@@ -67,7 +77,7 @@ import selectors
 import shlex
 import signal
 import subprocess
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -78,14 +88,15 @@ from ._workflow import Workflow
 __all__ = ["ScriptError", "StepOutput", "load", "loads"]
 
 TOP_KEYS = ("name", "version", "description", "parallel", "steps", "timeout", "retry", "env",
-            "cwd", "inputs")
+            "cwd", "inputs", "agents")
 PARALLEL_KEYS = ("enabled", "defaultMaxConcurrency", "resources")
 STEP_KEYS = ("id", "name", "type", "config", "dependsOn", "parallel", "continueOnError",
-             "timeout", "retry", "env", "cwd", "priority")
+             "timeout", "retry", "env", "cwd", "priority", "isolation")
 STEP_PARALLEL_KEYS = ("enabled", "maxConcurrency", "resource", "isolateErrors")
 RETRY_KEYS = ("maxRetries", "initialDelay", "backoffFactor")
 STEP_TYPES = {"script": ("command", "args", "shell", "env", "cwd"),
-              "python": ("call", "args", "kwargs", "isolation")}
+              "python": ("call", "args", "kwargs", "isolation"),
+              "agent": ("agent", "prompt", "input")}
 _REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # How many values aliases may add to a file once expanded. Reusing a config block through
@@ -165,12 +176,15 @@ _TOO_DEEP = "nested too deeply for YAML to read; a pipeline needs only a few lev
 _ANCHOR = re.compile(r"&([^\s,\[\]{}]+)")
 
 
-def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None) -> Workflow:
+def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None, *,
+         agents: Mapping[str, Callable[..., Any]] | None = None) -> Workflow:
     """Read a YAML pipeline and return its ``Workflow``.
 
     Args:
         path: The file.
         inputs: Values of the file's ``inputs`` (what ``--set NAME=VALUE`` gives).
+        agents: Agents of ``type: agent`` steps, name -> callable ``agent(prompt, input)``;
+            they win over the file's ``agents:`` entries of the same name.
 
     Raises:
         WorkflowError: Every problem of the file, each with ``file:line:column``.
@@ -188,18 +202,24 @@ def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None) 
         raise WorkflowError(f"{p}:{line}:{column}: not UTF-8: byte 0x{raw[exc.start]:02x} at "
                             f"offset {exc.start} cannot be decoded; save the file as UTF-8"
                             ) from None
-    return loads(text, source=str(p), inputs=inputs, base=p.parent)
+    return loads(text, source=str(p), inputs=inputs, base=p.parent, agents=agents)
 
 
 def loads(text: str, *, source: str = "<string>", inputs: Mapping[str, str] | None = None,
-          base: str | os.PathLike[str] | None = None) -> Workflow:
+          base: str | os.PathLike[str] | None = None,
+          agents: Mapping[str, Callable[..., Any]] | None = None) -> Workflow:
     """Build a ``Workflow`` from YAML text; see ``load``."""
-    return _Loader(text, source, dict(inputs or {}), Path(base or ".")).build()
+    return _Loader(text, source, dict(inputs or {}), Path(base or "."),
+                   dict(agents or {})).build()
 
 
 class _Loader:
-    def __init__(self, text: str, source: str, inputs: dict[str, str], base: Path) -> None:
+    def __init__(self, text: str, source: str, inputs: dict[str, str], base: Path,
+                 agents: dict[str, Any] | None = None) -> None:
         self.text, self.source, self.given, self.base = text, source, inputs, base
+        self.given_agents = agents or {}
+        self.file_agents: dict[str, str] = {}  # name -> "package.module:function"
+        self.resolved_agents: dict[str, Any] = {}  # name -> callable, or None (reported)
         self.problems: list[str] = []
         self.marks: dict[tuple[Any, ...], tuple[int, int]] = {}
         self.sids: dict[int, str] = {}  # step index -> id, for messages
@@ -376,6 +396,7 @@ class _Loader:
                 self.problem(("name",), f"the pipeline's {exc}")
                 name = "pipeline"
         inputs = self.inputs(data.get("inputs") or {})
+        self.agents(data.get("agents") or {})
         par = data.get("parallel") or {}
         max_workers, pools = None, {}
         sequential = False
@@ -465,6 +486,47 @@ class _Loader:
                 self.problem(("inputs",), f"--set {name}=... names an input the pipeline does "
                              f"not declare{hint}")
         return out
+
+    def agents(self, declared: Any) -> None:
+        """Check the ``agents:`` mapping and ``agents=``; imports wait for a step's use."""
+        for name, fn in self.given_agents.items():
+            if not callable(fn):
+                self.problems.append(f"{self.source}: agents=: {name!r} is a "
+                                     f"{type(fn).__name__}, not callable; give a function "
+                                     "called as agent(prompt, input)")
+        if not self.expect(declared, dict, ("agents",), "agents"):
+            return
+        for name, target in declared.items():
+            if not isinstance(target, str) or ":" not in target:
+                self.problem(("agents", name), f"agent {name!r} must be "
+                             f"'package.module:function', got {target!r}")
+            else:
+                self.file_agents[str(name)] = target
+
+    def resolve_agent(self, name: Any, path: tuple[Any, ...], sid: str) -> Any:
+        """The callable of agent ``name`` for step ``sid`` (None, reported, if there is none)."""
+        if not isinstance(name, str) or not name:
+            self.problem(path[:-1], f"agent step {sid!r} needs config.agent (the name of an "
+                         "agent declared under 'agents:' or given to px.load(agents=...))")
+            return None
+        if name in self.given_agents:
+            return self.given_agents[name]
+        if name not in self.file_agents:
+            known = sorted({*self.given_agents, *self.file_agents})
+            if known:
+                listed = f"; known agents: {', '.join(known)}{self.suggest(name, known)}"
+            else:
+                listed = ("; no agents are declared: add one under 'agents:' "
+                          "(name: 'package.module:function') or pass px.load(agents=...)")
+            self.problem(path, f"step {sid!r} uses unknown agent {name!r}{listed}")
+            return None
+        if name not in self.resolved_agents:
+            target = self.file_agents[name]
+            fn, error = _import_target(target)
+            if error:
+                self.problem(("agents", name), f"agent {name!r} of step {sid!r}: {error}")
+            self.resolved_agents[name] = fn
+        return self.resolved_agents[name]
 
     def seconds(self, value: Any, path: tuple[Any, ...], what: str) -> float | None:
         if value is None:
@@ -699,7 +761,7 @@ class _Loader:
             env.update(self.env(config.get("env") or {}, cpath + ("env",), inputs))
             if "cwd" in config:
                 plan["cwd"] = str(self.cwd(config.get("cwd"), cpath + ("cwd",), inputs, cwd))
-        else:
+        elif kind == "python":
             call = config.get("call")
             fn = self.resolve_call(call, cpath + ("call",), sid)
             args = config.get("args") or []
@@ -709,14 +771,29 @@ class _Loader:
             if not self.expect(kwargs, dict, cpath + ("kwargs",), "kwargs"):
                 kwargs = {}
             plan["fn"] = fn
-            plan["args"] = [self.template(a, cpath + ("args", j), inputs, deps, ids)
-                            if isinstance(a, str) else a for j, a in enumerate(args)]
-            plan["kwargs"] = {key: self.template(v, cpath + ("kwargs", key), inputs, deps, ids)
-                              if isinstance(v, str) else v for key, v in kwargs.items()}
-            isolation = config.get("isolation", "thread")
+            plan["args"] = self.values(args, cpath + ("args",), inputs, deps, ids)
+            plan["kwargs"] = self.values(kwargs, cpath + ("kwargs",), inputs, deps, ids)
+        else:
+            plan["fn"] = self.resolve_agent(config.get("agent"), cpath + ("agent",), sid)
+            prompt = config.get("prompt", "")
+            if not isinstance(prompt, str):
+                self.problem(cpath + ("prompt",), f"config.prompt of step {sid!r} must be "
+                             f"text, got {type(prompt).__name__} {prompt!r}; quote it")
+                prompt = ""
+            plan["prompt"] = self.template(prompt, cpath + ("prompt",), inputs, deps, ids)
+            plan["input"] = self.values(config.get("input"), cpath + ("input",), inputs,
+                                        deps, ids)
+        if "isolation" in step and kind == "script":
+            self.problem(path + ("isolation",), f"step {sid!r}: isolation applies to python and "
+                         "agent steps; a script step runs in its own process already (remove "
+                         "the key)")
+        elif kind != "script":
+            ipath = path + ("isolation",) if "isolation" in step else cpath + ("isolation",)
+            isolation = step.get("isolation", config.get("isolation", "thread"))
             if isolation not in ("thread", "process"):
-                self.problem(cpath + ("isolation",), f"isolation {isolation!r} is unknown; "
-                             "use 'thread' or 'process'")
+                self.problem(ipath, f"step {sid!r}: isolation {isolation!r} is unknown; use "
+                             "'thread' or 'process'")
+                isolation = "thread"
             options["isolation"] = isolation
         plan["deps"] = sorted(deps)
         return plan
@@ -726,25 +803,21 @@ class _Loader:
             self.problem(path, f"python step {sid!r} needs config.call as "
                          "'package.module:function'")
             return None
-        module, _, attr = call.partition(":")
-        try:
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except ImportError as exc:
-            self.problem(path, f"step {sid!r}: cannot import {module!r} ({exc})")
-            return None
-        except AttributeError:
-            self.problem(path, f"step {sid!r}: {module!r} has no {attr!r}")
-            return None
-        except Exception as exc:  # noqa: BLE001 - the module's own code failed on import
-            self.problem(path, f"step {sid!r}: cannot import {module!r} "
-                         f"({type(exc).__name__}: {exc})")
-            return None
-        if not callable(obj):
-            self.problem(path, f"step {sid!r}: {call!r} is not callable")
-            return None
+        obj, error = _import_target(call)
+        if error:
+            self.problem(path, f"step {sid!r}: {error}")
         return obj
+
+    def values(self, value: Any, path: tuple[Any, ...], inputs: dict[str, str],
+               deps: set[str], ids: Mapping[str, int]) -> Any:
+        """``value`` with every string, also inside lists and dicts, made a ``_Template``."""
+        if isinstance(value, str):
+            return self.template(value, path, inputs, deps, ids)
+        if isinstance(value, list):
+            return [self.values(v, path + (j,), inputs, deps, ids) for j, v in enumerate(value)]
+        if isinstance(value, dict):
+            return {k: self.values(v, path + (k,), inputs, deps, ids) for k, v in value.items()}
+        return value
 
     def add(self, wf: Workflow, plan: dict[str, Any], refs: dict[str, TaskRef]) -> TaskRef:
         # Data dependencies: the upstream outputs. A step not built yet can only be part of
@@ -754,8 +827,33 @@ class _Loader:
         if plan["type"] == "script":
             return wf.add(task(run_script).options(**options), plan["id"], plan["argv"],
                           plan["shell"], plan["env"], plan["cwd"], outputs)
+        if plan["type"] == "agent":
+            return wf.add(task(call_agent).options(**options), plan["fn"], plan["prompt"],
+                          plan["input"], outputs)
         return wf.add(task(call_python).options(**options), plan["fn"], plan["args"],
                       plan["kwargs"], outputs)
+
+
+def _import_target(target: str) -> tuple[Any, str | None]:
+    """Import ``package.module:function``: ``(obj, None)``, or ``(None, why not)``."""
+    module, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        return None, (f"cannot import module {module!r} ({exc}); install it, or put the "
+                      "folder that holds it on PYTHONPATH")
+    except ImportError as exc:
+        return None, f"cannot import module {module!r} ({exc})"
+    except Exception as exc:  # noqa: BLE001 - the module's own code failed on import
+        return None, f"cannot import module {module!r} ({type(exc).__name__}: {exc})"
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None, f"module {module!r} has no {attr!r}"
+    if not callable(obj):
+        return None, f"{target!r} is a {type(obj).__name__}, not callable; name a function"
+    return obj, None
 
 
 def _topo(ids: list[str], deps: Mapping[str, list[str]]) -> list[str]:
@@ -815,6 +913,25 @@ class _Template(NamedTuple):
                 text = "" if value is None else str(value)
             out.append(_shell_quote(text, context) if context else text)
         return "".join(out)
+
+    def value(self, outputs: Mapping[str, Any]) -> Any:
+        """Typed substitution: exactly one reference gives the value itself, else the text."""
+        if len(self.parts) == 1:
+            kind, text, _ = self.parts[0]
+            if kind == "step" and text in outputs:
+                return outputs[text]
+        return self.render(outputs)
+
+
+def _fill(value: Any, outputs: Mapping[str, Any]) -> Any:
+    """``value`` with its ``_Template`` strings (also in lists and dicts) substituted, typed."""
+    if isinstance(value, _Template):
+        return value.value(outputs)
+    if isinstance(value, list):
+        return [_fill(v, outputs) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, outputs) for k, v in value.items()}
+    return value
 
 
 def _shell_quote(value: str, context: str) -> str:
@@ -890,11 +1007,13 @@ def _shell_line(argv: list[_Template]) -> _Template | None:
 
 def call_python(fn: Any, args: list[Any], kwargs: dict[str, Any],
                 outputs: Mapping[str, Any]) -> Any:
-    """Run a python step: substitute upstream outputs into string arguments, call."""
-    args = [a.render(outputs) if isinstance(a, _Template) else a for a in args]
-    kwargs = {k: v.render(outputs) if isinstance(v, _Template) else v
-              for k, v in kwargs.items()}
-    return fn(*args, **kwargs)
+    """Run a python step: substitute upstream outputs into its arguments (typed), call."""
+    return fn(*_fill(args, outputs), **_fill(kwargs, outputs))
+
+
+def call_agent(fn: Any, prompt: _Template, input: Any, outputs: Mapping[str, Any]) -> Any:
+    """Run an agent step: ``fn(prompt, input)``, the prompt as text, the input typed."""
+    return fn(prompt.render(outputs), _fill(input, outputs))
 
 
 # Echo of step output (--verbose): set by the CLI, a callable(step_id, line).

@@ -40,3 +40,37 @@ def test_pattern_examples_run(name):
     assert proc.returncode == 0, proc.stderr
     for words in PATTERNS[name]:
         assert words in proc.stdout, (words, proc.stdout)
+
+
+AGENT_PIPELINE = EXAMPLES / "pipelines" / "agent.yaml"
+CSV_SUMMARY = ("Summary of data/weather.csv: 6 rows, columns city, month, temp_c, rain_mm; "
+               "means: temp_c 14.88, rain_mm 39.67")
+
+
+def test_agent_pipeline_summarizes_the_csv(monkeypatch):
+    """examples/pipelines/agent.yaml: px.load + px.run give the agent's summary of the CSV."""
+    import parexec as px
+    monkeypatch.syspath_prepend(str(EXAMPLES / "agents"))
+    result = px.run(px.load(AGENT_PIPELINE), progress=False)
+    assert result["summarize"] == CSV_SUMMARY
+    assert result["report"] == CSV_SUMMARY
+    assert [result.tasks[s].level for s in ("read", "summarize", "report")] == [0, 1, 2]
+
+
+def test_agent_pipeline_runs_from_the_command_line():
+    """The same pipeline through `parexec run --verbose` prints the summary; without the agent
+    module on the path it is refused before anything runs, naming the module and the step."""
+    import os
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES / "agents")}
+    proc = subprocess.run([sys.executable, "-m", "parexec", "run", str(AGENT_PIPELINE),
+                           "--verbose"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"[report] {CSV_SUMMARY}" in proc.stdout
+    assert "csv-report: succeeded (3 succeeded)" in proc.stdout
+    env.pop("PYTHONPATH")
+    proc = subprocess.run([sys.executable, "-m", "parexec", "run", str(AGENT_PIPELINE)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert ("agent 'summarizer' of step 'summarize': cannot import module 'csv_agent'"
+            in proc.stderr)
+    assert "PYTHONPATH" in proc.stderr and "[report]" not in proc.stdout

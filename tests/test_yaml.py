@@ -46,7 +46,7 @@ def test_all_problems_are_reported_together_with_positions(tmp_path):
         "    config: {command: echo}\n"
         "    dependOn: [b]\n"
         "  - id: a\n"
-        "    type: agent\n"
+        "    type: agnt\n"
         "  - id: c\n"
         "    type: script\n"
         "    config: {command: echo, args: ['${inputs.missing}']}\n"
@@ -56,7 +56,7 @@ def test_all_problems_are_reported_together_with_positions(tmp_path):
     msg = str(info.value)
     assert f"{f}:6:5: unknown key 'dependOn' in step 'a'; did you mean 'dependsOn'?" in msg
     assert "duplicate step id 'a'" in msg
-    assert "unknown type 'agent'; known types: script, python" in msg
+    assert "unknown type 'agnt'; known types: script, python, agent" in msg
     assert "depends on unknown step 'zz'" in msg
     assert "${inputs.missing} refers to an input the pipeline does not declare" in msg
     assert msg.startswith("5 problem(s)")
@@ -181,10 +181,11 @@ def overlap(spans):
 
 
 @pytest.mark.parametrize("name", PIPELINES)
-def test_example_pipelines_keep_order_overlap_and_pools(name):
+def test_example_pipelines_keep_order_overlap_and_pools(name, monkeypatch):
     """Each example pipeline runs; every step starts after its dependencies end; no pool holds
     more steps than its capacity; parallel.enabled false means no overlap at all."""
     import yaml
+    monkeypatch.syspath_prepend(str(EXAMPLES.parent / "agents"))  # agent.yaml's agent
     raw = yaml.safe_load((EXAMPLES / name).read_text())
     wf = px.load(EXAMPLES / name)
     result = px.run(wf, check=False, progress=False)
@@ -498,3 +499,138 @@ def test_environment_names_and_values_the_os_refuses_are_load_errors(env):
     with pytest.raises(px.WorkflowError, match=r"<string>:3:\d+: .*environment"):
         px.loads("name: e\nsteps:\n  - {id: s, type: script, config: {command: echo}, "
                  f"env: {env}}}\n")
+
+
+# Agent steps and typed substitution (API section 10) ----------------------------------
+
+
+def _probe(prompt, input):
+    """An agent that returns what it was given."""
+    return {"prompt": prompt, "input": input}
+
+
+AGENT_TEXT = (
+    "name: ag\n"
+    "agents: {concat: 'operator:concat'}\n"
+    "steps:\n"
+    "  - id: nums\n    type: python\n    config: {call: 'builtins:sorted', args: [[3, 1, 2]]}\n"
+    "  - id: greet\n    type: agent\n"
+    "    config: {agent: concat, prompt: 'Hello ', input: world}\n"
+    "  - id: probe\n    type: agent\n"
+    "    config:\n"
+    "      agent: probe\n"
+    "      prompt: 'Sum of ${steps.nums.output}'\n"
+    "      input: {values: '${steps.nums.output}', greeting: '${steps.greet.output}', n: 2}\n"
+    "  - id: bare\n    type: agent\n    config: {agent: probe, prompt: hi}\n")
+
+
+def test_agent_steps_call_agent_prompt_input():
+    """Agents come from the file's agents: mapping or from agents=; each is called
+    agent(prompt, input) with both substituted, and input is None when absent."""
+    result = px.run(px.loads(AGENT_TEXT, agents={"probe": _probe}), progress=False)
+    assert result["greet"] == "Hello world"
+    assert result["probe"] == {"prompt": "Sum of [1, 2, 3]",
+                               "input": {"values": [1, 2, 3], "greeting": "Hello world",
+                                         "n": 2}}
+    assert result["bare"] == {"prompt": "hi", "input": None}
+    assert set(result.tasks["probe"].value["input"]) == {"values", "greeting", "n"}
+
+
+def test_agents_given_to_load_win_over_the_file():
+    """px.load(path, agents=...) replaces a file's agent of the same name."""
+    text = ("name: w\nagents: {a: 'operator:concat'}\nsteps:\n"
+            "  - {id: s, type: agent, config: {agent: a, prompt: x, input: y}}\n")
+    assert px.run(px.loads(text), progress=False)["s"] == "xy"
+    result = px.run(px.loads(text, agents={"a": _probe}), progress=False)
+    assert result["s"] == {"prompt": "x", "input": "y"}
+
+
+def test_load_from_a_file_takes_agents(tmp_path):
+    """px.load accepts agents= too."""
+    f = tmp_path / "a.yaml"
+    f.write_text("name: f\nsteps:\n  - {id: s, type: agent, config: {agent: p, prompt: q}}\n")
+    assert px.run(px.load(f, agents={"p": _probe}), progress=False)["s"]["prompt"] == "q"
+
+
+def test_agent_step_in_a_process():
+    """isolation: process runs the agent in a worker process."""
+    text = ("name: w\nagents: {a: 'operator:concat'}\nsteps:\n"
+            "  - {id: s, type: agent, isolation: process, config: {agent: a, prompt: x, "
+            "input: y}}\n")
+    wf = px.loads(text)
+    assert wf["s"].isolation == "process"
+    result = px.run(wf, progress=False)
+    assert result["s"] == "xy"
+    assert isinstance(result.tasks["s"].worker, int) and result.tasks["s"].worker != os.getpid()
+
+
+@pytest.mark.parametrize("agents, config, words", [
+    ("{summarizer: 'operator:concat'}", "{agent: sumarizer, prompt: p}",
+     ["<string>:4:35: step 's' uses unknown agent 'sumarizer'", "known agents: given, "
+      "summarizer", "did you mean 'summarizer'?"]),
+    ("{a: 'no_such_module_xyz:f'}", "{agent: a, prompt: p}",
+     ["<string>:2:10: agent 'a' of step 's': cannot import module 'no_such_module_xyz'"]),
+    ("{a: 'math:pi'}", "{agent: a, prompt: p}",
+     ["<string>:2:10: agent 'a' of step 's': 'math:pi' is a float, not callable"]),
+    ("{a: 'operator'}", "{agent: a, prompt: p}",
+     ["<string>:2:10: agent 'a' must be 'package.module:function', got 'operator'"]),
+    ("{a: 'operator:concat'}", "{prompt: p}",
+     ["<string>:4:26: agent step 's' needs config.agent (the name of an agent declared"]),
+    ("{a: 'operator:concat'}", "{agent: a, prompt: [p]}",
+     ["<string>:4:45: config.prompt of step 's' must be text"]),
+])
+def test_agent_problems_are_load_errors(agents, config, words):
+    """An unknown agent (known names listed, close match suggested), an import that fails,
+    a target that is not callable: load errors naming the step, with their position."""
+    text = (f"name: w\nagents: {agents}\nsteps:\n"
+            f"  - {{id: s, type: agent, config: {config}}}\n")
+    with pytest.raises(px.WorkflowError) as info:
+        px.loads(text, agents={"given": _probe})
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_agents_given_must_be_callable():
+    """agents= with a value that is not callable is refused, naming the agent."""
+    with pytest.raises(px.WorkflowError, match="agents=: 'x' is a str, not callable"):
+        px.loads("name: w\nsteps:\n  - {id: s, type: agent, config: {agent: x}}\n",
+                 agents={"x": "operator:concat"})
+
+
+def test_typed_substitution_in_python_steps():
+    """A value that is exactly one ${steps.X.output} receives the value itself (a list stays
+    a list, also nested in args and kwargs); inside longer text it becomes str(value)."""
+    wf = px.loads(
+        "name: t\nsteps:\n"
+        "  - {id: nums, type: python, config: {call: 'builtins:sorted', args: [[3, 1, 2]]}}\n"
+        "  - {id: n, type: python, config: {call: 'builtins:len', "
+        "args: ['${steps.nums.output}']}}\n"
+        "  - {id: text, type: python, config: {call: 'builtins:len', "
+        "args: ['x${steps.nums.output}']}}\n"
+        "  - {id: nested, type: python, config: {call: 'builtins:dict', "
+        "kwargs: {a: ['${steps.nums.output}', ' ${steps.n.output}']}}}\n")
+    result = px.run(wf, progress=False)
+    assert result["n"] == 3
+    assert result["text"] == len("x[1, 2, 3]")
+    assert result["nested"] == {"a": [[1, 2, 3], " 3"]}
+
+
+def test_script_arguments_stay_text():
+    """A script argument that is exactly ${steps.X.output} gets the text of the value."""
+    wf = px.loads(
+        "name: t\nsteps:\n"
+        "  - {id: nums, type: python, config: {call: 'builtins:sorted', args: [[2, 1]]}}\n"
+        "  - {id: echo, type: script, config: {command: echo, args: ['${steps.nums.output}']}}\n")
+    assert px.run(wf, progress=False)["echo"] == "[1, 2]"
+
+
+def test_isolation_is_a_step_key_but_not_for_scripts():
+    """isolation: process on a python step runs it in a worker; on a script step (which runs
+    in its own process already) it is refused with a hint."""
+    wf = px.loads("name: t\nsteps:\n  - {id: p, type: python, isolation: process, "
+                  "config: {call: 'os:getpid'}}\n")
+    assert px.run(wf, progress=False)["p"] != os.getpid()
+    with pytest.raises(px.WorkflowError, match="<string>:3:27: step 's': isolation applies to "
+                       "python and agent steps"):
+        px.loads("name: t\nsteps:\n  - {id: s, type: script, isolation: process, "
+                 "config: {command: echo}}\n")
