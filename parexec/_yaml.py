@@ -41,12 +41,17 @@ The format (camelCase keys; README.rst, "Pipelines in YAML", has the full refere
 How keys map onto the engine: ``parallel.resource`` holds one unit of that pool;
 ``parallel.enabled: false`` on a step makes it run alone (it takes a hidden pool whole);
 ``isolateErrors: true`` is ``on_error="skip"``; ``continueOnError: true`` is
-``on_error="ignore"`` (dependents get an empty output); ``maxConcurrency`` is accepted and
-has no effect (a step runs once). A script step runs ``command`` with ``args`` as its argv
-(no shell unless ``shell: true``) in its own process group; its output is its stdout
-(``StepOutput``); a non-zero exit raises ``ScriptError``. A python step calls
-``package.module:function`` (imported at load time) and its output is the return value;
-an agent step calls its agent ``agent(prompt, input)`` the same way.
+``on_error="ignore"`` (dependents get an empty output); ``maxConcurrency`` caps the items
+of a ``foreach`` step running at once (without ``foreach`` a step runs once). A ``foreach``
+step (a YAML list, or exactly one ``${steps.ID.output}`` / ``${inputs.NAME}`` whose value
+is a list or text split into non-empty lines) becomes a task ``ID.items`` that lists the
+items (``foreach_items``) and a map ``ID`` over them, expanded at run time into ``ID[0]``,
+``ID[1]``, ...; each item runs the step with ``${item}`` and ``${index}`` set
+(``run_item``). A script step runs ``command`` with ``args`` as its argv (no shell unless
+``shell: true``) in its own process group; its output is its stdout (``StepOutput``); a
+non-zero exit raises ``ScriptError``. A python step calls ``package.module:function``
+(imported at load time) and its output is the return value; an agent step calls its agent
+``agent(prompt, input)`` the same way.
 
 Substitution, in config strings and in ``env``/``cwd`` values: ``${inputs.NAME}`` (a
 declared input), ``${env.NAME}`` (unset is an error unless written ``${env.NAME:-default}``;
@@ -91,7 +96,7 @@ TOP_KEYS = ("name", "version", "description", "parallel", "steps", "timeout", "r
             "cwd", "inputs", "agents")
 PARALLEL_KEYS = ("enabled", "defaultMaxConcurrency", "resources")
 STEP_KEYS = ("id", "name", "type", "config", "dependsOn", "parallel", "continueOnError",
-             "timeout", "retry", "env", "cwd", "priority", "isolation")
+             "timeout", "retry", "env", "cwd", "priority", "isolation", "foreach")
 STEP_PARALLEL_KEYS = ("enabled", "maxConcurrency", "resource", "isolateErrors")
 RETRY_KEYS = ("maxRetries", "initialDelay", "backoffFactor")
 STEP_TYPES = {"script": ("command", "args", "shell", "env", "cwd"),
@@ -109,6 +114,8 @@ MAX_PROBLEMS_SHOWN = 50
 MAX_SUGGESTIONS = 20
 MAX_COMPARISONS = 20_000  # about 1 s of difflib at worst
 _SIZE_CAP = 1 << 62  # sizes stop growing here, so a deep bomb never builds huge integers
+_ITEM, _INDEX = "[item]", "[index]"  # keys of a foreach item's values (never step ids)
+_FOREACH_REF = re.compile(r"\$\{\s*(?:steps\.[^}]*\.output|inputs\.[^}]*)\s*\}")
 _EXCLUSIVE = "__exclusive__"  # the pool a step with parallel.enabled: false takes whole
 _EXCLUSIVE_UNITS = 1_000_000
 
@@ -223,6 +230,8 @@ class _Loader:
         self.problems: list[str] = []
         self.marks: dict[tuple[Any, ...], tuple[int, int]] = {}
         self.sids: dict[int, str] = {}  # step index -> id, for messages
+        self.raw_inputs: dict[str, Any] = {}  # input values as written (a list stays a list)
+        self.foreach = False  # the step being read has foreach: ${item}/${index} exist
         self.nsuggested = self.ncompared = 0
 
     # Errors with positions ------------------------------------------------------------
@@ -474,12 +483,13 @@ class _Loader:
         out: dict[str, str] = {}
         for name, default in declared.items():
             if name in self.given:
-                out[name] = str(self.given[name])
+                out[name] = self.raw_inputs[name] = str(self.given[name])
             elif default is None:
                 self.problem(("inputs", name), f"input {name!r} is required: give it with "
                              f"--set {name}=VALUE")
             else:
                 out[name] = str(default)
+                self.raw_inputs[name] = default
         for name in self.given:
             if name not in declared:
                 hint = self.suggest(name, declared)
@@ -605,7 +615,12 @@ class _Loader:
             at = m.end()
             ref = m.group(1).strip()
             kind, _, rest = ref.partition(".")
-            if kind == "inputs" and rest and "." not in rest:
+            if ref in ("item", "index"):
+                if steps is None or not self.foreach:
+                    self.problem(path, f"${{{ref}}} can only be used in a step with foreach:, "
+                                 "inside its config")
+                parts.append((ref, "", ""))
+            elif kind == "inputs" and rest and "." not in rest:
                 if rest not in inputs:
                     self.problem(path, f"${{{ref}}} refers to an input the pipeline does not "
                                  "declare; add it under 'inputs:'")
@@ -636,8 +651,8 @@ class _Loader:
                 parts.append(("step", sid, ""))
             else:
                 self.problem(path, f"${{{ref}}} is not a known substitution; use "
-                             "${steps.<id>.output}, ${inputs.<name>}, ${env.<NAME>} or "
-                             "${env.<NAME>:-default}")
+                             "${steps.<id>.output}, ${inputs.<name>}, ${env.<NAME>}, "
+                             "${env.<NAME>:-default}, or ${item} and ${index} with foreach:")
                 parts.append(("text", m.group(0), ""))
         if at < len(text):
             parts.append(("text", text[at:], ""))
@@ -676,6 +691,7 @@ class _Loader:
         config = step.get("config") or {}
         if not self.expect(config, dict, path + ("config",), f"step {sid!r} config"):
             return None
+        self.foreach = "foreach" in step
         self.check_keys(config, STEP_TYPES[kind], path + ("config",),
                         f"the config of {kind} step {sid!r}")
         deps: set[str] = set()
@@ -732,7 +748,17 @@ class _Loader:
         env = {**wf_env, **self.env(step.get("env") or {}, path + ("env",), inputs)}
         cwd = self.cwd(step.get("cwd"), path + ("cwd",), inputs, wf_cwd)
         plan: dict[str, Any] = {"id": sid, "type": kind, "options": options, "env": env,
-                                "cwd": str(cwd)}
+                                "cwd": str(cwd), "foreach": None, "max_concurrent": None}
+        if self.foreach:
+            plan["foreach"] = self.foreach_items(step["foreach"], path + ("foreach",), sid,
+                                                 inputs, deps, ids)
+            if isinstance(par, dict) and isinstance(par.get("maxConcurrency"), int) \
+                    and par["maxConcurrency"] >= 1:
+                plan["max_concurrent"] = par["maxConcurrency"]
+            if f"{sid}.items" in ids:
+                self.problem(path + ("foreach",), f"step {sid!r} has foreach:, whose items "
+                             f"come from a task named {sid + '.items'!r}; rename the step of "
+                             "that id")
         cpath = path + ("config",)
         if kind == "script":
             command = config.get("command")
@@ -798,6 +824,37 @@ class _Loader:
         plan["deps"] = sorted(deps)
         return plan
 
+    def foreach_items(self, value: Any, path: tuple[Any, ...], sid: str,
+                      inputs: dict[str, str], deps: set[str],
+                      ids: Mapping[str, int]) -> tuple[str, Any]:
+        """Where a foreach step's items come from: ``("list", values)`` or ``("step", id)``."""
+        if isinstance(value, list):
+            self.foreach = False  # an item list cannot refer to the items
+            items = self.values(value, path, inputs, deps, ids)
+            self.foreach = True
+            return ("list", items)
+        if isinstance(value, str) and _FOREACH_REF.fullmatch(value.strip()):
+            ref = value.strip()[2:-1].strip()
+            if ref.startswith("inputs."):
+                name = ref[len("inputs."):]
+                if name not in self.raw_inputs:
+                    self.template(value, path, inputs, deps, ids)  # reports it
+                    return ("list", [])
+                raw = self.raw_inputs[name]
+                if isinstance(raw, str):
+                    return ("list", _lines(raw))
+                if isinstance(raw, list):
+                    return ("list", raw)
+                self.problem(path, f"foreach of step {sid!r}: input {name!r} is a "
+                             f"{type(raw).__name__}; give a list or text (one item per line)")
+                return ("list", [])
+            parts = self.template(value.strip(), path, inputs, deps, ids).parts
+            return ("step", parts[0][1])
+        self.problem(path, f"foreach of step {sid!r} must be a list, or exactly one "
+                     "${steps.<id>.output} or ${inputs.<name>}, got "
+                     f"{type(value).__name__} {value!r}")
+        return ("list", [])
+
     def resolve_call(self, call: Any, path: tuple[Any, ...], sid: str) -> Any:
         if not isinstance(call, str) or ":" not in call:
             self.problem(path, f"python step {sid!r} needs config.call as "
@@ -824,6 +881,8 @@ class _Loader:
         # a cycle; it goes in by id, and Workflow.validate() reports the cycle.
         outputs = {d: refs[d] for d in plan["deps"] if d in refs}
         options = dict(plan["options"], after=[d for d in plan["deps"] if d not in refs])
+        if plan["foreach"] is not None:
+            return self.add_foreach(wf, plan, options, outputs)
         if plan["type"] == "script":
             return wf.add(task(run_script).options(**options), plan["id"], plan["argv"],
                           plan["shell"], plan["env"], plan["cwd"], outputs)
@@ -832,6 +891,69 @@ class _Loader:
                           plan["input"], outputs)
         return wf.add(task(call_python).options(**options), plan["fn"], plan["args"],
                       plan["kwargs"], outputs)
+
+
+    def add_foreach(self, wf: Workflow, plan: dict[str, Any], options: dict[str, Any],
+                    outputs: dict[str, TaskRef]) -> TaskRef:
+        """A foreach step: a task listing the items, then a map running one task per item.
+
+        The items are known once the upstream outputs are, so the map is expanded at run
+        time (``sid[0]``, ``sid[1]``, ...); each item carries the upstream outputs it needs.
+        """
+        sid, kind = plan["id"], plan["type"]
+        on_error = options.get("on_error", "fail")
+        source = wf.add(task(foreach_items).options(
+            id=f"{sid}.items", name=f"items of {options['name']}", on_error=on_error,
+            default=[], after=options["after"]), sid, plan["foreach"], outputs)
+        if kind == "script":
+            payload: tuple[Any, ...] = (plan["argv"], plan["shell"], plan["env"], plan["cwd"])
+        elif kind == "agent":
+            payload = (plan["fn"], plan["prompt"], plan["input"])
+        else:
+            payload = (plan["fn"], plan["args"], plan["kwargs"])
+        item_options = {k: v for k, v in options.items() if k not in ("id", "name", "after")}
+        return wf.map(task(run_item).options(**item_options), source,
+                      max_concurrent=plan["max_concurrent"], id=sid, step=sid, kind=kind,
+                      payload=payload)
+
+
+def _lines(text: str) -> list[str]:
+    """The non-empty lines of ``text`` (lines of only spaces count as empty)."""
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def foreach_items(step: str, source: tuple[str, Any],
+                  outputs: Mapping[str, Any]) -> list[tuple[int, Any, Mapping[str, Any]]]:
+    """The items of a foreach step, each as ``(index, item, upstream outputs)``."""
+    kind, value = source
+    if kind == "step":
+        value = outputs.get(value)
+        if value is None:  # an upstream failure let through (continueOnError): no items
+            value = []
+        elif isinstance(value, str):
+            value = _lines(value)
+        elif not isinstance(value, (list, tuple)):
+            raise ParexecError(
+                f"foreach of step {step!r}: the output of step {source[1]!r} is a "
+                f"{type(value).__name__}, not a list or text; make that step return a list, "
+                "or print one item per line")
+    else:
+        value = _fill(value, outputs)
+    return [(k, item, outputs) for k, item in enumerate(value)]
+
+
+def run_item(entry: tuple[int, Any, Mapping[str, Any]], *, step: str, kind: str,
+             payload: tuple[Any, ...]) -> Any:
+    """Run one item of a foreach step, with ``${item}`` and ``${index}`` set."""
+    index, item, outputs = entry
+    values = {**outputs, _ITEM: item, _INDEX: index}
+    if kind == "script":
+        argv, shell, env, cwd = payload
+        return run_script(f"{step}[{index}]", argv, shell, env, cwd, values)
+    fn, first, second = payload
+    if kind == "agent":
+        return call_agent(fn, first, second, values)
+    return call_python(fn, first, second, values)
 
 
 def _import_target(target: str) -> tuple[Any, str | None]:
@@ -905,11 +1027,12 @@ class _Template(NamedTuple):
             if kind == "text":
                 out.append(text)
                 continue
-            if kind == "step":
-                if text not in outputs:  # only in messages of a file already refused
-                    out.append(f"${{steps.{text}.output}}")
+            if kind != "value":
+                key = text if kind == "step" else f"[{kind}]"
+                if key not in outputs:  # only in messages of a file already refused
+                    out.append(f"${{steps.{text}.output}}" if kind == "step" else f"${{{kind}}}")
                     continue
-                value = outputs[text]
+                value = outputs[key]
                 text = "" if value is None else str(value)
             out.append(_shell_quote(text, context) if context else text)
         return "".join(out)
@@ -918,8 +1041,9 @@ class _Template(NamedTuple):
         """Typed substitution: exactly one reference gives the value itself, else the text."""
         if len(self.parts) == 1:
             kind, text, _ = self.parts[0]
-            if kind == "step" and text in outputs:
-                return outputs[text]
+            key = text if kind == "step" else f"[{kind}]"
+            if kind != "text" and kind != "value" and key in outputs:
+                return outputs[key]
         return self.render(outputs)
 
 

@@ -243,7 +243,7 @@ def test_module_that_fails_to_import_is_one_clear_line(tmp_path):
     import os
     proc = parexec("validate", f, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 2
-    assert "cannot import 'badmod' (RuntimeError: no config here)" in proc.stderr
+    assert "step 's': cannot import module 'badmod' (RuntimeError: no config here)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -294,3 +294,18 @@ def test_closed_stdout_is_not_a_traceback():
     _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode == 128 + signal.SIGPIPE
+
+
+def test_foreach_items_show_in_the_summary(tmp_path):
+    """A foreach step's items appear in the summary as step[0], step[1], ... with the step."""
+    f = tmp_path / "each.yaml"
+    f.write_text("name: each\nsteps:\n"
+                 "  - {id: hi, type: script, foreach: [ann, bob], "
+                 "config: {command: echo, args: ['${item}']}}\n")
+    proc = parexec("run", f)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()
+            if line.startswith("hi")}
+    assert rows == {"hi.items": "succeeded", "hi": "succeeded", "hi[0]": "succeeded",
+                    "hi[1]": "succeeded"}
+    assert "each: succeeded (4 succeeded)" in proc.stdout

@@ -634,3 +634,163 @@ def test_isolation_is_a_step_key_but_not_for_scripts():
                        "python and agent steps"):
         px.loads("name: t\nsteps:\n  - {id: s, type: script, isolation: process, "
                  "config: {command: echo}}\n")
+
+
+# foreach (API section 10) -----------------------------------------------------------------
+
+
+def test_foreach_over_a_yaml_list_runs_one_task_per_item():
+    """foreach: [list] runs the step once per item (ids step[0], step[1], ...), with ${item}
+    and ${index} substituted; its output is the list of outputs in order, which a dependent
+    step receives as a list."""
+    wf = px.loads(
+        "name: f\ninputs: {who: there}\nsteps:\n"
+        "  - id: greet\n    type: script\n    foreach: [a, 'b c', '${inputs.who}']\n"
+        "    config: {command: echo, args: ['${index}:${item}']}\n"
+        "  - id: n\n    type: python\n"
+        "    config: {call: 'builtins:len', args: ['${steps.greet.output}']}\n")
+    result = px.run(wf, progress=False)
+    assert result["greet"] == ["0:a", "1:b c", "2:there"]
+    assert [result[f"greet[{k}]"] for k in range(3)] == ["0:a", "1:b c", "2:there"]
+    assert result["n"] == 3
+
+
+def test_foreach_over_step_output_text_splits_non_empty_lines():
+    """foreach: ${steps.X.output} over text runs one item per non-empty line."""
+    wf = px.loads(
+        "name: f\nsteps:\n"
+        "  - {id: ls, type: script, config: {command: printf, args: ['x\\n\\n  \\ny z\\n']}}\n"
+        "  - id: up\n    type: python\n    foreach: '${steps.ls.output}'\n"
+        "    config: {call: 'builtins:str.upper', args: ['${item}']}\n")
+    result = px.run(wf, progress=False)
+    assert result["up"] == ["X", "Y Z"]
+    assert result.tasks["up[1]"].level == result.tasks["up[0]"].level
+
+
+def test_foreach_over_a_list_output_gives_typed_items():
+    """Items of a list output keep their type: an exact ${item} is the item itself, ${index}
+    the index as a number."""
+    wf = px.loads(
+        "name: f\nsteps:\n"
+        "  - {id: src, type: python, config: {call: 'json:loads', "
+        "args: ['[{\"a\": 1}, {\"a\": 2}]']}}\n"
+        "  - id: each\n    type: agent\n    foreach: '${steps.src.output}'\n"
+        "    config: {agent: probe, prompt: 'item ${index}', input: ['${item}', '${index}']}\n",
+        agents={"probe": _probe})
+    result = px.run(wf, progress=False)
+    assert result["each"] == [{"prompt": "item 0", "input": [{"a": 1}, 0]},
+                              {"prompt": "item 1", "input": [{"a": 2}, 1]}]
+
+
+def test_foreach_over_an_input_list_or_text(tmp_path):
+    """foreach: ${inputs.X} takes a list default as is, and text given with --set as lines."""
+    text = ("name: f\ninputs: {names: [ann, bob]}\nsteps:\n"
+            "  - id: hi\n    type: script\n    foreach: '${inputs.names}'\n"
+            "    config: {command: echo, args: ['hi ${item}']}\n")
+    assert px.run(px.loads(text), progress=False)["hi"] == ["hi ann", "hi bob"]
+    wf = px.loads(text, inputs={"names": "cy\n\ndee\n"})
+    assert px.run(wf, progress=False)["hi"] == ["hi cy", "hi dee"]
+
+
+def test_foreach_empty_list_gives_an_empty_output():
+    """No items: the step's output is [] and dependents run."""
+    wf = px.loads("name: f\nsteps:\n"
+                  "  - {id: e, type: script, foreach: [], config: {command: echo}}\n"
+                  "  - {id: n, type: python, config: {call: 'builtins:len', "
+                  "args: ['${steps.e.output}']}}\n")
+    result = px.run(wf, progress=False)
+    assert result["e"] == [] and result["n"] == 0
+
+
+def test_foreach_max_concurrency_caps_the_items_running():
+    """parallel.maxConcurrency caps how many items run at once (here 2 of 5, 4 workers)."""
+    wf = px.loads(
+        "name: f\nparallel: {defaultMaxConcurrency: 4}\nsteps:\n"
+        "  - id: s\n    type: script\n    foreach: [1, 2, 3, 4, 5]\n"
+        f"    config: {{command: {PY}, args: ['-c', 'import time; time.sleep(0.3)']}}\n"
+        "    parallel: {maxConcurrency: 2}\n")
+    result = px.run(wf, progress=False)
+    spans = [(result.tasks[f"s[{k}]"].started_at, result.tasks[f"s[{k}]"].finished_at)
+             for k in range(5)]
+    assert overlap(spans) == 2
+
+
+def test_foreach_items_are_quoted_for_the_shell(tmp_path):
+    """Under shell: true, ${item} and ${index} are quoted like any substituted value."""
+    wf = px.loads(
+        "name: f\nsteps:\n"
+        "  - id: s\n    type: script\n    foreach: ['x; touch PWNED', \"it's\"]\n"
+        "    config: {command: 'echo ${index} ${item}', shell: true}\n", base=tmp_path)
+    assert px.run(wf, progress=False)["s"] == ["0 x; touch PWNED", "1 it's"]
+    assert not (tmp_path / "PWNED").exists()
+
+
+ITEM_FAILS = (f"    config: {{command: {PY}, args: ['-c', 'import sys; "
+              "sys.exit(int(sys.argv[1]))', '${item}']}\n")
+
+
+def test_foreach_continue_on_error_applies_per_item():
+    """continueOnError: a failing item is recorded, the other items and the dependents run;
+    the failed item's place in the output is empty (None)."""
+    wf = px.loads(
+        "name: f\nsteps:\n"
+        "  - id: s\n    type: script\n    foreach: [0, 3, 0]\n    continueOnError: true\n"
+        + ITEM_FAILS
+        + "  - {id: n, type: python, config: {call: 'builtins:len', "
+          "args: ['${steps.s.output}']}}\n")
+    result = px.run(wf, progress=False, check=False)
+    t = result.tasks
+    assert [t[f"s[{k}]"].status for k in range(3)] == ["succeeded", "failed", "succeeded"]
+    assert "exited with status 3" in str(t["s[1]"].error)
+    assert result["s"] == ["", None, ""] and result["n"] == 3
+
+
+def test_foreach_isolate_errors_applies_per_item():
+    """isolateErrors: a failing item fails the step, its dependents are skipped and an
+    independent step still runs; the run is partial."""
+    wf = px.loads(
+        "name: f\nsteps:\n"
+        "  - id: s\n    type: script\n    foreach: [0, 3]\n"
+        "    parallel: {isolateErrors: true}\n" + ITEM_FAILS
+        + "  - {id: after, type: script, config: {command: echo, args: ['${steps.s.output}']}}\n"
+          "  - {id: other, type: script, config: {command: echo, args: [ok]}}\n")
+    result = px.run(wf, progress=False, check=False)
+    assert result.status == "partial"
+    assert result.tasks["s[1]"].status == "failed"
+    assert result.tasks["after"].status == "skipped" and result["other"] == "ok"
+
+
+def test_foreach_over_a_value_that_is_not_a_list_fails_the_step_clearly():
+    """An upstream output that is neither a list nor text fails the step, saying so."""
+    wf = px.loads("name: f\nsteps:\n"
+                  "  - {id: d, type: python, config: {call: 'builtins:dict'}}\n"
+                  "  - {id: s, type: script, foreach: '${steps.d.output}', "
+                  "config: {command: echo}}\n")
+    result = px.run(wf, progress=False, check=False)
+    assert result.status == "failed"
+    msg = str(result.errors["s.items"])
+    assert "foreach of step 's'" in msg and "a dict" in msg and "list or text" in msg
+
+
+@pytest.mark.parametrize("foreach, words", [
+    ("3", "<string>:3:52: foreach of step 's' must be a list, or exactly one "
+          "${steps.<id>.output} or ${inputs.<name>}, got int 3"),
+    ("'a ${steps.x.output}'", "foreach of step 's' must be a list, or exactly one"),
+    ("'${steps.zz.output}'", "refers to unknown step 'zz'"),
+    ("'${inputs.nope}'", "refers to an input the pipeline does not declare"),
+])
+def test_foreach_problems_are_load_errors(foreach, words):
+    """A foreach that is not a list or a single reference is refused with its position."""
+    with pytest.raises(px.WorkflowError) as info:
+        px.loads("name: f\nsteps:\n"
+                 f"  - {{id: s, type: script, config: {{command: echo}}, foreach: {foreach}}}\n"
+                 "  - {id: x, type: script, config: {command: echo}}\n")
+    assert words in str(info.value)
+
+
+def test_item_outside_foreach_is_a_load_error():
+    """${item} and ${index} only exist in a step with foreach."""
+    with pytest.raises(px.WorkflowError, match=r"<string>:3:\d+: \$\{item\} can only be "
+                       "used in a step with foreach"):
+        px.loads("name: f\nsteps:\n"
+                 "  - {id: s, type: script, config: {command: echo, args: ['${item}']}}\n")
