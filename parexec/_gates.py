@@ -38,7 +38,8 @@ samples a second), and reports to the scheduler, which alone decides:
 * **need**: a task's declared ``memory``; else the highest peak a task of the same function
   reached earlier in this run. Needs add up against the budget.
 * **probe**: while a function has no measured peak yet, its first task runs without the
-  others (``PROBE_SECONDS``, 1 s, or until it ends); its peak so far is then the need.
+  others until it ends, or until it ran ``PROBE_SECONDS`` (1 s) and its measured peak
+  stopped growing for ``PROBE_STABLE`` (0.5 s); its peak so far is then the need.
 * **high water** (``HIGH_WATER``, 80% of the budget): no process task starts while the
   measured total is above it, nor while the total plus the task's need is above the budget.
   Such refusals are re-checked every ``MEMORY_RECHECK`` (0.25 s) and on every release.
@@ -65,11 +66,12 @@ if TYPE_CHECKING:
     from ._task import TaskSpec
     from ._workflow import Workflow
 
-__all__ = ["CapacityGate", "HIGH_WATER", "MemoryGate", "PROBE_SECONDS", "build_gates",
-           "check_resources"]
+__all__ = ["CapacityGate", "HIGH_WATER", "MemoryGate", "PROBE_SECONDS", "PROBE_STABLE",
+           "build_gates", "check_resources"]
 
 HIGH_WATER = 0.8  # no new process task starts while the measured total is above this share
-PROBE_SECONDS = 1.0  # the first task of a function runs alone this long for its peak
+PROBE_SECONDS = 1.0  # the first task of a function runs alone this long for its peak,
+PROBE_STABLE = 0.5   # ... and longer while its peak grew in the last PROBE_STABLE seconds
 
 
 class CapacityGate:
@@ -197,7 +199,8 @@ class MemoryGate(CapacityGate):
         self.monitor: Any = None
         self.measured: Callable[[int], bool] = _never
         self.learned: dict[Any, float] = {}  # function -> highest peak measured in this run
-        self.probing: dict[Any, tuple[int, float]] = {}  # function -> (task, started at)
+        # function -> [task, started at, its peak when last seen, when that peak was new]
+        self.probing: dict[Any, list[Any]] = {}
         self.held: dict[int, float] = {}  # undeclared process task -> bytes it was admitted with
         self.attempts: dict[int, Any] = {}  # process task -> its running attempt
         self.high_water = HIGH_WATER * capacity
@@ -244,7 +247,8 @@ class MemoryGate(CapacityGate):
             fn = _fn_key(self.specs[i].fn)
             need = self.learned.get(fn, 0.0)
             if not need and fn not in self.probing:
-                self.probing[fn] = (i, time.monotonic())  # this task measures the function
+                now = time.monotonic()  # this task measures the function
+                self.probing[fn] = [i, now, 0, now]
             self.held[i] = need
             self.used += need
         self.shadow = None
@@ -269,14 +273,23 @@ class MemoryGate(CapacityGate):
         self.attempts[i] = attempt
 
     def _end_probe(self, fn: Any) -> bool:
-        """Whether the first task of ``fn`` ran ``PROBE_SECONDS``, ending its probe.
+        """Whether the first task of ``fn`` ran long enough, ending its probe.
 
-        Its peak so far then serves as its function's need, and it counts with that need.
+        That is ``PROBE_SECONDS``, the last ``PROBE_STABLE`` of them without a higher peak
+        (a task still allocating, or a worker still starting under load, is waited for). Its
+        peak so far then serves as its function's need, and it counts with that need.
         """
-        i, since = self.probing[fn]
+        probe = self.probing[fn]
+        i, since, seen, seen_at = probe
         attempt = self.attempts.get(i)
         peak = attempt.peak_memory if attempt is not None else None
-        if not peak or time.monotonic() - since < PROBE_SECONDS:
+        now = time.monotonic()
+        if not peak:
+            return False
+        if peak != seen:
+            probe[2], probe[3] = peak, now
+            return False
+        if now - since < PROBE_SECONDS or now - seen_at < PROBE_STABLE:
             return False
         del self.probing[fn]
         self.learned[fn] = max(self.learned.get(fn, 0.0), float(peak))
