@@ -136,3 +136,46 @@ def test_reservation_accounting():
     assert g.spares(2) is False and g.holder_need == 2
     g.unreserve()
     assert g.spares(2)
+
+
+def test_memory_gate_probes_then_uses_the_learned_peak(monkeypatch):
+    """The first process task of an undeclared function runs alone; its peak becomes the
+    need of the function's other tasks; above the high-water mark nothing process starts."""
+    from types import SimpleNamespace
+
+    from parexec import _gates
+
+    def work():
+        pass
+
+    def other():
+        pass
+
+    specs = [SimpleNamespace(fn=work)] * 3 + [SimpleNamespace(fn=other)]
+    g = _gates.MemoryGate(1000, [0.0] * 4, specs)
+    g.measured = lambda i: True
+    g.monitor = SimpleNamespace(total=0)
+    clock = [100.0]
+    monkeypatch.setattr(_gates.time, "monotonic", lambda: clock[0])
+    probe = SimpleNamespace(peak_memory=None)
+    assert g.admits(0)
+    g.acquire(0)
+    g.started(0, probe)
+    assert not g.admits(1) and g.measured_refusal  # the probe runs: wait for its peak
+    assert g.admits(3)                             # another function probes on its own
+    probe.peak_memory = 400
+    clock[0] += 2 * _gates.PROBE_SECONDS
+    assert not g.admits(1)                         # the peak was new: is it still growing?
+    clock[0] += _gates.PROBE_STABLE
+    g.monitor.total = 400
+    assert g.admits(1) and g.need(1) == 400 and g.used == 400  # the probe counts too
+    g.acquire(1)
+    g.monitor.total = 500
+    assert not g.admits(2)                         # 400 + 400 + 400 > 1000
+    g.release(1)
+    g.monitor.total = 900                          # above 80% of the budget
+    assert not g.admits(2)
+    g.monitor.total = 400
+    assert g.admits(2)
+    g.release(0)
+    assert g.used == 0 and g.learned[work] == 400
