@@ -403,9 +403,13 @@ class ProcessPool:
         ok, value, tb_text, (peak, t0, t1) = decode_outcome(attempt.task_id, body, descs,
                                                             piped)
         del pins
-        attempt.result_bytes = len(body) + sum(d[2] for d in descs)
-        attempt.shm_bytes += sum(d[2] for d in descs if d[0] is not None)
-        attempt.pipe_bytes += len(data) + sum(len(b) for b in piped)
+        if descs:
+            attempt.result_bytes = len(body) + sum(d[2] for d in descs)
+            attempt.shm_bytes += sum(d[2] for d in descs if d[0] is not None)
+            attempt.pipe_bytes += len(data) + sum(len(b) for b in piped)
+        else:
+            attempt.result_bytes = n = len(data)
+            attempt.pipe_bytes += n
         del data, body, piped
         if attempt.monitor is not None:
             attempt.monitor.unwatch(attempt)

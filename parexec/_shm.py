@@ -32,14 +32,12 @@ pipe (debug log line).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import logging
 import mmap
 import os
 import pickle
-import secrets
 import struct
 import threading
 import weakref
@@ -73,9 +71,12 @@ def _pid_namespace() -> str:
 _NS = _pid_namespace()
 
 
+_ENV_DIR = os.environ.get("PAREXEC_SHM_DIR") or "/dev/shm"  # read once: every submit asks
+
+
 def segment_dir() -> str:
-    """Where segments are written: ``directory``, else ``$PAREXEC_SHM_DIR``, else /dev/shm."""
-    return directory or os.environ.get("PAREXEC_SHM_DIR") or "/dev/shm"
+    """Where segments go: ``directory``, else ``$PAREXEC_SHM_DIR`` (at import), else /dev/shm."""
+    return directory or _ENV_DIR
 
 
 class Segment:
@@ -157,7 +158,7 @@ def write(buf: memoryview, driver_pid: int, where: str) -> str | None:
                      size, where)
         return None
     path = os.path.join(where, f"{PREFIX}{driver_pid}-{os.getpid()}-{_NS}-"
-                               f"{secrets.token_hex(6)}{next(_counter)}")
+                               f"{os.urandom(6).hex()}{next(_counter)}")
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     except OSError as exc:
@@ -205,28 +206,32 @@ def _forget_map(start: int) -> None:
         _maps.pop(start, None)
 
 
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
-                ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
-                ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_buffer_api: Any = None
 
 
 def _address(obj: Any) -> int:
     """The address of the first byte of a buffer object (read-only ones too)."""
-    view = _PyBuffer()
-    _get_buffer(obj, ctypes.byref(view), 0)
+    global _buffer_api
+    import ctypes
+    if _buffer_api is None:  # ctypes is loaded on first use: workers start without it
+        class PyBuffer(ctypes.Structure):
+            _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object),
+                        ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                        ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                        ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                        ("internal", ctypes.c_void_p)]
+        get, release = ctypes.pythonapi.PyObject_GetBuffer, ctypes.pythonapi.PyBuffer_Release
+        get.argtypes = [ctypes.py_object, ctypes.POINTER(PyBuffer), ctypes.c_int]
+        release.argtypes = [ctypes.POINTER(PyBuffer)]
+        _buffer_api = PyBuffer, get, release
+    struct_type, get, release = _buffer_api
+    view = struct_type()
+    get(obj, ctypes.byref(view), 0)
     try:
         return view.buf or 0
     finally:
-        _release_buffer(ctypes.byref(view))
+        release(ctypes.byref(view))
 
 
 _PAGE = mmap.PAGESIZE
@@ -297,7 +302,8 @@ class BigBytes:
 
 def wrap(value: Any) -> Any:
     """``value``, wrapped to go out of band when it is large ``bytes`` or ``bytearray``."""
-    if type(value) in (bytes, bytearray) and len(value) >= THRESHOLD:
+    t = type(value)
+    if (t is bytes or t is bytearray) and len(value) >= THRESHOLD:
         return BigBytes(value)
     return value
 
@@ -322,8 +328,8 @@ def encode(dump: Callable[[Callable[[Any], Any] | None], bytes], *, where: str |
 
     ``where`` None sends everything in the pickle. The driver is the ``owner``: the segments
     it writes are its own at once, and ``Encoded.segments`` pins those the receiver maps.
-    ``reusable`` limits which mapped segments a worker may name again (those of its current
-    payload, pinned by the driver).
+    ``reusable`` lists the mapped segments a worker may name again (those of its current
+    payload, pinned by the driver); the driver may name any segment it holds.
     """
     out = Encoded()
     if where is None:
@@ -354,7 +360,7 @@ def encode(dump: Callable[[Callable[[Any], Any] | None], bytes], *, where: str |
         for buf in big:
             n = buf.nbytes
             hit = find(buf)
-            if hit is not None and (reusable is None or hit[0] in reusable):
+            if hit is not None and (owner or (reusable is not None and hit[0] in reusable)):
                 seg = hit[2].segment
                 if not owner or seg is not None:
                     descs.append((hit[0], hit[1], n))

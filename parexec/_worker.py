@@ -31,6 +31,7 @@ from time import monotonic
 from types import TracebackType
 from typing import Any
 
+from . import _shm
 from ._errors import Cancelled, ParexecError
 
 __all__ = ["STARTED", "TaskContext", "current"]
@@ -364,7 +365,6 @@ def worker_main(conn: Any, driver_pid: int | None = None) -> None:
     _allow_children()
     _meter = PeakMeter()
     _watch_parent()
-    from . import _shm
     recv, send, recv_into = conn.recv_bytes, conn.send_bytes, conn.recv_bytes_into
     driver = driver_pid or os.getppid()
     while True:
@@ -584,7 +584,6 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
     with a directory, the result's large buffers go into segments there (``_shm.encode``),
     those still in the payload's own unwritten segments by name, without a copy.
     """
-    from . import _shm
     task_id = "?"
     try:
         bufs = _shm.buffers(descs, piped, owner=False) if descs else None
@@ -613,11 +612,12 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
         _local.context = None
     meta = (meter.peak() if meter is not None else None, t0, monotonic())
     outcome = (True, _shm.wrap(value), None, meta)
-    reusable = {d[0] for d in descs if d[0] is not None}
+    reusable = {d[0] for d in descs if d[0] is not None} if descs else None
     try:
         return _shm.encode(lambda cb: pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL,
                                                    buffer_callback=cb),
-                           where=where, driver_pid=driver_pid, owner=False, reusable=reusable)
+                           where=where, driver_pid=driver_pid, owner=False,
+                           reusable=reusable)
     except Exception:  # noqa: BLE001 - try harder below
         pass
     try:
@@ -635,8 +635,7 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
 
 
 def _plain(data: bytes) -> Any:
-    from ._shm import Encoded
-    out = Encoded()
+    out = _shm.Encoded()
     out.parts.append(data)
     out.pickled = out.pipe_bytes = len(data)
     return out
@@ -728,13 +727,11 @@ def decode_outcome(task_id: str, data: Any, descs: Any = (),
     try:
         bufs = None
         if descs:
-            from . import _shm
             bufs = _shm.buffers(list(descs), list(piped), owner=True)
         ok, payload, tb_text, extra = pickle.loads(data, buffers=bufs)
         del bufs
     except BaseException as exc:  # noqa: BLE001
         if descs:
-            from . import _shm
             _shm.discard(list(descs))
         return False, RemoteError(
             f"task {task_id!r}: its result could not be unpickled in the parent "
