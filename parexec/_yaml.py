@@ -82,6 +82,7 @@ import selectors
 import shlex
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1153,9 +1154,15 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
     The step's cancel flag (set on timeout, cancellation or Ctrl-C) kills the whole process
     group, so no grandchild survives. A non-zero exit raises ``ScriptError`` with the last
     lines of stderr.
+
+    The step's ``peak_memory`` is its own: the process's memory once started, then the run's
+    monitor samples the process and its children while it runs (``attempt.sampler``), and
+    at its end its exact high-water mark (see ``_wait_peak``).
     """
-    from ._worker import current
+    from ._worker import _local, current
     ctx = current()
+    attempt = getattr(_local, "attempt", None)
+    sampler = getattr(attempt, "sampler", None)
     argv = [t.render(outputs) for t in template]  # a shell step has one: its command line
     full_env = {**os.environ, **env}
     try:
@@ -1170,6 +1177,10 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
                     "shell command line")
         raise ScriptError(step, 127, f"cannot start {argv[0]!r}: {exc.strerror}{hint}"
                           ) from None
+    if attempt is not None:
+        _note_peak(attempt, _rss(proc.pid))
+    if sampler is not None:
+        sampler.watch(attempt, proc.pid)
     out: list[bytes] = []
     err: list[bytes] = []
     partial = {"stdout": b"", "stderr": b""}
@@ -1198,11 +1209,15 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
             if ctx.cancelled():
                 _kill_group(proc)
                 ctx.check()
-        proc.wait()
+        peak = _wait_peak(proc)
+        if attempt is not None:
+            _note_peak(attempt, peak)
     except BaseException:
         _kill_group(proc)
         raise
     finally:
+        if sampler is not None:
+            sampler.unwatch(attempt)
         sel.close()
         proc.stdout.close()
         proc.stderr.close()
@@ -1220,6 +1235,51 @@ def _tail(text: str, n: int = 10) -> str:
     """
     lines = text.rstrip("\n").split("\n")[-n:]
     return "\n".join(line.removesuffix("\r") for line in lines)
+
+
+def _note_peak(attempt: Any, peak: int) -> None:
+    """Raise ``attempt.peak_memory`` to ``peak`` bytes (the monitor raises it too)."""
+    if peak > (getattr(attempt, "peak_memory", None) or 0):
+        attempt.peak_memory = peak
+
+
+def _rss(pid: int) -> int:
+    """The resident memory of process ``pid`` now, in bytes (0 if it is gone)."""
+    import psutil
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def _wait_peak(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for ``proc`` to end; set its ``returncode`` and return its peak RSS in bytes.
+
+    ``os.wait4`` reports the process's ``ru_maxrss``: the largest of its own and of the
+    children it waited for (kilobytes on Linux, bytes on macOS). That figure also counts
+    this process's memory at the moment the child was started (the kernel keeps the
+    high-water mark of the memory the child had before ``exec``, which was ours), so it is
+    the step's own only when it exceeds this process's own high-water mark; otherwise 0
+    is returned and the monitor's samples stand.
+    """
+    wait4 = getattr(os, "wait4", None)
+    if wait4 is None:
+        proc.wait()
+        return 0
+    while True:
+        try:
+            _, status, usage = wait4(proc.pid, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:  # reaped elsewhere; Popen knows its status
+            proc.wait()
+            return 0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    import resource
+    unit = 1 if sys.platform == "darwin" else 1024
+    peak = int(usage.ru_maxrss) * unit
+    return peak if peak > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit else 0
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -794,3 +794,36 @@ def test_item_outside_foreach_is_a_load_error():
                        "used in a step with foreach"):
         px.loads("name: f\nsteps:\n"
                  "  - {id: s, type: script, config: {command: echo, args: ['${item}']}}\n")
+
+
+# Peak memory of script steps ----------------------------------------------------------------
+
+
+PEAK_PROBE = ("import sys, parexec as px; r = px.run(px.load(sys.argv[1]), progress=False); "
+              "print(r.tasks['big'].peak_memory, r.tasks['small'].peak_memory)")
+
+
+@pytest.mark.parametrize("shell", [False, True])
+def test_script_steps_report_their_own_peak_memory(shell, tmp_path):
+    """A script step's peak_memory is its own process tree's (here a child allocating ~200 MB,
+    under a shell too), not the driver's; a trivial step reports far less. (A fresh driver,
+    so its own memory is small, as in `parexec run`.)"""
+    import subprocess
+    import sys
+    big = "b = b'x' * (200 << 20)"
+    if shell:
+        config = f"{{command: \"{PY} -c \\\"{big}\\\"; true\", shell: true}}"
+    else:
+        config = f"{{command: {PY}, args: ['-c', \"{big}\"]}}"
+    f = tmp_path / "m.yaml"
+    f.write_text("name: m\nsteps:\n"
+                 f"  - {{id: big, type: script, config: {config}}}\n"
+                 f"  - {{id: small, type: script, config: {{command: {PY}, "
+                 "args: ['-c', 'pass']}}\n")
+    proc = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(f)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    big_peak, small_peak = map(int, proc.stdout.split())
+    mib = 1 << 20
+    assert big_peak > 150 * mib
+    assert small_peak < 50 * mib
