@@ -3,6 +3,7 @@
 ::
 
     parexec run FILE [--max-workers N] [--sequential] [--set NAME=VALUE]...
+                     [--store DB] [--resume] [--keep all|leaves]
                      [--trace OUT.json] [--quiet] [--verbose]
     parexec validate FILE
     parexec graph FILE [--format dot|levels|critical-path]
@@ -93,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store", metavar="DB", help="record finished steps in this SQLite file")
     run.add_argument("--resume", action="store_true",
                      help="skip steps recorded as succeeded in --store with the same inputs")
+    run.add_argument("--keep", choices=("all", "leaves"), default="all",
+                     help="which step outputs the run keeps in memory: all (default), or "
+                          "leaves (only steps nothing depends on; an output other steps use is "
+                          "released once they have finished, for pipelines of large outputs)")
     run.add_argument("--quiet", action="store_true", help="no progress and no summary")
     run.add_argument("--verbose", action="store_true",
                      help="stream each step's output (stdout and stderr), prefixed by its id; "
@@ -184,7 +189,7 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
         with _stop_on_signals():
             result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
                             progress=False if args.quiet else "auto", check=False,
-                            store=args.store, resume=args.resume)
+                            store=args.store, resume=args.resume, keep=args.keep)
     except KeyboardInterrupt as exc:
         partial = px.last_result()
         if partial is not None and not args.quiet:

@@ -309,3 +309,29 @@ def test_foreach_items_show_in_the_summary(tmp_path):
     assert rows == {"hi.items": "succeeded", "hi": "succeeded", "hi[0]": "succeeded",
                     "hi[1]": "succeeded"}
     assert "each: succeeded (4 succeeded)" in proc.stdout
+
+
+@pytest.mark.parametrize("keep, kept", [("all", {"a": "A", "b": "A B"}),
+                                        ("leaves", {"a": None, "b": "A B"})])
+def test_keep_option_passes_keep_to_the_run(tmp_path, keep, kept):
+    """--keep leaves releases the values of steps something depends on; --keep all (the
+    default) keeps every value."""
+    import parexec as px
+    from parexec.cli import main
+    f = tmp_path / "k.yaml"
+    f.write_text("name: k\nsteps:\n"
+                 "  - {id: a, type: script, config: {command: echo, args: [A]}}\n"
+                 "  - {id: b, type: script, config: {command: echo, "
+                 "args: ['${steps.a.output} B']}}\n")
+    assert main(["run", str(f), "--quiet", "--keep", keep]) == 0
+    result = px.last_result()
+    assert {k: result.tasks[k].value for k in ("a", "b")} == kept
+    assert result.tasks["a"].status == "succeeded"
+
+
+def test_keep_option_is_documented_and_checked():
+    """--help describes --keep; a value other than all or leaves is a usage error (exit 2)."""
+    help_text = parexec("run", "--help").stdout
+    assert "--keep {all,leaves}" in help_text and "leaves" in help_text
+    proc = parexec("run", EXAMPLE, "--keep", "some")
+    assert proc.returncode == 2 and "invalid choice: 'some'" in proc.stderr
