@@ -335,3 +335,12 @@ def test_keep_option_is_documented_and_checked():
     assert "--keep {all,leaves}" in help_text and "leaves" in help_text
     proc = parexec("run", EXAMPLE, "--keep", "some")
     assert proc.returncode == 2 and "invalid choice: 'some'" in proc.stderr
+
+
+def test_validate_counts_foreach_steps_once(tmp_path):
+    """validate counts the file's steps: a foreach step is one step (its item list is not)."""
+    f = tmp_path / "v.yaml"
+    f.write_text("name: v\nsteps:\n"
+                 "  - {id: a, type: script, config: {command: echo}}\n"
+                 "  - {id: b, type: script, foreach: [1, 2], config: {command: echo}}\n")
+    assert "ok (2 steps in " in parexec("validate", f).stdout
