@@ -74,3 +74,33 @@ def test_agent_pipeline_runs_from_the_command_line():
     assert ("agent 'summarizer' of step 'summarize': cannot import module 'csv_agent'"
             in proc.stderr)
     assert "PYTHONPATH" in proc.stderr and "[report]" not in proc.stdout
+
+
+FOREACH_PIPELINE = EXAMPLES / "pipelines" / "foreach.yaml"
+SALES_SUMMARY = ("Summary of sales.csv: 4 rows, columns region, quarter, units, revenue; "
+                 "means: units 107.50, revenue 2193.75")
+WEATHER_SUMMARY = CSV_SUMMARY.replace("data/weather.csv", "weather.csv")
+
+
+def test_foreach_pipeline_summarizes_each_file(monkeypatch):
+    """examples/pipelines/foreach.yaml: one agent item per CSV file, at most two at once; the
+    report joins the summaries in file order."""
+    import parexec as px
+    monkeypatch.syspath_prepend(str(EXAMPLES / "agents"))
+    result = px.run(px.load(FOREACH_PIPELINE), progress=False)
+    assert result["summarize"] == [SALES_SUMMARY, WEATHER_SUMMARY]
+    assert result["report"] == f"{SALES_SUMMARY}\n{WEATHER_SUMMARY}"
+    assert {"summarize[0]", "summarize[1]"} <= set(result.tasks)
+
+
+def test_foreach_pipeline_runs_from_the_command_line():
+    """Through `parexec run --verbose`: the report is printed and the items are in the
+    summary."""
+    import os
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES / "agents")}
+    proc = subprocess.run([sys.executable, "-m", "parexec", "run", str(FOREACH_PIPELINE),
+                           "--verbose"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"[print] {SALES_SUMMARY}\n[print] {WEATHER_SUMMARY}" in proc.stdout
+    assert "\nsummarize[1] " in proc.stdout
+    assert "csv-folder-report: succeeded (7 succeeded)" in proc.stdout

@@ -6,6 +6,8 @@ step's output. Used by ``examples/pipelines/agent.yaml``; run it with this folde
 import path::
 
     PYTHONPATH=examples/agents parexec run examples/pipelines/agent.yaml --verbose
+
+``examples/pipelines/foreach.yaml`` calls ``summarize_file`` once per CSV file of a folder.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+from pathlib import Path
 from typing import Any
 
 
@@ -32,6 +35,12 @@ def summarize(prompt: str, input: Any) -> str:
             means.append(f"{column} {statistics.fmean(values):.2f}")
     return (f"{prompt}: {len(rows)} rows, columns {', '.join(columns)}; "
             f"means: {', '.join(means) or 'no numeric column'}")
+
+
+def summarize_file(prompt: str, input: Any) -> str:
+    """``summarize`` of the CSV file at path ``input``, named by the file's name."""
+    path = Path(input)
+    return summarize(f"{prompt} {path.name}", path.read_text(encoding="utf-8"))
 
 
 def count_rows(prompt: str, input: Any) -> int:
