@@ -37,9 +37,12 @@ samples a second), and reports to the scheduler, which alone decides:
 
 * **need**: a task's declared ``memory``; else the highest peak a task of the same function
   reached earlier in this run. Needs add up against the budget.
-* **probe**: while a function has no measured peak yet, its first task runs without the
-  others until it ends, or until it ran ``PROBE_SECONDS`` (1 s) and its measured peak
-  stopped growing for ``PROBE_STABLE`` (0.5 s); its peak so far is then the need.
+* **probe** (only when the run or workflow sets ``memory_budget``): while a function has no
+  measured peak yet, its first task runs without the others until it ends, or until it ran
+  ``PROBE_SECONDS`` (1 s) and its measured peak stopped growing for ``PROBE_STABLE``
+  (0.5 s); its peak so far is then the need. With the default budget the probe is left out:
+  it would delay every first sibling of every process map, and the high-water mark and
+  the stop above the budget still hold.
 * **high water** (``HIGH_WATER``, 80% of the budget): no process task starts while the
   measured total is above it, nor while the total plus the task's need is above the budget.
   Such refusals are re-checked every ``MEMORY_RECHECK`` (0.25 s) and on every release.
@@ -189,7 +192,7 @@ class MemoryGate(CapacityGate):
     """
 
     __slots__ = ("measured_refusal", "specs", "monitor", "measured", "learned", "probing",
-                 "held", "attempts", "high_water")
+                 "held", "attempts", "high_water", "probe")
 
     def __init__(self, capacity: float, needs: list[float],
                  specs: Sequence[TaskSpec] = ()) -> None:
@@ -204,6 +207,7 @@ class MemoryGate(CapacityGate):
         self.held: dict[int, float] = {}  # undeclared process task -> bytes it was admitted with
         self.attempts: dict[int, Any] = {}  # process task -> its running attempt
         self.high_water = HIGH_WATER * capacity
+        self.probe = True  # measure a function's first task alone (see "probe" above)
 
     def need(self, i: int) -> float:
         """Declared memory of task ``i``, else the peak its function reached in this run."""
@@ -221,7 +225,7 @@ class MemoryGate(CapacityGate):
         if not need:
             fn = _fn_key(self.specs[i].fn)
             need = self.learned.get(fn, 0.0)
-            if not need and fn in self.probing and not self._end_probe(fn):
+            if not need and self.probe and fn in self.probing and not self._end_probe(fn):
                 self.measured_refusal = True  # its first task still runs: wait for its peak
                 return False
         if self.used + need > self.capacity:
@@ -246,7 +250,7 @@ class MemoryGate(CapacityGate):
         elif self.measured(i):
             fn = _fn_key(self.specs[i].fn)
             need = self.learned.get(fn, 0.0)
-            if not need and fn not in self.probing:
+            if not need and self.probe and fn not in self.probing:
                 now = time.monotonic()  # this task measures the function
                 self.probing[fn] = [i, now, 0, now]
             self.held[i] = need

@@ -196,8 +196,9 @@ class _Scheduler:
                  subscribers: list[tuple[str, Callable[[Event], Any]]],
                  force_cpu_gate: bool, store: Any = None, resume: bool = False,
                  cluster: Any = None, own_store: bool = True,
-                 keep: Any = "all") -> None:
+                 keep: Any = "all", explicit_memory: bool = True) -> None:
         self.wf = wf
+        self.explicit_memory = explicit_memory
         self.own_store = own_store
         self.keep = keep
         self.name = wf.name
@@ -343,6 +344,8 @@ class _Scheduler:
         # The measured memory gate (issue 21 item 11): the monitor reports, this thread acts.
         memory = self.memory_gate = next(
             (g for g in self.gates if isinstance(g, MemoryGate)), None)
+        if memory is not None:
+            memory.probe = self.explicit_memory
         self.evictions: dict[int, int] = {}
         self.monitor = Monitor(queue=self.queue,
                                budget=memory.capacity if memory is not None else None)
@@ -1475,6 +1478,7 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
                       "add tasks only when called inside `with px.Workflow(...) as wf:` (or "
                       "through wf.add); called elsewhere they run at once", UserWarning,
                       stacklevel=_user_stacklevel())
+    explicit_memory = mem_budget is not None
     if mem_budget is None:
         import psutil
         mem_budget = int(psutil.virtual_memory().available * 0.9)
@@ -1499,7 +1503,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     if want_progress(progress) and len(specs):
         subscribers.append(("*", ProgressBar(len(specs), wf.name)))
     scheduler = _Scheduler(wf, max_workers=max_workers, cpu_budget=cpus,
-                           memory_budget=mem_budget or 0, timeout=timeout,
+                           memory_budget=mem_budget or 0, explicit_memory=explicit_memory,
+                           timeout=timeout,
                            subscribers=subscribers, force_cpu_gate=explicit_cpu is not None,
                            store=opened, resume=resume, cluster=cluster,
                            own_store=opened is not store, keep=keep)
