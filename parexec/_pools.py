@@ -231,9 +231,18 @@ class ProcessPool:
         payload = (attempt.task_id, attempt.number, attempt.cpus, fn,
                    tuple(map(_shm.wrap, args)) if args else args,
                    {k: _shm.wrap(v) for k, v in kwargs.items()} if kwargs else kwargs, where)
+        big = _shm.Collector()
         try:
-            enc = _shm.encode(lambda cb: dumps_payload(payload, cb), where=where,
-                              driver_pid=os.getpid(), owner=True)
+            data = dumps_payload(payload, big)
+            if big:
+                enc = _shm.place(data, big, where=where, driver_pid=os.getpid(), owner=True)
+                parts: Any = enc.parts
+                pins = enc.segments or None
+                attempt.shm_bytes += enc.shm_bytes
+                attempt.pipe_bytes += enc.pipe_bytes
+            else:
+                parts, pins = (data,), None
+                attempt.pipe_bytes += len(data)
         except Exception as exc:  # noqa: BLE001
             raise PicklingError(
                 f"task {attempt.task_id!r} runs in a process, but its function or arguments "
@@ -244,15 +253,13 @@ class ProcessPool:
         if worker is None:
             worker = self._spawn()
         worker.attempt = attempt
-        worker.pins = enc.segments or None
+        worker.pins = pins
         attempt.handle = worker
         attempt.worker = worker.pid
-        attempt.shm_bytes += enc.shm_bytes
-        attempt.pipe_bytes += enc.pipe_bytes
         if attempt.monitor is not None:
             attempt.monitor.watch(attempt, worker.pid)
         try:
-            for part in enc.parts:
+            for part in parts:
                 worker.conn.send_bytes(part)
         except OSError:
             # The worker died while idle; the reader reports the crash for this attempt.

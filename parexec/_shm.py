@@ -322,39 +322,57 @@ class Encoded:
         self.pipe_bytes = 0
 
 
-def encode(dump: Callable[[Callable[[Any], Any] | None], bytes], *, where: str | None,
-           driver_pid: int, owner: bool, reusable: set[str] | None = None) -> Encoded:
-    """Pickle with ``dump(buffer_callback)``; large buffers go to segments of ``where``.
+class Collector(list[memoryview]):
+    """A ``buffer_callback``: buffers of ``THRESHOLD`` bytes or more out of band, kept here."""
 
-    ``where`` None sends everything in the pickle. The driver is the ``owner``: the segments
-    it writes are its own at once, and ``Encoded.segments`` pins those the receiver maps.
-    ``reusable`` lists the mapped segments a worker may name again (those of its current
-    payload, pinned by the driver); the driver may name any segment it holds.
-    """
-    out = Encoded()
-    if where is None:
-        data = dump(None)
-        out.parts.append(data)
-        out.pickled = out.pipe_bytes = len(data)
-        return out
-    big: list[memoryview] = []
+    __slots__ = ()
 
-    def callback(pb: pickle.PickleBuffer) -> bool:
+    def __call__(self, pb: pickle.PickleBuffer) -> bool:
         try:
             raw = pb.raw()
         except BufferError:  # not contiguous: in band
             return True
         if raw.nbytes < THRESHOLD:
             return True
-        big.append(raw)
+        self.append(raw)
         return False
 
-    data = dump(callback)
-    out.pickled = len(data) + sum(b.nbytes for b in big)
+
+def encode(dump: Callable[[Callable[[Any], Any] | None], bytes], *, where: str | None,
+           driver_pid: int, owner: bool, reusable: set[str] | None = None) -> Encoded:
+    """Pickle with ``dump(buffer_callback)``; large buffers go to segments of ``where``.
+
+    ``where`` None sends everything in the pickle. See ``place`` for the rest.
+    """
+    if where is None:
+        return plain(dump(None))
+    big = Collector()
+    data = dump(big)
     if not big:
-        out.parts.append(data)
-        out.pipe_bytes = len(data)
-        return out
+        return plain(data)
+    return place(data, big, where=where, driver_pid=driver_pid, owner=owner, reusable=reusable)
+
+
+def plain(data: bytes) -> Encoded:
+    """A message of one pickle, without large buffers."""
+    out = Encoded()
+    out.parts.append(data)
+    out.pickled = out.pipe_bytes = len(data)
+    return out
+
+
+def place(data: bytes, big: list[memoryview], *, where: str, driver_pid: int, owner: bool,
+          reusable: set[str] | None = None) -> Encoded:
+    """The message of pickle ``data`` whose large buffers ``big`` were kept out of band.
+
+    Each buffer goes to a new segment of ``where`` (or the pipe, short of room), unless it
+    lies unwritten in a segment already mapped here. The driver is the ``owner``: the
+    segments it writes are its own at once, and ``Encoded.segments`` pins those the
+    receiver maps. ``reusable`` lists the mapped segments a worker may name again (those of
+    its current payload, pinned by the driver); the driver may name any segment it holds.
+    """
+    out = Encoded()
+    out.pickled = len(data) + sum(b.nbytes for b in big)
     descs: list[Desc] = []
     try:
         for buf in big:

@@ -635,10 +635,7 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
 
 
 def _plain(data: bytes) -> Any:
-    out = _shm.Encoded()
-    out.parts.append(data)
-    out.pickled = out.pipe_bytes = len(data)
-    return out
+    return _shm.plain(data)
 
 
 Meta = tuple[int | None, float | None, float | None]  # peak bytes, start, end (monotonic)
