@@ -827,3 +827,13 @@ def test_script_steps_report_their_own_peak_memory(shell, tmp_path):
     mib = 1 << 20
     assert big_peak > 150 * mib
     assert small_peak < 50 * mib
+
+
+def test_foreach_list_items_may_refer_to_step_outputs():
+    """Strings of a foreach list are substituted (typed when exact) and imply the dependency."""
+    wf = px.loads(
+        "name: f\nsteps:\n"
+        "  - {id: a, type: python, config: {call: 'builtins:sorted', args: [[2, 1]]}}\n"
+        "  - {id: b, type: python, foreach: ['${steps.a.output}', 'x ${steps.a.output}'], "
+        "config: {call: 'builtins:repr', args: ['${item}']}}\n")
+    assert px.run(wf, progress=False)["b"] == ["[1, 2]", "'x [1, 2]'"]
