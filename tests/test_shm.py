@@ -214,3 +214,44 @@ def test_sweep_removes_only_dead_drivers_of_this_pid_namespace(shm_dir):
     assert sorted(os.listdir(shm_dir)) == sorted(v for k, v in names.items() if k != "dead")
     for name in os.listdir(shm_dir):
         os.unlink(os.path.join(shm_dir, name))
+
+
+def test_a_forked_child_never_unlinks_the_drivers_segments(run_script, shm_dir):
+    """A child forked by the driver drops its copies of mapped values; the segments stay."""
+    result = run_script(f"""
+        import gc, os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import helpers, parexec as px
+        from parexec import _shm
+        _shm.directory = {shm_dir!r}
+        with px.Workflow("w", isolation="process") as wf:
+            wf.add(px.task(helpers.make_array).options(id="p"), {N}, 5.0)
+        result = px.run(wf, progress=False)
+        value = result["p"]
+        pid = os.fork()
+        if pid == 0:
+            del value, result
+            px._scheduler._last_result = None
+            gc.collect()
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        assert len(os.listdir({shm_dir!r})) == 1, "the child unlinked the segment"
+        assert float(value.sum()) == 5.0 * {N}
+        del value, result
+        px._scheduler._last_result = None
+        gc.collect()
+        print(os.listdir({shm_dir!r}))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_mapped_pages_a_process_task_reads_count_in_its_peak_memory(shm_dir):
+    """A consumer that reads a 32 MiB segment shows it in its measured peak memory."""
+    big = 4 << 20
+    result = run((helpers.make_array, "big", (big,), "process"),
+                 (helpers.make_array, "small", (1,), "process"),
+                 (helpers.array_sum, "read_big", ("big",), "process"),
+                 (helpers.array_sum, "read_small", ("small",), "process"), keep="leaves")
+    grown = result.tasks["read_big"].peak_memory - result.tasks["read_small"].peak_memory
+    assert grown >= 0.9 * 8 * big, grown
