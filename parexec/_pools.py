@@ -37,6 +37,13 @@ Processes
     subreaper of its descendants (so double-forked daemons stay in its tree), kills them when
     its parent dies or its pipe closes, and the driver's kill of one worker freezes and kills
     its whole tree (``_worker.kill_tree``). See issue 12 item 2.
+
+    Buffers of 1 MiB or more (arguments and results) do not cross the pipe: they go through
+    shared-memory segments mapped copy-on-write (``_shm``). A worker's payload pins the
+    segments it names (``_Worker.pins``) until its reply was read, so a value released by
+    ``keep=`` meanwhile cannot take its segment away from the consumer; a reply the driver
+    drops (a killed attempt) has its segments unlinked, and a worker that dies has what it
+    was writing removed when it is reaped.
 """
 
 from __future__ import annotations

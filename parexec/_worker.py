@@ -7,9 +7,12 @@ pickled payload at a time, runs it, and writes back one pickled outcome::
       cloudpickle((task_id, attempt, cpus, fn, args, kwargs)) ──► run_payload()
       reader thread ◄── pickle((ok, value | error bytes, traceback text, type name, peak))
 
-Everything a task needs travels in that one payload. The worker ignores SIGINT (a notebook's
-interrupt button signals the whole process group; the scheduler alone decides what to stop)
-and exits as soon as its parent process is gone, even in the middle of a task.
+Everything a task needs travels in that one payload. Its buffers of 1 MiB or more, and those
+of the outcome, travel through shared-memory segments named in the message (``_shm``).
+
+The worker ignores SIGINT (a notebook's interrupt button signals the whole process group;
+the scheduler alone decides what to stop) and exits as soon as its parent process is gone,
+even in the middle of a task.
 
 What a worker's tasks start never outlives it: the worker is the child subreaper of its
 descendants (a double-forked daemon stays in its tree), kills them all when its parent dies
