@@ -255,3 +255,29 @@ def test_mapped_pages_a_process_task_reads_count_in_its_peak_memory(shm_dir):
                  (helpers.array_sum, "read_small", ("small",), "process"), keep="leaves")
     grown = result.tasks["read_big"].peak_memory - result.tasks["read_small"].peak_memory
     assert grown >= 0.9 * 8 * big, grown
+
+
+def test_discard_unlinks_only_what_nothing_holds(shm_dir):
+    """A reply the driver drops loses its segments, but not those its values still use."""
+    held = _shm.write(memoryview(bytearray(N)), os.getpid(), shm_dir)
+    dropped = _shm.write(memoryview(bytearray(N)), os.getpid(), shm_dir)
+    seg = _shm.own(_shm.Segment(held, N))
+    _shm.discard([(held, 0, N), (dropped, 0, N), (None, 0, N)])
+    assert segments(shm_dir) == [os.path.basename(held)]
+    del seg
+    assert segments(shm_dir) == []
+
+
+def test_mixed_thread_and_process_values_leave_nothing_behind(shm_dir):
+    """Values crossing thread and process tasks both ways arrive intact; no segment is left."""
+    tasks = []
+    for i in range(4):
+        iso = ("thread", "process")[i % 2]
+        tasks += [(helpers.make_array, f"p{i}", (N // 4, float(i)), iso),
+                  (helpers.identity, f"i{i}", (f"p{i}",), ("process", "thread")[i % 2]),
+                  (helpers.array_sum, f"s{i}", (f"i{i}",), "process")]
+    result = run(*tasks, keep="leaves")
+    assert [result[f"s{i}"] for i in range(4)] == [i * (N // 4) for i in range(4)]
+    del result
+    forget_last_result()
+    assert segments(shm_dir) == []
