@@ -281,3 +281,20 @@ def test_mixed_thread_and_process_values_leave_nothing_behind(shm_dir):
     del result
     forget_last_result()
     assert segments(shm_dir) == []
+
+
+def test_segments_go_when_the_driver_exits_holding_values(run_script, shm_dir):
+    """A driver that exits normally while it still holds mapped values leaves no segment."""
+    result = run_script(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import helpers, parexec as px
+        from parexec import _shm
+        _shm.directory = {shm_dir!r}
+        with px.Workflow("w", isolation="process") as wf:
+            wf.add(px.task(helpers.make_array).options(id="p"), {N})
+        value = px.run(wf, progress=False)["p"]
+        assert len(os.listdir({shm_dir!r})) == 1
+    """)
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(shm_dir) == []
