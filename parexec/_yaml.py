@@ -663,6 +663,7 @@ class _Loader:
              wf_env: dict[str, str], wf_cwd: Path, wf_retry: Retry | None,
              pools: dict[str, int], exclusive: bool) -> dict[str, Any] | None:
         path: tuple[Any, ...] = ("steps", k)
+        self.foreach = False
         if not self.expect(step, dict, path, f"step {k + 1}"):
             return None
         sid = step.get("id")
