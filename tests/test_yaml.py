@@ -837,3 +837,19 @@ def test_foreach_list_items_may_refer_to_step_outputs():
         "  - {id: b, type: python, foreach: ['${steps.a.output}', 'x ${steps.a.output}'], "
         "config: {call: 'builtins:repr', args: ['${item}']}}\n")
     assert px.run(wf, progress=False)["b"] == ["[1, 2]", "'x [1, 2]'"]
+
+
+@pytest.mark.timeout(30)
+def test_foreach_isolate_errors_stops_the_steps_other_items():
+    """isolateErrors: when an item fails, the step's items still running are stopped (their
+    processes killed) and reported cancelled, as the README says."""
+    wf = px.loads(
+        "name: f\nparallel: {defaultMaxConcurrency: 2}\nsteps:\n"
+        "  - id: s\n    type: script\n    foreach: [fail, wait]\n"
+        "    parallel: {isolateErrors: true}\n"
+        f"    config: {{command: {PY}, args: ['-c', 'import sys, time; "
+        "sys.exit(3) if sys.argv[1] == \"fail\" else time.sleep(60)', '${item}']}\n")
+    result = px.run(wf, progress=False, check=False)
+    assert result.tasks["s[0]"].status == "failed"
+    assert result.tasks["s[1]"].status == "cancelled"
+    assert result.stats.makespan < 20
