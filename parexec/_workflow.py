@@ -228,7 +228,9 @@ class Workflow:
         refs = [self._add(template.fn, (item,), kwargs, {**item_options, "id": f"{base}[{k}]"})
                 for k, item in enumerate(values)]
         info = GroupInfo("all", tuple(r.id for r in refs), limit, None, "list")
-        return self._add_group(info, base, "map", "fail", None, MapRef)  # type: ignore[return-value]
+        # The map fails like its items (as a map over a task's result does).
+        return self._add_group(info, base, "map", options.get("on_error", "fail"),
+                               options.get("default"), MapRef)  # type: ignore[return-value]
 
     def _add_group(self, info: GroupInfo, gid: str | None, kind: str, on_error: str,
                    default: Any, ref_type: type[TaskRef]) -> TaskRef:

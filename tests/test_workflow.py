@@ -320,3 +320,24 @@ def test_failing_map_item_follows_its_on_error():
         px.task(maybe).options(id="strict").map(numbers(4))
     result = px.run(wf, check=False, progress=False)
     assert result.tasks["strict"].status == "failed" and result.status == "failed"
+
+
+def test_static_and_run_time_maps_fail_alike():
+    """A map over a list follows its items' on_error, as a map over a task's result does:
+    under "skip" a failing item skips the map's dependents and the run is partial."""
+    def f(x):
+        if x == 2:
+            raise ValueError("two")
+        return x
+
+    statuses = []
+    for dynamic in (False, True):
+        with px.Workflow("w") as wf:
+            items = px.task(lambda: [1, 2, 3], id="src")() if dynamic else [1, 2, 3]
+            m = px.task(f, on_error="skip").map(items, id="m")
+            px.task(lambda v: v, id="after")(m)
+            px.task(lambda: "independent", id="other")()
+        result = px.run(wf, progress=False, check=False)
+        statuses.append((result.status, result.tasks["after"].status,
+                         result.tasks["other"].status))
+    assert statuses == [("partial", "skipped", "succeeded")] * 2
