@@ -245,11 +245,10 @@ class ProcessPool:
                 enc = _shm.place(data, big, where=where, driver_pid=os.getpid(), owner=True)
                 parts: Any = enc.parts
                 pins = enc.segments or None
-                attempt.shm_bytes += enc.shm_bytes
-                attempt.pipe_bytes += enc.pipe_bytes
+                _moved(attempt, enc.shm_bytes, enc.pipe_bytes)
             else:
                 parts, pins = (data,), None
-                attempt.pipe_bytes += len(data)
+                _moved(attempt, 0, len(data))
         except Exception as exc:  # noqa: BLE001
             raise PicklingError(
                 f"task {attempt.task_id!r} runs in a process, but its function or arguments "
@@ -419,11 +418,11 @@ class ProcessPool:
         del pins
         if descs:
             attempt.result_bytes = len(body) + sum(d[2] for d in descs)
-            attempt.shm_bytes += sum(d[2] for d in descs if d[0] is not None)
-            attempt.pipe_bytes += len(data) + sum(len(b) for b in piped)
+            _moved(attempt, sum(d[2] for d in descs if d[0] is not None),
+                   len(data) + sum(len(b) for b in piped))
         else:
             attempt.result_bytes = n = len(data)
-            attempt.pipe_bytes += n
+            _moved(attempt, 0, n)
         del data, body, piped
         if attempt.monitor is not None:
             attempt.monitor.unwatch(attempt)
@@ -454,6 +453,12 @@ class ProcessPool:
             attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
                                                              worker.process.exitcode),
                                worker.pid, None))
+
+
+def _moved(attempt: Any, shm: int, pipe: int) -> None:
+    """Add to the bytes ``attempt`` moved (attempts of other callers may start at None)."""
+    attempt.shm_bytes = (attempt.shm_bytes or 0) + shm
+    attempt.pipe_bytes = (attempt.pipe_bytes or 0) + pipe
 
 
 _pickler_class: Any = None
