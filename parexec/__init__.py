@@ -41,6 +41,7 @@ from ._scheduler import Run as Run
 from ._scheduler import last_result as last_result
 from ._scheduler import run as run
 from ._scheduler import start as start
+from ._store import Store as Store
 from ._task import GroupRef as GroupRef
 from ._task import MapRef as MapRef
 from ._task import Outcome as Outcome
@@ -65,7 +66,7 @@ __all__ = [
     "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event", "GroupRef",
     "MapRef", "MemoryLimitExceeded", "Outcome", "MissingDependencyError", "ParexecError", "PicklingError",
     "RemoteError", "ResourceError", "Retry", "Run", "RunResult", "RunStats", "ScriptError",
-    "StepOutput", "StoreError",
+    "StepOutput", "Store", "StoreError",
     "TaskContext", "TaskOptionError", "TaskRef", "TaskRun", "TaskSpec", "TaskTemplate",
     "TaskTimeout", "WaitTimeout", "WorkerCrashed", "Workflow", "WorkflowError",
     "WorkflowFailed", "current", "group", "last_result", "load", "loads", "parse_size", "run", "start", "task",

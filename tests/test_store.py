@@ -4,6 +4,7 @@ unusable stores, crashes."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -239,3 +240,163 @@ def test_sigkill_of_the_driver_loses_nothing_finished(tmp_path):
     assert "TOTAL 435" in out.stdout
     again = set(log.read_text().split()) & set(done_before)
     assert len(again) <= 2, again  # only tasks finishing at the instant of the kill
+
+
+# Write failures are never silent (issue 12 item 11) ------------------------------------------
+
+def three_tasks(name="w"):
+    with px.Workflow(name) as wf:
+        for i in range(3):
+            wf.add(px.task(abs).options(id=f"t{i}"), -i)
+    return wf
+
+
+def hold_write_lock(path):
+    """Another program's connection holding the store's write lock until closed."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def test_lock_held_past_the_timeout_loses_records_and_the_run_says_so(tmp_path):
+    """Another program holds the write lock longer than the store waits: every record is
+    counted lost, the run raises StoreError naming the count, and warns."""
+    path = tmp_path / "s.db"
+    store = Store(path, timeout=0.5)
+    holder = hold_write_lock(path)
+    try:
+        with pytest.warns(RuntimeWarning, match="3 record"), \
+                pytest.raises(px.StoreError, match=r"3 record\(s\).*on_write_error='warn'"):
+            px.run(three_tasks(), store=store, progress=False)
+    finally:
+        holder.close()
+    assert store.lost == 3
+    assert isinstance(store.write_error, px.StoreError)
+    assert "locked" in str(store.write_error) and str(path) in str(store.write_error)
+    store.close()
+
+
+def test_lost_records_only_warn_when_the_store_says_so(tmp_path):
+    """on_write_error='warn': the run returns its result and warns with the count."""
+    path = tmp_path / "s.db"
+    store = Store(path, timeout=0.5, on_write_error="warn")
+    holder = hold_write_lock(path)
+    try:
+        with pytest.warns(RuntimeWarning, match="3 record"):
+            result = px.run(three_tasks(), store=store, progress=False)
+    finally:
+        holder.close()
+    assert result.ok and store.lost == 3
+    store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_write_waits_for_a_lock_shorter_than_the_timeout(tmp_path):
+    """A lock released before the store's timeout costs no record: the run waits for it."""
+    path = tmp_path / "s.db"
+    store = Store(path, timeout=30)
+    holder = hold_write_lock(path)
+    try:
+        run = px.start(three_tasks(), store=store, progress=False)
+        with pytest.raises(px.WaitTimeout):
+            run.wait(timeout=1.0)  # the run ends by flushing its records: it waits for us
+    finally:
+        holder.close()
+    assert run.wait(timeout=30).ok
+    assert store.lost == 0
+    rows = sqlite3.connect(path).execute("SELECT count(*) FROM records").fetchone()
+    assert rows == (3,)
+    store.close()
+
+
+def test_read_only_store_loses_every_record_and_counts_them(tmp_path):
+    """A store SQLite refuses to write (read-only) loses every record; all are counted."""
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store._writer.db.execute("PRAGMA query_only=1")  # what a read-only file does, also as root
+    with pytest.warns(RuntimeWarning), pytest.raises(px.StoreError, match="3 record"):
+        px.run(three_tasks(), store=store, progress=False)
+    assert store.lost == 3 and "read-only" in str(store.write_error)
+    store.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_read_only_file_is_a_store_error_before_anything_runs(tmp_path):
+    """A store file without write permission is refused before any task runs."""
+    path = tmp_path / "s.db"
+    Store(path).close()
+    path.chmod(0o400)
+    with pytest.raises(px.StoreError, match="read-only"):
+        px.run(three_tasks(), store=path, progress=False)
+
+
+# Every sqlite3 error is a StoreError (issue 12 items 12 and 19) -------------------------------
+
+def test_damaged_store_is_a_store_error_naming_the_file(tmp_path):
+    """A store whose pages were overwritten after it was written (its schema still readable)
+    is a StoreError naming the file, from the run and from each reading method, never a raw
+    sqlite3 error."""
+    path = tmp_path / "s.db"
+    with px.Workflow("w") as wf:
+        for i in range(300):
+            wf.add(px.task(str).options(id=f"task-{i}"), "x" * 200)
+    px.run(wf, store=path, progress=False)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(4096)  # keep the first page (the schema), damage every table
+        f.write(b"\xff" * (size - 4096))
+    with pytest.raises(px.StoreError, match="damaged") as info:
+        px.run(wf, store=path, resume=True, progress=False)
+    assert str(path) in str(info.value)
+    store = Store(path)
+    for call in (lambda: store.durations("w"), lambda: store.cached("w", {"task-1": "ab"}),
+                 lambda: store.peak_memory("w"), lambda: store.prune(keep_last=1)):
+        with pytest.raises(px.StoreError, match="damaged"):
+            call()
+    store.close()
+
+
+def test_store_path_that_is_a_directory(tmp_path):
+    """A directory given as the store says so, and suggests a file inside it."""
+    with pytest.raises(px.StoreError, match="is a directory") as info:
+        px.run(three_tasks(), store=tmp_path, progress=False)
+    assert "runs.db" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [5, 2.5, ["a.db"], "", ":memory:"])
+def test_store_of_the_wrong_kind_names_the_value(value):
+    """store=5 (or a list, an empty path, ':memory:') is a TaskOptionError naming it."""
+    with pytest.raises(px.TaskOptionError, match=re.escape(repr(value))):
+        px.run(three_tasks(), store=value, progress=False)
+    with pytest.raises(px.TaskOptionError, match=re.escape(repr(value))):
+        Store(value)
+
+
+class Hostile:
+    """A global whose attribute lookups raise something other than AttributeError."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"no attribute {name} for you")
+
+
+HOSTILE = Hostile()
+
+
+def uses_hostile(x):
+    return (HOSTILE, x)
+
+
+def fingerprint_of(fn, *args, **kwargs):
+    from parexec._store import fingerprints
+    with px.Workflow("w") as wf:
+        wf.add(fn, *args, **kwargs)
+    g = wf.graph()
+    return fingerprints(list(wf.tasks.values()), g.order, g.deps)[0]
+
+
+def test_global_whose_getattr_raises_is_opaque():
+    """A global object whose __getattr__ raises does not break fingerprinting: it counts as
+    opaque, and the task is still fingerprinted (and so resumable)."""
+    fp = fingerprint_of(uses_hostile, 1)
+    assert fp is not None and fp == fingerprint_of(uses_hostile, 1)
+    assert fp != fingerprint_of(uses_hostile, 2)
