@@ -109,7 +109,47 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("file")
     graph.add_argument("--format", choices=("dot", "levels", "critical-path"), default="dot")
     graph.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    store = sub.add_parser("store", help="maintain a --store file").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    prune = store.add_parser("prune", help="delete old records of a store (with both rules, "
+                             "a record goes only when both allow it)")
+    prune.add_argument("db")
+    prune.add_argument("--workflow", metavar="W", help="only this workflow's records")
+    prune.add_argument("--keep-last", type=int, metavar="N",
+                       help="keep the newest N records of each task")
+    prune.add_argument("--older-than", type=float, metavar="DAYS",
+                       help="delete records written more than DAYS days ago")
     return parser
+
+
+def _store_prune(args: argparse.Namespace) -> int:
+    """``parexec store prune``: exit 0, or 2 for a bad option or an unusable store."""
+    import os
+
+    from ._errors import ParexecError
+    from ._store import Store
+    problem = None
+    if args.keep_last is None and args.older_than is None:
+        problem = "store prune needs --keep-last N and/or --older-than DAYS"
+    elif args.keep_last is not None and args.keep_last < 0:
+        problem = f"--keep-last must be >= 0, got {args.keep_last}"
+    elif args.older_than is not None and not 0 <= args.older_than < float("inf"):
+        problem = f"--older-than must be a number of days >= 0, got {args.older_than}"
+    elif not os.path.isfile(args.db):
+        problem = f"store {args.db!r} does not exist; give the file given to --store"
+    if problem:
+        _error(problem)
+        return EXIT_INVALID
+    try:
+        with Store(args.db) as store:
+            n = store.prune(args.workflow, keep_last=args.keep_last,
+                            older_than=None if args.older_than is None
+                            else args.older_than * 86400)
+    except ParexecError as exc:  # StoreError: the file cannot be used
+        _error(str(exc))
+        return EXIT_INVALID
+    print(f"{_printable(args.db)}: {n} record(s) deleted")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "store":
+        return _store_prune(args)
     if args.command == "run" and args.resume and not args.store:
         print("parexec: --resume needs --store DB (the file that recorded the earlier run)",
               file=sys.stderr)

@@ -400,3 +400,144 @@ def test_global_whose_getattr_raises_is_opaque():
     fp = fingerprint_of(uses_hostile, 1)
     assert fp is not None and fp == fingerprint_of(uses_hostile, 1)
     assert fp != fingerprint_of(uses_hostile, 2)
+
+
+# Resume does not load history (issue 12 item 10) ---------------------------------------------
+
+LOADS: list[str] = []
+
+
+class Counted:
+    """A value that notes in LOADS each time it is unpickled."""
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def __reduce__(self):
+        return (load_counted, (self.payload,))
+
+
+def load_counted(payload):
+    LOADS.append(payload)
+    return Counted(payload)
+
+
+def make_counted(payload):
+    return Counted(payload)
+
+
+def counted_workflow(version):
+    with px.Workflow("h") as wf:
+        wf.add(px.task(make_counted).options(id="big"), version)
+        wf.add(px.task(make_counted).options(id="other"), "o")
+    return wf
+
+
+def test_resume_loads_only_the_values_it_serves(tmp_path):
+    """History of one task (three versions, the last recorded three times) keeps one record
+    per version; cached() loads nothing, and a resume loads each served value once."""
+    from parexec._store import fingerprints
+    db = tmp_path / "s.db"
+    for version in ("a", "b", "c", "c", "c"):
+        px.run(counted_workflow(version), store=db, progress=False)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM records WHERE task_id = 'big'").fetchone() == (3,)
+    wf = counted_workflow("c")
+    g = wf.graph()
+    fps = fingerprints(list(wf.tasks.values()), g.order, g.deps)
+    LOADS.clear()
+    with Store(db) as store:
+        cached = store.cached("h", dict(zip(wf.tasks, fps, strict=True)))
+        assert len(cached) == 2 and "big" in cached and LOADS == []
+        assert cached.get("big").payload == "c" and LOADS == ["c"]
+        assert cached.get("missing", 7) == 7
+    LOADS.clear()
+    result = px.run(wf, store=db, resume=True, progress=False)
+    assert {t.status for t in result.tasks.values()} == {"cached"}
+    assert sorted(LOADS) == ["c", "o"]
+
+
+def test_store_lookups_use_indexes(tmp_path):
+    """Every statement that durations(), peak_memory(), cached() and a served value run
+    reads the store through an index (no full scan of records, vals or latest)."""
+    from parexec._store import fingerprints
+    db = tmp_path / "s.db"
+    for version in ("a", "b"):
+        px.run(counted_workflow(version), store=db, progress=False)
+    wf = counted_workflow("b")
+    g = wf.graph()
+    wanted = dict(zip(wf.tasks, fingerprints(list(wf.tasks.values()), g.order, g.deps),
+                      strict=True))
+    with Store(db) as store:
+        statements: list[str] = []
+        store._rdb.set_trace_callback(statements.append)
+        assert set(store.durations("h")) == {"big", "other"}
+        store.peak_memory("h")
+        assert store.cached("h", wanted).get("big").payload == "b"
+        store._rdb.set_trace_callback(None)
+    conn = sqlite3.connect(db)
+    plans = {sql: [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
+             for sql in statements if sql.lstrip().upper().startswith("SELECT")}
+    assert len(plans) == 3, statements
+    for sql, plan in plans.items():
+        scans = [step for step in plan if step.startswith("SCAN")
+                 and "VIRTUAL TABLE" not in step]
+        assert not scans, (sql, plan)
+
+
+def versions_workflow(version):
+    with px.Workflow("p") as wf:
+        a = wf.add(px.task(abs).options(id="a"), version)
+        wf.add(px.task(abs).options(id="b"), a)
+    return wf
+
+
+def test_prune_keeps_the_newest_records_of_each_task(tmp_path):
+    """prune(keep_last=2) keeps the two newest records of each task (resume still serves
+    them, not the pruned ones); older_than= deletes by age, for one workflow or all; the
+    latest durations follow what is left."""
+    db = tmp_path / "s.db"
+    for version in range(1, 5):
+        px.run(versions_workflow(-version), store=db, progress=False)
+    px.run(three_tasks("other"), store=db, progress=False)
+    with Store(db) as store:
+        assert store.prune("p", keep_last=2) == 4
+        conn = sqlite3.connect(db)
+        assert conn.execute("SELECT task_id, count(*) FROM records WHERE workflow = 'p' "
+                            "GROUP BY task_id").fetchall() == [("a", 2), ("b", 2)]
+        assert conn.execute("SELECT count(*) FROM vals").fetchone() == (4 + 3,)
+        kept = px.run(versions_workflow(-4), store=store, resume=True, progress=False)
+        gone = px.run(versions_workflow(-1), store=store, resume=True, progress=False)
+        assert {t.status for t in kept.tasks.values()} == {"cached"}
+        assert {t.status for t in gone.tasks.values()} == {"succeeded"}
+        assert set(store.durations("p")) == {"a", "b"}
+        conn.execute("UPDATE records SET recorded = recorded - 10 * 86400")
+        conn.commit()
+        assert store.prune("nothing-here", older_than=5 * 86400) == 0
+        assert store.prune("p", keep_last=1, older_than=5 * 86400) == 4  # 3 versions each
+        assert store.prune(older_than=5 * 86400) == 2 + 3
+        assert store.durations("p") == {} and store.durations("other") == {}
+        assert conn.execute("SELECT count(*) FROM vals").fetchone() == (0,)
+        with pytest.raises(px.TaskOptionError, match="keep_last"):
+            store.prune()
+        with pytest.raises(px.TaskOptionError, match="-1"):
+            store.prune(keep_last=-1)
+
+
+def test_cli_store_prune(tmp_path, capsys):
+    """`parexec store prune DB --keep-last N [--workflow W] [--older-than DAYS]` deletes old
+    records and says how many; bad options and a missing file exit 2 with a message."""
+    from parexec.cli import main
+    db = tmp_path / "s.db"
+    for version in range(1, 4):
+        px.run(versions_workflow(-version), store=db, progress=False)
+    assert main(["store", "prune", str(db), "--workflow", "p", "--keep-last", "1"]) == 0
+    assert "4 record(s) deleted" in capsys.readouterr().out
+    assert main(["store", "prune", str(db), "--older-than", "1"]) == 0
+    assert "0 record(s) deleted" in capsys.readouterr().out
+    assert main(["store", "prune", str(db)]) == 2
+    assert "--keep-last N and/or --older-than DAYS" in capsys.readouterr().err
+    assert main(["store", "prune", str(db), "--keep-last", "-3"]) == 2
+    assert "-3" in capsys.readouterr().err
+    assert main(["store", "prune", str(tmp_path / "nope.db"), "--keep-last", "1"]) == 2
+    assert "nope.db" in capsys.readouterr().err
