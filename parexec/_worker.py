@@ -378,7 +378,7 @@ def worker_main(conn: Any, driver_pid: int | None = None) -> None:
         except (EOFError, OSError):
             kill_tree(os.getpid(), include_root=False)
             return
-        parts = _run(body, descs, piped, driver).parts
+        parts = _run(body, descs, piped, driver)
         del data, body, piped
         for part in parts:
             send(part)
@@ -577,14 +577,14 @@ def _watch_parent() -> None:
 
 def run_payload(data: bytes) -> bytes:
     """Run one pickled task call and return its pickled outcome (never raises)."""
-    return _run(data, [], [], os.getpid()).parts[0]  # type: ignore[no-any-return]
+    return _run(data, [], [], os.getpid())[0]  # type: ignore[no-any-return]
 
 
 def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -> Any:
-    """Run one payload (its large buffers in ``descs``/``piped``); the outcome to send.
+    """Run one payload (its large buffers in ``descs``/``piped``); the messages to send.
 
     The payload is ``(task_id, attempt, cpus, fn, args, kwargs[, segment directory])``;
-    with a directory, the result's large buffers go into segments there (``_shm.encode``),
+    with a directory, the result's large buffers go into segments there (``_shm.place``),
     those still in the payload's own unwritten segments by name, without a copy.
     """
     task_id = "?"
@@ -593,7 +593,7 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
         task_id, attempt, cpus, fn, args, kwargs, *rest = pickle.loads(data, buffers=bufs)
         del bufs
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, not raised
-        return _plain(_error_outcome(task_id, exc, "could not unpickle the task in the worker: "))
+        return (_error_outcome(task_id, exc, "could not unpickle the task in the worker: "),)
     where = rest[0] if rest else None
     _local.context = TaskContext(task_id, attempt)
     if _cap is not None:
@@ -609,36 +609,39 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
     except BaseException as exc:  # noqa: BLE001
         t1 = monotonic()
         exc.__traceback__ = user_frames(exc.__traceback__)
-        return _plain(_error_outcome(task_id, exc,
-                                     meta=(meter.peak() if meter else None, t0, t1)))
+        return (_error_outcome(task_id, exc, meta=(meter.peak() if meter else None, t0, t1)),)
     finally:
         _local.context = None
     meta = (meter.peak() if meter is not None else None, t0, monotonic())
     outcome = (True, _shm.wrap(value), None, meta)
-    reusable = {d[0] for d in descs if d[0] is not None} if descs else None
+    big = _shm.Collector() if where is not None else None
+    dumps: Any = pickle.dumps
     try:
-        return _shm.encode(lambda cb: pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL,
-                                                   buffer_callback=cb),
-                           where=where, driver_pid=driver_pid, owner=False,
-                           reusable=reusable)
-    except Exception:  # noqa: BLE001 - try harder below
-        pass
-    try:
-        import cloudpickle
-        return _shm.encode(lambda cb: cloudpickle.dumps(
-            outcome, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=cb),
-            where=where, driver_pid=driver_pid, owner=False, reusable=reusable)
+        try:
+            data = dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=big)
+        except Exception:  # noqa: BLE001 - try harder
+            import cloudpickle
+            dumps = cloudpickle.dumps
+            if big is not None:
+                big.clear()
+            data = dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=big)
     except Exception as exc:  # noqa: BLE001
         from ._errors import PicklingError
         err = PicklingError(
             f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
             f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
             "with isolation='thread'")
-        return _plain(_error_outcome(task_id, err, meta=meta))
-
-
-def _plain(data: bytes) -> Any:
-    return _shm.plain(data)
+        return (_error_outcome(task_id, err, meta=meta),)
+    if not big:
+        return (data,)
+    assert where is not None
+    try:
+        return _shm.place(data, big, where=where, driver_pid=driver_pid, owner=False,
+                          reusable={d[0] for d in descs if d[0] is not None}).parts
+    except Exception:  # noqa: BLE001 - shared memory failed oddly: everything in the pickle
+        _shm.logger.debug("parexec: shared memory failed for %r", task_id, exc_info=True)
+        del big
+        return (dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL),)
 
 
 Meta = tuple[int | None, float | None, float | None]  # peak bytes, start, end (monotonic)
