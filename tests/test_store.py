@@ -541,3 +541,78 @@ def test_cli_store_prune(tmp_path, capsys):
     assert "-3" in capsys.readouterr().err
     assert main(["store", "prune", str(tmp_path / "nope.db"), "--keep-last", "1"]) == 2
     assert "nope.db" in capsys.readouterr().err
+
+
+# Records are not lost at exit (issue 21 item 3) ----------------------------------------------
+
+EXIT_SCRIPT = """
+    import os, sys, threading, parexec as px
+    def big(i):
+        return bytes([i]) * 80_000_000
+    def small(i):
+        return i
+    def forever():
+        threading.Event().wait()  # still running when the driver goes away
+    completed = []
+    def on_event(e):
+        if e.kind == "task:completed":
+            completed.append(e.task_id)
+            if len(completed) == NBIG + NSMALL:
+                open("finished", "w").close()
+                finished.set()
+    finished = threading.Event()
+    NBIG, NSMALL = int(sys.argv[1]), int(sys.argv[2])
+    with px.Workflow("exit") as wf:
+        bigs = [wf.add(px.task(big).options(id=f"big{i}"), i) for i in range(NBIG)]
+        for i in range(NSMALL):  # finish after the big ones: their records queue behind
+            wf.add(px.task(small).options(id=f"small{i}", after=bigs), i)
+        wf.add(px.task(forever).options(id="forever"))
+    run = px.start(wf, store="exit.db", progress=False, on_event=on_event,
+                   max_workers=NBIG + 2)
+    finished.wait(120)
+    if sys.argv[3] == "exit":
+        sys.exit(0)  # a normal exit, with the run still active
+    threading.Event().wait()  # until killed
+"""
+
+
+def records_in(path):
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT task_id, has_value FROM records"))
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(180)
+def test_records_of_large_values_survive_a_normal_exit(tmp_path):
+    """Ten 80 MB results, then the interpreter exits at once with a px.start run still
+    active: all ten records, with their values, are in the store (flushed at exit)."""
+    (tmp_path / "exit.py").write_text(textwrap.dedent(EXIT_SCRIPT))
+    proc = subprocess.run([sys.executable, "exit.py", "10", "0", "exit"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    assert records_in(tmp_path / "exit.db") == {f"big{i}": 1 for i in range(10)}
+    conn = sqlite3.connect(tmp_path / "exit.db")
+    assert conn.execute("SELECT max(length(value)) FROM vals").fetchone()[0] > 80_000_000
+
+
+@pytest.mark.timeout(180)
+def test_records_of_finished_tasks_survive_sigkill(tmp_path):
+    """SIGKILL of the driver one second after its tasks finished: every finished task has
+    its record, and the small values queued behind four 80 MB ones have theirs."""
+    (tmp_path / "exit.py").write_text(textwrap.dedent(EXIT_SCRIPT))
+    proc = subprocess.Popen([sys.executable, "exit.py", "4", "10", "wait"], cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "finished").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(1.0)  # the promise under test: records of tasks finished 1 s ago are safe
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    records = records_in(tmp_path / "exit.db")
+    assert set(records) == {f"big{i}" for i in range(4)} | {f"small{i}" for i in range(10)}
+    assert all(records[f"small{i}"] == 1 for i in range(10)), records
