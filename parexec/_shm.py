@@ -338,29 +338,6 @@ class Collector(list[memoryview]):
         return False
 
 
-def encode(dump: Callable[[Callable[[Any], Any] | None], bytes], *, where: str | None,
-           driver_pid: int, owner: bool, reusable: set[str] | None = None) -> Encoded:
-    """Pickle with ``dump(buffer_callback)``; large buffers go to segments of ``where``.
-
-    ``where`` None sends everything in the pickle. See ``place`` for the rest.
-    """
-    if where is None:
-        return plain(dump(None))
-    big = Collector()
-    data = dump(big)
-    if not big:
-        return plain(data)
-    return place(data, big, where=where, driver_pid=driver_pid, owner=owner, reusable=reusable)
-
-
-def plain(data: bytes) -> Encoded:
-    """A message of one pickle, without large buffers."""
-    out = Encoded()
-    out.parts.append(data)
-    out.pickled = out.pipe_bytes = len(data)
-    return out
-
-
 def place(data: bytes, big: list[memoryview], *, where: str, driver_pid: int, owner: bool,
           reusable: set[str] | None = None) -> Encoded:
     """The message of pickle ``data`` whose large buffers ``big`` were kept out of band.
