@@ -1146,6 +1146,8 @@ class _Fingerprinter:
             h.update(self.code(base, depth + 1))
         attrs = cls.__dict__
         for attr in sorted(attrs):
+            if attr == "__doc__":
+                continue  # no behaviour; and a dataclass's shows its defaults in hash order
             value = attrs[attr]
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__

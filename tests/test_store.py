@@ -616,3 +616,129 @@ def test_records_of_finished_tasks_survive_sigkill(tmp_path):
     records = records_in(tmp_path / "exit.db")
     assert set(records) == {f"big{i}" for i in range(4)} | {f"small{i}" for i in range(10)}
     assert all(records[f"small{i}"] == 1 for i in range(10)), records
+
+
+# Code reached through a module (issue 12 item 7) ---------------------------------------------
+
+MODULE_PIPELINE = """
+    import json, sys
+    import mylib, pkg.sub
+    import parexec as px
+    @px.task
+    def through_module(x):
+        return mylib.transform(x)
+    @px.task
+    def through_submodule(x):
+        return pkg.sub.scale(x)
+    @px.task
+    def through_stdlib(x):
+        return json.dumps(x)
+    with px.Workflow("m") as wf:
+        a = through_module(2)
+        b = through_submodule(3)
+        c = through_stdlib([1])
+    r = px.run(wf, store="m.db", resume=True, progress=False)
+    print(r[a], r[b], sorted(k for k, v in r.tasks.items() if v.status == "cached"))
+"""
+
+
+def test_code_reached_through_a_module_is_part_of_the_fingerprint(tmp_path):
+    """mylib.transform(x) and pkg.sub.scale(x) changed in their own files: exactly the
+    tasks calling them run again; json.dumps (standard library) counts by name."""
+    (tmp_path / "pipe.py").write_text(textwrap.dedent(MODULE_PIPELINE))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+
+    def write(transform, scale):
+        (tmp_path / "mylib.py").write_text(f"def transform(x):\n    return {transform}\n")
+        (tmp_path / "pkg" / "sub.py").write_text(
+            f"def helper(x):\n    return {scale}\n\ndef scale(x):\n    return helper(x)\n")
+
+    def run():
+        proc = subprocess.run([sys.executable, "-B", "pipe.py"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    write("x * 10", "x + 1")
+    assert run() == "20 4 []"
+    everything = "['through_module', 'through_stdlib', 'through_submodule']"
+    assert run() == f"20 4 {everything}"
+    write("x * 1000", "x + 1")
+    assert run() == "2000 4 ['through_stdlib', 'through_submodule']"
+    write("x * 1000", "x + 2")  # changed in a function the submodule's function calls
+    assert run() == "2000 5 ['through_module', 'through_stdlib']"
+    assert run() == f"2000 5 {everything}"
+
+
+def test_where_code_comes_from():
+    """The standard library and installed packages count by name and version; this test
+    module (outside both) is user code, read in full."""
+    import json
+
+    import pytest as installed
+
+    from parexec._store import _origin
+    assert _origin(json) == f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    assert _origin(installed) == f"pytest=={installed.__version__}"
+    assert _origin(sys.modules[__name__]) == "user"
+    assert _origin(sys.modules["parexec"]).startswith("parexec==")
+
+
+# Structural fingerprints (issue 12 item 20) --------------------------------------------------
+
+HASHSEED_SCRIPT = """
+    import dataclasses, parexec as px
+    from parexec._store import fingerprints
+    @dataclasses.dataclass
+    class Config:
+        names: set
+        tags: frozenset = frozenset({"x", "y", "z", "w"})
+    class Plain:
+        def __init__(self):
+            self.members = {f"member-{i}" for i in range(20)}
+    def fit(config, plain, table):
+        return config, plain, table
+    with px.Workflow("h") as wf:
+        wf.add(fit, Config({f"name-{i}" for i in range(20)}), Plain(),
+               {"k": {("a", 1), ("b", 2), ("c", 3)}})
+    g = wf.graph()
+    print(fingerprints(list(wf.tasks.values()), g.order, g.deps)[0])
+"""
+
+
+def test_objects_holding_sets_fingerprint_alike_across_interpreters(tmp_path):
+    """A dataclass with a set field, an object holding a set, and sets of tuples fingerprint
+    the same under two PYTHONHASHSEED values (set order follows the hash seed)."""
+    (tmp_path / "fp.py").write_text(textwrap.dedent(HASHSEED_SCRIPT))
+    outs = set()
+    for seed in ("1", "2", "3"):
+        proc = subprocess.run([sys.executable, "fp.py"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert proc.returncode == 0, proc.stderr
+        outs.add(proc.stdout.strip())
+    assert len(outs) == 1 and outs != {"None"}, outs
+
+
+def test_structural_fingerprint_follows_the_object_and_refuses_cycles():
+    """Changing a field changes the fingerprint; a self-referencing argument and one nested
+    past the depth bound are not fingerprinted (never cached), without a RecursionError."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Box:
+        items: set
+
+    assert fingerprint_of(echo_args, Box({"a", "b"})) == fingerprint_of(echo_args, Box({"b", "a"}))
+    assert fingerprint_of(echo_args, Box({"a", "b"})) != fingerprint_of(echo_args, Box({"a"}))
+    loop: list = []
+    loop.append(loop)
+    assert fingerprint_of(echo_args, loop) is None
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    assert fingerprint_of(echo_args, deep) is None
+
+
+def echo_args(*args):
+    return args
