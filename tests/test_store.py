@@ -742,3 +742,47 @@ def test_structural_fingerprint_follows_the_object_and_refuses_cycles():
 
 def echo_args(*args):
     return args
+
+
+# One Store, several runs (issue 13) ----------------------------------------------------------
+
+def test_one_store_serves_several_runs_and_closes_once(tmp_path):
+    """A Store passed in by the caller serves runs one after another and at once, before
+    and after flush(); close() is idempotent, and a closed store says so."""
+    store = Store(tmp_path / "s.db")
+    assert px.run(three_tasks(), store=store, progress=False).ok
+    assert store.flush(timeout=30)
+    again = px.run(three_tasks(), store=store, resume=True, progress=False)
+    assert {t.status for t in again.tasks.values()} == {"cached"}
+    runs = [px.start(three_tasks(f"w{k}"), store=store, progress=False) for k in range(2)]
+    assert all(r.wait(timeout=60).ok for r in runs)
+    assert store.flush() and store.lost == 0
+    assert set(store.durations("w1")) == {"t0", "t1", "t2"}
+    store.close()
+    store.close()
+    with pytest.raises(px.StoreError, match="closed"):
+        store.durations("w")
+    with pytest.raises(px.StoreError, match="closed"):
+        px.run(three_tasks(), store=store, progress=False)
+
+
+def finished(task_id, status="succeeded", peak=None, duration=1.0):
+    """A TaskRun-like record for Store.record."""
+    import types
+    return types.SimpleNamespace(
+        id=task_id, status=status, attempts=1, started_at=0.0, finished_at=duration,
+        duration=duration, worker="w", peak_memory=peak, value=task_id, error=None)
+
+
+def test_peak_memory_of_the_latest_success(tmp_path):
+    """peak_memory() gives each task's peak from its latest success (as durations() does):
+    later failures do not change it, and a success that measured nothing is left out."""
+    with Store(tmp_path / "s.db") as store:
+        store.record("w", finished("a", peak=100), "fp1")
+        store.record("w", finished("a", peak=300, duration=2.0), "fp2")
+        store.record("w", finished("a", status="failed", peak=999), "fp3")
+        store.record("w", finished("b", peak=None), "fp1")
+        store.record("other", finished("a", peak=5), "fp1")
+        assert store.flush(timeout=30)
+        assert store.peak_memory("w") == {"a": 300}
+        assert store.durations("w") == {"a": 2.0, "b": 1.0}
