@@ -431,3 +431,21 @@ def die_while_writing(n):
 
     _shm.write = write
     return np.zeros(n)
+
+
+# Stress: nested runs (tests/test_stress.py) -----------------------------------------------
+
+def nested_run(isolation, n=3):
+    """Run, from inside a task, a workflow of ``n`` tasks of ``isolation`` and a map over
+    the result of one of them; return the values and the pids that ran them."""
+    with px.Workflow(f"inner-{isolation}") as wf:
+        parts = [px.task(add).options(id=f"part{k}", isolation=isolation)(k, 10)
+                 for k in range(n)]
+        items = px.task(lambda *xs: list(xs)).options(id="items")(*parts)
+        squares = px.task(square_pid).options(isolation=isolation).map(items, id="sq")
+    result = px.run(wf, progress=False)
+    return [v for v, _ in result[squares]], sorted({p for _, p in result[squares]}), os.getpid()
+
+
+def square_pid(x):
+    return x * x, os.getpid()
