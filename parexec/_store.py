@@ -242,14 +242,23 @@ class Store:
         # One indexed lookup per wanted task (records_key), whatever the size of history.
         with self._reading() as db:
             rows = db.execute(_CACHED_SQL, (json.dumps(pairs), workflow)).fetchall()
-        return _Cached(self, dict(rows))
+        return _Cached(self, {tid: (record, size) for tid, record, size in rows})
 
-    def _load(self, task_id: str, record: int) -> Any:
-        """Unpickle the value of ``record``, streaming it from the file (no second copy)."""
+    def _load(self, record: int, size: int) -> Any:
+        """Unpickle the value of ``record``.
+
+        A large one is streamed from the file, so its pickled bytes never sit in memory
+        beside the value.
+        """
         with self._reading() as db:
+            if size < _STREAM:
+                row = db.execute("SELECT value FROM vals WHERE record = ?", (record,)).fetchone()
+                if row is None:
+                    raise KeyError(f"record {record} was pruned")
+                return pickle.loads(row[0])
             blob = db.blobopen("vals", "value", record, readonly=True)
             try:
-                return pickle.load(io.BufferedReader(_BlobReader(blob), 1 << 20))
+                return pickle.load(io.BufferedReader(_BlobReader(blob), _STREAM))
             finally:
                 blob.close()
 
@@ -360,15 +369,20 @@ class Store:
                 raise StoreError(_advice(self.path, exc)) from exc
 
 
+# CROSS JOIN fixes the loop order: one records_key lookup per wanted task. Left to itself,
+# the planner may scan the workflow's whole history and parse the JSON once per record
+# (5.3 s instead of 0.1 s for a resume of 10,000 tasks).
 _CACHED_SQL = (
-    "SELECT w.key, r.id FROM json_each(?) AS w JOIN records AS r ON r.workflow = ? AND "
-    "r.task_id = w.key AND r.fingerprint = w.value AND r.ok = 1 AND r.has_value = 1")
+    "SELECT w.key, r.id, length(v.value) FROM json_each(?) AS w CROSS JOIN records AS r ON "
+    "r.workflow = ? AND r.task_id = w.key AND r.fingerprint = w.value AND r.ok = 1 AND "
+    "r.has_value = 1 CROSS JOIN vals AS v ON v.record = r.id")
+_STREAM = 1 << 20  # values at least this large are unpickled from the file in chunks
 
 
 class _Cached(Mapping[str, Any]):
     """Read-only: task id -> recorded value, each loaded when it is asked for."""
 
-    def __init__(self, store: Store, ids: dict[str, int]) -> None:
+    def __init__(self, store: Store, ids: dict[str, tuple[int, int]]) -> None:
         self._store = store
         self._ids = ids
 
@@ -388,11 +402,11 @@ class _Cached(Mapping[str, Any]):
         return value
 
     def get(self, task_id: str, default: Any = None) -> Any:
-        record = self._ids.get(task_id)
-        if record is None:
+        found = self._ids.get(task_id)
+        if found is None:
             return default
         try:
-            return self._store._load(task_id, record)
+            return self._store._load(*found)
         except Exception as exc:  # noqa: BLE001 - a value that cannot be loaded is not reused
             msg = (f"task {task_id!r}: its recorded value in store {self._store.path!r} cannot "
                    f"be loaded ({type(exc).__name__}: {exc}), so it runs again")
