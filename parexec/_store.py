@@ -60,7 +60,7 @@ of the task id, the function's code, the arguments and the fingerprints of upstr
   ``__reduce_ex__(4)`` (what pickle would save, with its sets and dicts sorted), functions
   by their code.
 
-Reading code stops 20 functions deep, arguments 100 containers deep, and one task's
+Reading code stops 40 functions deep, arguments 100 containers deep, and one task's
 fingerprint visits at most a million objects; a self-referencing argument cannot be
 fingerprinted. What cannot be fingerprinted is never cached, nor is anything downstream of
 it.
@@ -360,6 +360,9 @@ class Store:
 
         sqlite3 errors become ``StoreError`` naming the file.
         """
+        if self._writer.child:  # the lock and the connection are the parent's
+            raise StoreError(f"store {self.path!r} was opened before this process was forked; "
+                             "open a new px.Store in this process")
         with self._rlock:
             if not self._finalizer.alive:
                 raise StoreError(f"store {self.path!r} is closed; open a new px.Store")
@@ -435,6 +438,8 @@ class _BlobReader(io.RawIOBase):
 
 
 def _close(writer: _Writer, rdb: sqlite3.Connection, rlock: threading.Lock) -> None:
+    if writer.child:
+        return  # the connections are the parent's: leave them to it
     writer.close()
     with rlock:
         rdb.close()
@@ -679,6 +684,19 @@ class _Writer:
         self.error: BaseException | None = None
         self.threads: list[threading.Thread] = []
         self.closed = False
+        self.child = False  # set in a forked child
+        _writers.add(self)
+
+    def forked(self) -> None:
+        """Make this writer inert in a child made by ``os.fork``.
+
+        The threads and the file are the parent's: the child's writer counts what it is
+        given as lost, and closing it does nothing.
+        """
+        self.cond = threading.Condition()  # its lock may have been held at the fork
+        self.threads = []
+        self.closed = self.child = True
+        self.ndone = self.nqueued
 
     def put(self, rec: _Record) -> None:
         with self.cond:
@@ -837,6 +855,17 @@ class _Writer:
                 self.queue.put(_Value(rid, blob))
 
 
+_writers: weakref.WeakSet[_Writer] = weakref.WeakSet()
+
+
+def _forget_writers_in_child() -> None:
+    for writer in list(_writers):
+        writer.forked()
+
+
+os.register_at_fork(after_in_child=_forget_writers_in_child)
+
+
 def _dumps(rec: _Record) -> bytes | None:
     """``rec.value`` pickled with cloudpickle, or None (with a warning) if it cannot be."""
     try:
@@ -891,7 +920,7 @@ def _cheap_size(value: Any, limit: int = _INLINE, nodes: int = 10_000) -> int | 
 # Fingerprints -------------------------------------------------------------------------------
 
 _MAX_VALUE_DEPTH = 100
-_MAX_CODE_DEPTH = 20
+_MAX_CODE_DEPTH = 40  # functions reached from functions (~6 frames each)
 _BUDGET = 1_000_000
 _SIMPLE = (type(None), bool, int, float, complex, str, bytes)
 

@@ -790,3 +790,28 @@ def test_peak_memory_of_the_latest_success(tmp_path):
         assert store.flush(timeout=30)
         assert store.peak_memory("w") == {"a": 300}
         assert store.durations("w") == {"a": 2.0, "b": 1.0}
+
+
+def test_a_forked_child_leaves_the_parents_store_alone(tmp_path):
+    """A child forked while a store is open does not write to it, says so when asked to
+    read, and exits without waiting for the parent's records."""
+    store = Store(tmp_path / "s.db")
+    px.run(three_tasks(), store=store, progress=False)
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 0
+        try:
+            store.record("w", finished("child"), "fp")
+            code |= store.lost != 1
+            try:
+                store.durations("w")
+                code |= 2
+            except px.StoreError as exc:
+                code |= 4 * ("forked" not in str(exc))
+            store.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert set(store.durations("w")) == {"t0", "t1", "t2"} and store.lost == 0
+    store.close()
