@@ -13,7 +13,7 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from ._results import _bytes as _mem
-from ._results import _secs, worker_label
+from ._results import _secs, memory_need_label, worker_label
 
 if TYPE_CHECKING:
     from ._results import RunResult
@@ -36,8 +36,11 @@ def result_html(result: RunResult, max_rows: int = 200) -> str:
             f"({counts}) in {_secs(s.makespan)}; task time {_secs(s.total_task_time)}, "
             f"speedup {s.speedup:.2f}, max concurrency {s.max_concurrency}"
             + (f", peak memory {_mem(s.peak_memory)}" if s.peak_memory else "") + "</div>")
-    cols = ("task", "status", "attempts", "duration", "total", "wait", "worker", "peak memory",
-            "error")
+    cols: tuple[str, ...] = ("task", "status", "attempts", "duration", "total", "wait",
+                             "worker", "peak memory", "error")
+    needs = any(tr.memory_source for tr in result.tasks.values())
+    if needs:  # what admission counted, and where it came from
+        cols = cols[:-1] + ("memory need", "error")
     rows = []
     for n, tr in enumerate(result.tasks.values()):
         if n == max_rows:
@@ -46,10 +49,13 @@ def result_html(result: RunResult, max_rows: int = 200) -> str:
             break
         color = COLORS.get(tr.status, "#000")
         err = "" if tr.error is None else f"{type(tr.error).__name__}: {tr.error}"
-        cells = (e(tr.id), f"<span style='color:{color}'><b>{e(tr.status)}</b></span>",
-                 str(tr.attempts), _secs(tr.duration), _secs(tr.elapsed), _secs(tr.wait_time),
-                 e(worker_label(tr.worker)), _mem(tr.peak_memory),
-                 e(err[:200]))
+        status = f"<span style='color:{color}'><b>{e(tr.status)}</b></span>"
+        cells: tuple[str, ...] = (
+            e(tr.id), status, str(tr.attempts), _secs(tr.duration), _secs(tr.elapsed),
+            _secs(tr.wait_time), e(worker_label(tr.worker)), _mem(tr.peak_memory))
+        if needs:
+            cells += (e(memory_need_label(tr)),)
+        cells += (e(err[:200]),)
         rows.append("<tr>" + "".join(f"<td style='text-align:left'>{c}</td>" for c in cells)
                     + "</tr>")
     table = ("<table><thead><tr>" + "".join(f"<th style='text-align:left'>{c}</th>"

@@ -13,6 +13,14 @@ Gates exist only when they can bind: a run of plain tasks has just the slot gate
 * ``memory``   declared (or learned) ``memory``, capacity ``memory_budget``, and measured
                memory (see below); present when a task declares memory or runs in a process
 * ``pool:X``   units of named pool ``X``
+* ``exclusive`` present when a task is ``exclusive`` (YAML ``parallel.enabled: false``):
+               such a task needs the whole (huge) capacity, every other local task one unit,
+               so it runs with no other local task while the others share freely; it holds
+               a reservation like any task refused for lack of units
+
+``cpus``, ``memory`` and ``timeout`` may be callables of the task's resolved arguments: the
+scheduler evaluates them when the task reaches the top of the ready heap, before any gate
+is asked, and writes the result into the gates' ``needs``; their gates exist from the start.
 
 Reservations (issue 21 item 10). Without them a task that needs a whole pool starves behind
 smaller, lower-ranked tasks: each time one unit comes back, a small task takes it. So the
@@ -35,8 +43,10 @@ reports available at the start) binds process tasks whether or not they declare
 memory of the process workers running its tasks, children included (``Monitor.total``, 10
 samples a second), and reports to the scheduler, which alone decides:
 
-* **need**: a task's declared ``memory``; else the highest peak a task of the same function
-  reached earlier in this run. Needs add up against the budget.
+* **need**: a task's declared ``memory`` (fixed, or computed from its inputs); else, with a
+  ``store=``, the peak its last success recorded (capped at the budget; the scheduler puts
+  it in ``needs``, so it counts like a declared need but is no limit); else the highest peak
+  a task of the same function reached earlier in this run. Needs add up against the budget.
 * **probe** (only when the run or workflow sets ``memory_budget``): while a function has no
   measured peak yet, its first task runs without the others until it ends, or until it ran
   ``PROBE_SECONDS`` (1 s) and its measured peak stopped growing for ``PROBE_STABLE``
@@ -69,9 +79,11 @@ if TYPE_CHECKING:
     from ._task import TaskSpec
     from ._workflow import Workflow
 
-__all__ = ["CapacityGate", "HIGH_WATER", "MemoryGate", "PROBE_SECONDS", "PROBE_STABLE",
-           "build_gates", "check_resources"]
+__all__ = ["CapacityGate", "EXCLUSIVE", "HIGH_WATER", "MemoryGate", "PROBE_SECONDS", "PROBE_STABLE",
+           "build_gates", "check_resources", "exclusive_flags"]
 
+EXCLUSIVE = float(2**40)  # capacity of the exclusive gate: an exclusive task needs all of
+# it, any other local task one unit, so an exclusive task runs alone and the others share
 HIGH_WATER = 0.8  # no new process task starts while the measured total is above this share
 PROBE_SECONDS = 1.0  # the first task of a function runs alone this long for its peak,
 PROBE_STABLE = 0.5   # ... and longer while its peak grew in the last PROBE_STABLE seconds
@@ -350,23 +362,63 @@ def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
 
 def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers: int,
                 cpu_budget: float, memory_budget: int, pools: Mapping[str, int],
-                force_cpu_gate: bool = False,
-                process: Sequence[bool] = ()) -> list[CapacityGate]:
+                force_cpu_gate: bool = False, process: Sequence[bool] = (),
+                force_memory_gate: bool = False) -> list[CapacityGate]:
     """The gates a run needs, slots first; gates that could never bind are left out.
 
     ``process[i]`` says task ``i`` (or the items of map ``i``) runs in process workers: the
-    memory gate then measures it, declared or not.
+    memory gate then measures it, declared or not. A ``cpus`` or ``memory`` callable (also
+    on the items of a map over a task's result) makes its gate exist, as ``force_memory_gate``
+    does (needs learned from a store); an ``exclusive`` task adds the ``exclusive`` gate.
     """
     gates: list[CapacityGate] = [CapacityGate("slots", max_workers,
                                               [1.0 if x else 0.0 for x in local], blocks_all=True)]
     cpus = [s.cpus if loc else 0 for s, loc in zip(specs, local, strict=True)]
-    if force_cpu_gate or cpu_budget < max_workers or any(c not in (0, 1) for c in cpus):
+    items = [_item_options(s) for s in specs if s.group is not None and s.group.dynamic]
+    sized = {k for s, loc in zip(specs, local, strict=True) if loc and s.sizers for k in s.sizers}
+    for options in items:
+        cpu, mem = options.get("cpus", 1), options.get("memory")
+        if callable(cpu) or cpu != 1:
+            sized.add("cpus")
+        if callable(mem) or mem:
+            sized.add("memory")
+    if force_cpu_gate or cpu_budget < max_workers or any(c not in (0, 1) for c in cpus) \
+            or "cpus" in sized:
         gates.append(CapacityGate("cpus", cpu_budget, cpus))
     memory = [float(s.memory or 0) if loc else 0.0 for s, loc in zip(specs, local, strict=True)]
-    if any(memory) or any(process):
+    if any(memory) or any(process) or "memory" in sized or force_memory_gate:
         gates.append(MemoryGate(memory_budget, memory, specs))
     for pool, capacity in pools.items():
         needs = [float(s.pools.get(pool, 0)) for s in specs]
         if any(needs):
             gates.append(CapacityGate(f"pool:{pool}", capacity, needs, track=True))
+    exclusive = exclusive_flags(specs)
+    if any(exclusive):
+        gates.append(CapacityGate("exclusive", EXCLUSIVE, [
+            (EXCLUSIVE if alone else 1.0) if loc else 0.0
+            for alone, loc in zip(exclusive, local, strict=True)]))
     return gates
+
+
+def exclusive_flags(specs: Sequence[TaskSpec]) -> list[bool]:
+    """Per task, whether it runs alone (its spec, or the static map it is an item of, is exclusive).
+
+    Items of a map over a task's result learn it when they are created.
+    """
+    flags = [s.exclusive for s in specs]
+    if not any(flags):
+        return flags
+    index = {s.id: k for k, s in enumerate(specs)}
+    for s in specs:
+        if s.exclusive and s.group is not None and s.group.dynamic is None \
+                and s.group.output == "list":
+            for member in s.group.members:
+                flags[index[member]] = True
+    return flags
+
+
+def _item_options(spec: TaskSpec) -> Mapping[str, Any]:
+    """The options of the items of a map over a task's result."""
+    assert spec.group is not None and spec.group.dynamic is not None
+    options: Mapping[str, Any] = spec.group.dynamic[1]
+    return options

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ._task import TaskRef
 
 __all__ = ["RunResult", "RunStats", "RunStatus", "TaskRun", "TaskStatus", "build_stats",
-           "printable", "worker_label"]
+           "memory_need_label", "printable", "worker_label"]
 
 TaskStatus = Literal["pending", "succeeded", "failed", "skipped", "cancelled", "timed_out",
                      "cached"]
@@ -54,6 +54,11 @@ class TaskRun:
             no dependencies, else one more than its deepest dependency (``wf.levels()``).
         released: True when the task succeeded but its value was released once every
             consumer finished (``run(keep=...)`` other than ``"all"``); ``value`` is None.
+        memory_need: Bytes of memory the task was admitted with (its last attempt), when
+            its memory was declared, computed from its inputs or learned; else None.
+        memory_source: Where ``memory_need`` came from: ``"declared"`` (``memory=``),
+            ``"inputs"`` (a ``memory=`` callable of the task's arguments), ``"learned"``
+            (the peak of its last success in the run's store), or None.
         history: The attempts before the last one, oldest first, as ``(number, started_at,
             finished_at, worker, outcome)`` tuples (``outcome`` is ``"failed"`` or
             ``"timed_out"``); None when the task ran once. ``duration`` covers only the last
@@ -62,7 +67,8 @@ class TaskRun:
 
     __slots__ = ("id", "status", "value", "error", "traceback", "attempts", "queued_at",
                  "started_at", "finished_at", "worker", "peak_memory", "first_started_at",
-                 "history", "released", "level", "result_bytes", "shm_bytes", "pipe_bytes")
+                 "history", "released", "level", "result_bytes", "shm_bytes", "pipe_bytes",
+                 "memory_need", "memory_source")
 
     def __init__(self, id: str) -> None:
         self.id = id
@@ -85,6 +91,8 @@ class TaskRun:
         self.result_bytes: int | None = None  # size of its pickled result (process tasks)
         self.shm_bytes = 0  # bytes its attempts moved through shared memory (both directions)
         self.pipe_bytes = 0  # ... and through worker pipes
+        self.memory_need: int | None = None  # bytes admission counted for it
+        self.memory_source: Literal["declared", "inputs", "learned"] | None = None
 
     @property
     def duration(self) -> float | None:
@@ -325,14 +333,21 @@ class RunResult:
         the final end (every attempt and retry wait); ``wait`` is the time from ready to the
         first start. Ids are printed with control characters escaped.
         """
-        head = ("task", "status", "attempts", "level", "duration", "total", "wait", "worker",
-                "peak mem")
+        head: tuple[str, ...] = ("task", "status", "attempts", "level", "duration", "total",
+                                 "wait", "worker", "peak mem")
+        needs = any(tr.memory_source for tr in self.tasks.values())
+        if needs:  # what admission counted, and where it came from
+            head += ("mem need",)
         rows = [head]
         for tr in self.tasks.values():
-            rows.append((printable(tr.id), tr.status, str(tr.attempts),
-                         "" if tr.level is None else str(tr.level), _secs(tr.duration),
-                         _secs(tr.elapsed),
-                         _secs(tr.wait_time), worker_label(tr.worker), _bytes(tr.peak_memory)))
+            row: tuple[str, ...] = (
+                printable(tr.id), tr.status, str(tr.attempts),
+                "" if tr.level is None else str(tr.level), _secs(tr.duration),
+                _secs(tr.elapsed), _secs(tr.wait_time), worker_label(tr.worker),
+                _bytes(tr.peak_memory))
+            if needs:
+                row += (memory_need_label(tr),)
+            rows.append(row)
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
         right = {2, 3, 4, 5, 6, 8}
         lines = []
@@ -437,6 +452,13 @@ def worker_label(worker: int | str | None) -> str:
     if sep and number.isdigit() and head.startswith("parexec"):
         return f"thread {number}"
     return printable(worker)
+
+
+def memory_need_label(tr: TaskRun) -> str:
+    """``1.0GiB learned``: the memory a task was admitted with and its source, or ''."""
+    if tr.memory_need is None or tr.memory_source is None:
+        return ""
+    return f"{_bytes(tr.memory_need)} {tr.memory_source}"
 
 
 def printable(text: str) -> str:

@@ -45,15 +45,14 @@ from collections.abc import Callable, Iterable
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from ._errors import Cancelled, MemoryLimitExceeded, PicklingError, TaskOptionError, \
-    TaskTimeout, WaitTimeout, WorkerCrashed, WorkflowError
+from ._errors import Cancelled, MemoryLimitExceeded, PicklingError, ResourceError, \
+    TaskOptionError, TaskTimeout, WaitTimeout, WorkerCrashed, WorkflowError
 from ._events import DRAIN_TIMEOUT, Emitter, Event, ProgressBar, logger, want_progress
-from ._gates import build_gates, check_resources
+from ._gates import EXCLUSIVE, CapacityGate, MemoryGate, build_gates, check_resources
 from ._graph import critical_path, depths as graph_levels
 from ._pools import ThreadPool, process_pool
 from ._results import RunResult, RunStats, TaskRun, build_stats
-from ._gates import CapacityGate
-from ._task import Outcome, TaskSpec, resolve_args, resolve_refs
+from ._task import Outcome, TaskSpec, resolve_args, resolve_refs, sized_value
 from ._worker import STARTED
 from ._workflow import Workflow, check_cpu_budget, check_max_workers, check_timeout
 
@@ -230,11 +229,28 @@ class _Scheduler:
             self.cluster = ClusterPool(cluster, f"parexec-{wf.name}-{uuid.uuid4().hex[:8]}")
         self.pools = [self.threads if iso == "thread" else procs if iso == "process"
                       else self.cluster for iso in isolation]
+        # Issue 17: peaks of the tasks' last successes (learned needs), and the per-run values
+        # of callable options and of needs grown by Retry(memory_factor=...).
+        self.learned_peaks: dict[str, int] = store.peak_memory(wf.name) if store is not None \
+            else {}
+        self.cpu_budget, self.memory_budget = cpu_budget, memory_budget
         self.gates = build_gates(specs, [iso != "cluster" for iso in isolation],
                                  max_workers=max_workers, cpu_budget=cpu_budget,
                                  memory_budget=memory_budget, pools=wf.pools,
                                  force_cpu_gate=force_cpu_gate,
-                                 process=[_isolation_of(wf, s) == "process" for s in specs])
+                                 process=[_isolation_of(wf, s) == "process" for s in specs],
+                                 force_memory_gate=bool(self.learned_peaks))
+        self.mem_gate = next((g for g in self.gates if isinstance(g, MemoryGate)), None)
+        self.sizers = [s.sizers for s in specs]
+        self.sized: set[int] = set()  # tasks whose callable options were evaluated
+        self.overrides = False  # whether any of the three dicts below holds a value
+        self.cpus_of: dict[int, float] = {}
+        self.timeouts: dict[int, float | None] = {}
+        self.mem_limits: dict[int, int | None] = {}
+        if self.mem_gate is not None:
+            for i, s in enumerate(specs):
+                if s.group is None and isolation[i] != "cluster":
+                    self.init_memory(i, stacklevel=_user_stacklevel())
         # Groups and maps: member_of[i] lists the groups task i belongs to.
         self.member_of: list[list[int] | None] = [None] * n
         self.groups: dict[int, _Group] = {}
@@ -257,7 +273,8 @@ class _Scheduler:
                         needs[m] = 1.0
                 self.gates.append(CapacityGate(f"group:{spec.id}", info.max_concurrent, needs))
         self.plain = [iso == "thread" and s.timeout is None and not s.pools and not s.memory
-                      for iso, s in zip(isolation, specs)]
+                      and s.sizers is None and not s.exclusive
+                      for iso, s in zip(isolation, specs, strict=True)]
         self.nprefetched = 0
         self.mean_thread_duration = 1.0  # running average (seconds), starts "slow"
         self.ready: list[tuple[Any, ...]] = []
@@ -438,12 +455,17 @@ class _Scheduler:
             for g in gates:
                 while g.parked:
                     heapq.heappush(ready, heapq.heappop(g.parked))
-        state = self.state
+        state, sizers = self.state, self.sizers
         while ready:
             key = ready[0]
             i = key[2]
             if state[i] is not _READY:  # cancelled while it waited (a group resolved early)
                 heapq.heappop(ready)
+                continue
+            if sizers[i] is not None and i not in self.sized:
+                heapq.heappop(ready)  # its callable options first: they set its needs
+                if self.size(i):
+                    heappush(ready, key)
                 continue
             short = True  # refused for lack of units (not for another task's reservation)
             for g in gates:
@@ -537,9 +559,14 @@ class _Scheduler:
         tr = self.runs[i]
         number = tr.attempts = tr.attempts + 1
         pool = self.pools[i]
-        attempt = _Attempt(i, spec.id, number, self.queue, pool, spec.cpus)
+        cpus, timeout, limit = spec.cpus, spec.timeout, spec.memory
+        if self.overrides:  # callable options, or memory grown by Retry(memory_factor=...)
+            cpus = self.cpus_of.get(i, cpus)
+            timeout = self.timeouts.get(i, timeout)
+            limit = self.mem_limits.get(i, limit)
+        attempt = _Attempt(i, spec.id, number, self.queue, pool, cpus)
         if pool is not self.threads:
-            attempt.memory_limit = spec.memory
+            attempt.memory_limit = limit
             if pool is not self.cluster:
                 attempt.monitor = self.monitor
                 if self.memory_gate is not None:
@@ -561,8 +588,8 @@ class _Scheduler:
         tr.started_at = started = now + self.offset
         if number == 1:
             tr.first_started_at = started
-        if spec.timeout is not None and not getattr(pool, "reports_start", False):
-            self.add_deadline(now + spec.timeout, _TIMEOUT, attempt)
+        if timeout is not None and not getattr(pool, "reports_start", False):
+            self.add_deadline(now + timeout, _TIMEOUT, attempt)
         if self.member_of[i] is not None:
             self.group_started(i, now)
         if self.em and not prefetch:  # a prefetched attempt says when it really starts
@@ -590,6 +617,130 @@ class _Scheduler:
             self.release(attempt)
             tr.finished_at = self.clock() + self.offset
             self.attempt_failed(i, attempt, exc, None, retryable=False)
+
+    # Needs from the inputs and from history (issue 17) -------------------------------------
+
+    def timeout_of(self, i: int) -> float | None:
+        """Task ``i``'s timeout for this run (a ``timeout=`` callable's value, if any)."""
+        timeout = self.specs[i].timeout
+        return self.timeouts.get(i, timeout) if self.overrides else timeout
+
+    def init_memory(self, i: int, stacklevel: int = 1) -> None:
+        """Record local task ``i``'s declared need, else give it its learned one.
+
+        The learned need is the peak of its last success in the store, capped at the budget
+        with a warning.
+        """
+        spec, tr = self.specs[i], self.runs[i]
+        if spec.memory:
+            tr.memory_need, tr.memory_source = spec.memory, "declared"
+        elif spec.sizers is None or "memory" not in spec.sizers:
+            self.learn_memory(i, stacklevel)
+
+    def learn_memory(self, i: int, stacklevel: int = 1) -> None:
+        """Admit task ``i`` with the peak its last success recorded, if the store has one."""
+        gate = self.mem_gate
+        peak = self.learned_peaks.get(self.specs[i].id)
+        if not peak or gate is None:
+            return
+        need = min(peak, int(gate.capacity))
+        if need < peak:
+            from ._errors import format_size
+            msg = (f"task {self.specs[i].id!r}: its last successful run peaked at "
+                   f"{format_size(peak)}, above memory_budget={format_size(gate.capacity)}; "
+                   "it is admitted with the whole budget (it runs with no other task that "
+                   "counts memory). Raise memory_budget, or declare memory= to override")
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel + 1)
+        gate.needs[i] = float(need)
+        tr = self.runs[i]
+        tr.memory_need, tr.memory_source = need, "learned"
+
+    def size(self, i: int) -> bool:
+        """Evaluate task ``i``'s callable options on its resolved arguments and set its needs.
+
+        A callable that raises or returns an unusable value (``TaskOptionError``), or a need
+        above the run's budget (``ResourceError``), fails the task under its ``on_error``;
+        then False is returned.
+        """
+        self.sized.add(i)
+        spec, tr = self.specs[i], self.runs[i]
+        sizers = spec.sizers
+        assert sizers is not None
+        local = self.pools[i] is not self.cluster
+        try:
+            args, kwargs = spec.args, spec.kwargs
+            if spec.has_refs:
+                values = self.values
+                args = resolve_args(args, values)
+                if kwargs:
+                    kwargs = resolve_refs(kwargs, values.__getitem__)
+            for key, fn in sizers.items():
+                value = sized_value(spec.id, key, fn, args, kwargs)
+                if key == "timeout":
+                    self.timeouts[i] = value
+                elif key == "cpus":
+                    if local and value > self.cpu_budget:
+                        raise ResourceError(spec.id, "cpus", value, self.cpu_budget,
+                                            "computed by its cpus= callable; the CPU budget "
+                                            "defaults to max_workers")
+                    self.cpus_of[i] = value
+                    for g in self.gates:
+                        if g.name == "cpus":
+                            g.needs[i] = float(value) if local else 0.0
+                elif value is None:  # no memory for these inputs: as if undeclared
+                    if local:
+                        self.learn_memory(i)
+                else:
+                    if local and value > self.memory_budget:
+                        raise ResourceError(spec.id, "memory", value, self.memory_budget,
+                                            "computed by its memory= callable; memory_budget "
+                                            "defaults to 90% of the memory available at the "
+                                            "start")
+                    self.mem_limits[i] = value
+                    if local and self.mem_gate is not None:
+                        self.mem_gate.needs[i] = float(value)
+                    tr.memory_need, tr.memory_source = value, "inputs"
+                self.overrides = True
+        except (TaskOptionError, ResourceError) as exc:
+            tr.finished_at = self.clock() + self.offset
+            self.task_failed(i, exc, None, 0)
+            return False
+        return True
+
+    def grow_memory(self, i: int, factor: float) -> None:
+        """Multiply the memory limit and need of task ``i`` by ``factor`` (at most the budget).
+
+        Task ``i`` was stopped by ``MemoryLimitExceeded`` and will be retried; it holds
+        nothing now, so its need may change.
+        """
+        gate = self.mem_gate
+        budget = int(gate.capacity) if gate is not None else self.memory_budget
+        tr = self.runs[i]
+        limit = self.mem_limits.get(i, self.specs[i].memory) if self.overrides \
+            else self.specs[i].memory
+        if limit:
+            self.mem_limits[i] = limit = min(budget, int(limit * factor))
+            self.overrides = True
+            tr.memory_need = limit
+        if gate is not None and gate.needs[i]:  # it holds nothing now: safe to change
+            gate.needs[i] = float(min(budget, int(gate.needs[i] * factor)))
+            tr.memory_need = int(gate.needs[i])
+
+    def evicted_need(self, i: int, peak: int | None) -> None:
+        """Raise the learned need of task ``i``, stopped for the run's budget.
+
+        It is admitted again with the larger of its measured peak and its need (times the
+        ``memory_factor`` of its retry policy, if any), never above the budget.
+        """
+        gate, tr = self.mem_gate, self.runs[i]
+        if gate is None or tr.memory_source != "learned":
+            return
+        policy = self.specs[i].retry
+        factor = policy.memory_factor if policy is not None and policy.memory_factor else 1.0
+        need = min(gate.capacity, max(float(peak or 0), gate.needs[i] * factor))
+        gate.needs[i] = need
+        tr.memory_need = int(need)
 
     # Completion -----------------------------------------------------------------------
 
@@ -683,7 +834,7 @@ class _Scheduler:
             tr.first_started_at = tr.started_at
         if worker is not None:
             tr.worker = worker
-        timeout = self.specs[i].timeout
+        timeout = self.timeout_of(i)
         if timeout is not None and getattr(attempt.pool, "reports_start", False):
             self.add_deadline(t_start + timeout, _TIMEOUT, attempt)
         if self.em:
@@ -816,6 +967,8 @@ class _Scheduler:
                                tr.worker, "timed_out" if timed_out else "failed"))
             self.state[i] = TaskState.RETRY_WAIT
             self.retry_errors[i] = error
+            if policy.memory_factor is not None and isinstance(error, MemoryLimitExceeded):
+                self.grow_memory(i, policy.memory_factor)
             delay = policy.delay(attempt.number)
             self.add_deadline(self.clock() + delay, _RETRY, i)
             if self.em:
@@ -823,8 +976,14 @@ class _Scheduler:
             logger.warning("task %r attempt %d failed (%s: %s); retrying in %.2fs",
                            spec.id, attempt.number, type(error).__name__, error, delay)
             return
+        self.task_failed(i, error, tb_text, attempt.number, timed_out)
+
+    def task_failed(self, i: int, error: BaseException, tb_text: str | None, number: int,
+                    timed_out: bool = False) -> None:
+        """Task ``i`` failed for good: record it and apply its ``on_error``."""
+        spec = self.specs[i]
         self.finalize(i, TaskState.TIMED_OUT if timed_out else TaskState.FAILED, "task:failed",
-                      error, tb_text, attempt.number)
+                      error, tb_text, number)
         if self.member_of[i] is not None and not self.stopping:
             # A member's failure is its group's to judge; other dependents follow on_error.
             if spec.on_error == "ignore":
@@ -901,7 +1060,7 @@ class _Scheduler:
         spec = self.specs[i]
         tr = self.runs[i]
         error = TaskTimeout(f"task {spec.id!r} attempt {attempt.number} exceeded its timeout "
-                            f"of {spec.timeout:g}s")
+                            f"of {self.timeout_of(i) or 0:g}s")
         tr.finished_at = self.clock() + self.offset
         if self.em:
             self.emit("task:timeout", i, attempt.number, tr.duration, error)
@@ -1134,8 +1293,10 @@ class _Scheduler:
             self.pools.append(process_pool())
         else:
             self.pools.append(self.cluster)
+        exclusive = spec.exclusive = self.specs[group].exclusive
         self.plain.append(iso == "thread" and spec.timeout is None and not spec.pools
-                          and not spec.memory)
+                          and not spec.memory and spec.sizers is None and not exclusive)
+        self.sizers.append(spec.sizers)
         self.member_of.append([group])
         self.is_group.append(False)
         self.runs[i].level = self.level[group]  # the map's own level: its items run there
@@ -1154,9 +1315,13 @@ class _Scheduler:
                 need = float(spec.memory or 0) if local else 0.0
             elif name.startswith("pool:"):
                 need = float(spec.pools.get(name[5:], 0))
+            elif name == "exclusive":
+                need = (EXCLUSIVE if exclusive else 1.0) if local else 0.0
             else:  # "group:<id>": the map's own max_concurrent
                 need = 1.0 if name == f"group:{gid}" else 0.0
             g.needs.append(need)
+        if local and self.mem_gate is not None:
+            self.init_memory(i)
         return i
 
     # Stopping -------------------------------------------------------------------------
@@ -1308,6 +1473,7 @@ class _Scheduler:
                 self.evictions[i] = self.evictions.get(i, 0) + 1
                 attempt.final = True
                 self.release(attempt)
+                self.evicted_need(i, attempt.peak_memory)
                 self.runs[i].attempts -= 1
                 self.state[i] = _READY
                 heappush(self.ready, self.keys[i])

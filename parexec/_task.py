@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GroupInfo", "GroupRef", "MapRef", "Outcome", "Retry", "TaskRef", "TaskSpec",
            "TaskTemplate", "WAITS", "check_callable", "check_id", "parse_size", "resolve_args",
-           "resolve_refs", "task"]
+           "resolve_refs", "sized_value", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -105,6 +105,9 @@ class Retry:
         max_delay: Upper bound of a delay, in seconds.
         jitter: Largest random offset added to or removed from a delay, in seconds.
         on: Exception types that are retried.
+        memory_factor: With a factor (>= 1), an attempt stopped by ``MemoryLimitExceeded``
+            is retried with its memory limit and its need multiplied by it, never above the
+            run's memory budget (``Retry(2, memory_factor=2)`` doubles the memory each time).
     """
 
     max_retries: int
@@ -113,6 +116,7 @@ class Retry:
     max_delay: float = 60.0
     jitter: float = 0.0
     on: tuple[type[BaseException], ...] = (Exception,)
+    memory_factor: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) \
@@ -125,6 +129,12 @@ class Retry:
             if not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not value >= low or not math.isfinite(value):
                 raise TaskOptionError(f"Retry({field}={value!r}) must be a number >= {low:g}")
+        factor = self.memory_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not factor >= 1 or not math.isfinite(factor)):
+            raise TaskOptionError(
+                f"Retry(memory_factor={factor!r}) must be a number >= 1 (how much the memory of "
+                "an attempt stopped by MemoryLimitExceeded grows), or None")
         on = self.on
         if isinstance(on, type):
             on = (on,)
@@ -225,11 +235,16 @@ class TaskSpec:
 
     Attributes mirror the options of ``px.task``; ``deps`` are the ids this task depends on
     (data dependencies first, then ``after=``), in declaration order and without repeats.
+    ``memory``, ``cpus`` and ``timeout`` given as callables are in ``sizers`` (option ->
+    callable, else None; the attributes then keep their defaults), evaluated by the
+    scheduler on the resolved arguments when the task becomes ready. ``exclusive`` (not a
+    ``px.task`` option; the YAML loader sets it for ``parallel.enabled: false``) makes the
+    task run with no other local task of the run; on a map it applies to every item.
     """
 
     __slots__ = ("id", "name", "fn", "args", "kwargs", "deps", "has_refs", "isolation",
                  "priority", "estimate", "timeout", "retry", "on_error", "cpus", "memory",
-                 "pools", "default", "group")
+                 "pools", "default", "group", "sizers", "exclusive")
 
     def __init__(self, id: str, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], deps: tuple[str, ...], has_refs: bool,
@@ -252,6 +267,17 @@ class TaskSpec:
         self.pools: dict[str, int] = options.get("pools", _NO_POOLS)
         self.default: Any = options.get("default")
         self.group: GroupInfo | None = None  # set for groups and maps
+        self.exclusive = False
+        self.sizers: dict[str, Callable[..., Any]] | None = None
+        if callable(self.memory) or callable(self.cpus) or callable(self.timeout):
+            self.sizers = {k: options[k] for k in ("memory", "cpus", "timeout")
+                           if callable(options.get(k))}
+            if callable(self.memory):
+                self.memory = None
+            if callable(self.cpus):
+                self.cpus = 1
+            if callable(self.timeout):
+                self.timeout = None
 
     def __repr__(self) -> str:
         fn = getattr(self.fn, "__qualname__", repr(self.fn))
@@ -299,6 +325,43 @@ def check_id(value: Any, where: str, *, brackets: bool = True) -> str:
     return value
 
 
+def sized_value(task: str, key: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: Mapping[str, Any]) -> Any:
+    """Evaluate the callable option ``key`` (memory, cpus, timeout) on resolved arguments.
+
+    Returns the value normalised like a fixed option (bytes, cores, seconds; None for no
+    memory or no timeout).
+
+    Raises:
+        TaskOptionError: The callable raised, or returned a value of the wrong type; the
+            message names the task and the option.
+    """
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported as the task's failure
+        raise TaskOptionError(
+            f"task {task!r}: the {key}= callable raised {type(exc).__name__}: {exc}; fix it "
+            f"(it receives the task's resolved arguments) or give a fixed {key}=") from exc
+    if value is None and key != "cpus":
+        return None
+    try:
+        if key == "memory":
+            return parse_size(value, what="memory")
+        if key == "cpus":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not (value > 0 and math.isfinite(value)):
+                raise TaskOptionError(f"cpus={value!r} must be a number > 0")
+            return value
+        return check_positive(value, "", "timeout")
+    except TaskOptionError as exc:
+        text = str(exc).removeprefix(": ")
+        raise TaskOptionError(
+            f"task {task!r}: the {key}= callable returned {value!r}, unusable: {text}; make "
+            "it return " + {"memory": "bytes or a size like '512MB' (or None)",
+                            "cpus": "a number of cores > 0",
+                            "timeout": "a number of seconds > 0 (or None)"}[key]) from None
+
+
 def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Validate and normalise task options; return them as a new dict.
 
@@ -334,6 +397,8 @@ def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
                     raise TaskOptionError(
                         f"task {task!r}: estimate={value!r} must be a number of seconds >= 0")
                 value = float(value)
+        elif key in ("timeout", "cpus", "memory") and callable(value):
+            pass  # evaluated on the task's resolved arguments when it becomes ready
         elif key == "timeout":
             if value is not None:
                 value = check_positive(value, f"task {task!r}", "timeout")
@@ -680,7 +745,13 @@ def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
               budget; also caps BLAS/OpenMP threads inside the task.
             * ``memory`` (bytes or a string like ``"512MB"``/``"2GiB"``, default None): peak
               memory the task needs, counted against the memory budget; a process task whose
-              worker's resident memory (interpreter included) exceeds it is stopped.
+              worker's resident memory (interpreter included) exceeds it is stopped. With a
+              ``store=`` and no ``memory``, the peak of the task's last success is its need.
+            * ``memory``, ``cpus`` and ``timeout`` may also be callables of the task's
+              resolved arguments, evaluated when it becomes ready, e.g.
+              ``memory=lambda frame: 3 * frame.nbytes``. A callable that raises or returns
+              an unusable value fails the task with ``TaskOptionError``; a need above the
+              budget fails it with ``ResourceError`` (both under its ``on_error``).
             * ``pools`` (``{"name": units}`` or ``"name"`` = 1 unit): named resource pools of
               the workflow the task holds while it runs.
             * ``after`` (list of refs or ids): ordering-only dependencies.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import helpers
 import pytest
 from helpers import noop, sleep_then
 
@@ -179,3 +180,98 @@ def test_memory_gate_probes_then_uses_the_learned_peak(monkeypatch):
     assert g.admits(2)
     g.release(0)
     assert g.used == 0 and g.learned[work] == 400
+
+
+def _overlap(result, ids):
+    """Most of the given tasks running at once."""
+    from parexec._results import _peak_overlap
+    return _peak_overlap([(result.tasks[t].started_at, result.tasks[t].finished_at)
+                          for t in ids])
+
+
+def test_memory_from_the_inputs_sets_the_need():
+    """memory= as a callable of the resolved arguments: two 600 MB needs under a 1 GB budget
+    run one at a time, two 100 MB needs together; TaskRun says what admission used."""
+    with px.Workflow("inputs") as wf:
+        sizes = [wf.add(px.task(helpers.identity).options(id=f"size{k}"), mb)
+                 for k, mb in enumerate((600, 600, 100, 100))]
+        sized = px.task(sleep_then).options(memory=lambda seconds, mb: mb * 10**6)
+        for k, size in enumerate(sizes):
+            wf.add(sized.options(id=f"use{k}"), 0.2, size)
+    result = px.run(wf, max_workers=4, memory_budget="1GB", progress=False)
+    assert result.ok
+    assert _overlap(result, ["use0", "use1"]) == 1
+    assert _overlap(result, ["use2", "use3"]) == 2
+    use0 = result.tasks["use0"]
+    assert (use0.memory_need, use0.memory_source) == (600 * 10**6, "inputs")
+    assert result.tasks["size0"].memory_source is None
+    assert "572.2MiB inputs" in result.summary()
+
+
+def test_cpus_and_timeout_from_the_inputs():
+    """cpus= and timeout= callables: two tasks computing cpus=2 under cpu_budget=2 run apart
+    (the CPU gate exists though no task declares cpus), and a computed timeout stops one."""
+    with px.Workflow("inputs") as wf:
+        two = wf.add(px.task(helpers.identity).options(id="two"), 2)
+        wide = px.task(sleep_then).options(cpus=lambda seconds, cpus: cpus)
+        wf.add(wide.options(id="wide0"), 0.2, two)
+        wf.add(wide.options(id="wide1"), 0.2, two)
+        wf.add(px.task(sleep_then).options(id="slow", on_error="skip", isolation="process",
+                                           timeout=lambda seconds: seconds / 20), 10)
+    t0 = time.monotonic()
+    result = px.run(wf, max_workers=3, progress=False)
+    assert time.monotonic() - t0 < 9  # stopped at 0.5 s, not after its 10 s
+    assert _overlap(result, ["wide0", "wide1"]) == 1
+    slow = result.tasks["slow"]
+    assert slow.status == "timed_out" and "timeout of 0.5s" in str(slow.error)
+
+
+def test_a_failing_or_impossible_computed_need_fails_only_its_task():
+    """A callable that raises or returns a wrong type is a TaskOptionError naming the task
+    and the option; a computed need above the budget is a ResourceError; each fails its task
+    under its on_error and the run goes on."""
+    def broken(seconds):
+        raise ValueError("no size")
+
+    with px.Workflow("inputs") as wf:
+        one = wf.add(px.task(helpers.identity).options(id="one"), 0.01)
+        bad = wf.add(px.task(sleep_then).options(id="bad", memory=broken, on_error="skip"),
+                     one)
+        wf.add(px.task(helpers.identity).options(id="after-bad"), bad)
+        wf.add(px.task(sleep_then).options(id="typo", on_error="skip",
+                                           cpus=lambda seconds: "two"), one)
+        huge = wf.add(px.task(sleep_then).options(
+            id="huge", on_error="ignore", default="dflt",
+            memory=lambda seconds: "5GB"), one)
+        wf.add(px.task(helpers.identity).options(id="after-huge"), huge)
+        wf.add(px.task(sleep_then).options(id="fine", memory=lambda seconds, value: None),
+               one, "ok")
+    result = px.run(wf, max_workers=2, memory_budget="1GB", progress=False)
+    t = result.tasks
+    assert result.status == "partial"
+    assert t["fine"].status == "succeeded" and t["fine"].memory_source is None
+    assert t["bad"].status == "failed" and t["bad"].attempts == 0
+    assert isinstance(t["bad"].error, px.TaskOptionError)
+    assert "task 'bad': the memory= callable raised ValueError: no size" in str(t["bad"].error)
+    assert t["after-bad"].status == "skipped"
+    assert isinstance(t["typo"].error, px.TaskOptionError)
+    assert "task 'typo': the cpus= callable returned 'two'" in str(t["typo"].error)
+    assert isinstance(t["huge"].error, px.ResourceError)
+    assert "task 'huge' needs memory=5 GB but the capacity is 1 GB" in str(t["huge"].error)
+    assert result["after-huge"] == "dflt"
+
+
+def test_items_of_a_map_over_a_result_size_themselves():
+    """A map created at run time: each item's memory= callable receives its item, and the
+    memory gate exists although no task declares memory."""
+    def sizes():
+        return [0.6, 0.6]
+
+    with px.Workflow("inputs") as wf:
+        items = wf.add(px.task(sizes))
+        task = px.task(sleep_then).options(memory=lambda seconds: seconds * 10**9)
+        wf.map(task, items, id="hold")
+    result = px.run(wf, max_workers=3, memory_budget="1GB", progress=False)
+    assert result.ok
+    assert _overlap(result, ["hold[0]", "hold[1]"]) == 1
+    assert result.tasks["hold[1]"].memory_need == 600 * 10**6

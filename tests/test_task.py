@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers import noop
 
 import parexec as px
 from parexec._task import find_refs, resolve_refs
@@ -203,3 +204,42 @@ def test_refs_in_deep_and_self_referencing_arguments():
     copy = resolve_refs(tree, lambda i: 42)
     assert copy["value"] == 42 and copy["children"][0]["parent"] is copy
     assert tree["value"] is a  # the original is untouched
+
+
+def test_resource_options_may_be_callables():
+    """memory=, cpus= and timeout= callables are kept for the scheduler; the fixed attributes
+    keep their defaults; other options stay values only."""
+    def size(frame):
+        return 3 * len(frame)
+
+    t = px.task(noop, memory=size, cpus=lambda frame: 2, timeout=lambda frame: 5)
+    with px.Workflow("w") as wf:
+        ref = t([1, 2])
+    spec = wf[ref]
+    assert set(spec.sizers) == {"memory", "cpus", "timeout"} and spec.sizers["memory"] is size
+    assert (spec.memory, spec.cpus, spec.timeout) == (None, 1, None)
+    with pytest.raises(px.TaskOptionError, match="priority"):
+        px.task(noop, priority=lambda: 1)
+
+
+def test_sized_values_are_checked_and_name_the_task_and_option():
+    """What a callable option returns is read like the fixed option, or refused by name."""
+    from parexec._task import sized_value
+    assert sized_value("t", "memory", lambda n: f"{n}MB", (2,), {}) == 2 * 10**6
+    assert sized_value("t", "timeout", lambda: None, (), {}) is None
+    assert sized_value("t", "cpus", lambda: 0.5, (), {}) == 0.5
+    with pytest.raises(px.TaskOptionError, match=r"task 't': the timeout= callable returned "
+                       r"-1, unusable: .*a number of seconds > 0"):
+        sized_value("t", "timeout", lambda: -1, (), {})
+    with pytest.raises(px.TaskOptionError, match=r"task 't': the cpus= callable returned None"):
+        sized_value("t", "cpus", lambda: None, (), {})
+    with pytest.raises(px.TaskOptionError, match=r"the memory= callable raised KeyError"):
+        sized_value("t", "memory", lambda: {}["x"], (), {})
+
+
+@pytest.mark.parametrize("factor", [0.5, True, float("inf"), "2"])
+def test_retry_memory_factor_must_be_at_least_one(factor):
+    """Retry(memory_factor=...) takes None or a finite number >= 1."""
+    assert px.Retry(1, memory_factor=2).memory_factor == 2
+    with pytest.raises(px.TaskOptionError, match="memory_factor"):
+        px.Retry(1, memory_factor=factor)
