@@ -79,20 +79,6 @@ def test_resume_across_interpreters_reruns_exactly_what_changed(pipeline, tmp_pa
     assert mode == 0o600
 
 
-def test_code_constants_are_part_of_the_fingerprint(tmp_path):
-    """x + 1 and x + 100 compile to the same bytecode; the constant still changes the fp."""
-    from parexec._store import fingerprints
-
-    def fps(fn):
-        with px.Workflow("w") as wf:
-            wf.add(fn, 1)
-        g = wf.graph()
-        return fingerprints(list(wf.tasks.values()), g.order, g.deps)[0]
-
-    assert fps(lambda x: x + 1) != fps(lambda x: x + 100)
-    assert fps(lambda x: x + 1) == fps(lambda x: x + 1)
-
-
 def test_failed_tasks_are_never_served(tmp_path):
     """A task that failed runs again on resume; the ones that succeeded do not."""
     from helpers import flaky
@@ -372,36 +358,6 @@ def test_store_of_the_wrong_kind_names_the_value(value):
         Store(value)
 
 
-class Hostile:
-    """A global whose attribute lookups raise something other than AttributeError."""
-
-    def __getattr__(self, name):
-        raise RuntimeError(f"no attribute {name} for you")
-
-
-HOSTILE = Hostile()
-
-
-def uses_hostile(x):
-    return (HOSTILE, x)
-
-
-def fingerprint_of(fn, *args, **kwargs):
-    from parexec._store import fingerprints
-    with px.Workflow("w") as wf:
-        wf.add(fn, *args, **kwargs)
-    g = wf.graph()
-    return fingerprints(list(wf.tasks.values()), g.order, g.deps)[0]
-
-
-def test_global_whose_getattr_raises_is_opaque():
-    """A global object whose __getattr__ raises does not break fingerprinting: it counts as
-    opaque, and the task is still fingerprinted (and so resumable)."""
-    fp = fingerprint_of(uses_hostile, 1)
-    assert fp is not None and fp == fingerprint_of(uses_hostile, 1)
-    assert fp != fingerprint_of(uses_hostile, 2)
-
-
 # Resume does not load history (issue 12 item 10) ---------------------------------------------
 
 LOADS: list[str] = []
@@ -673,79 +629,6 @@ def test_code_reached_through_a_module_is_part_of_the_fingerprint(tmp_path):
     write("x * 1000", "x + 2")  # changed in a function the submodule's function calls
     assert run() == "2000 5 ['through_module', 'through_stdlib']"
     assert run() == f"2000 5 {everything}"
-
-
-def test_where_code_comes_from():
-    """The standard library and installed packages count by name and version; this test
-    module (outside both) is user code, read in full."""
-    import json
-
-    import pytest as installed
-
-    from parexec._store import _origin
-    assert _origin(json) == f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    assert _origin(installed) == f"pytest=={installed.__version__}"
-    assert _origin(sys.modules[__name__]) == "user"
-    assert _origin(sys.modules["parexec"]).startswith("parexec==")
-
-
-# Structural fingerprints (issue 12 item 20) --------------------------------------------------
-
-HASHSEED_SCRIPT = """
-    import dataclasses, parexec as px
-    from parexec._store import fingerprints
-    @dataclasses.dataclass
-    class Config:
-        names: set
-        tags: frozenset = frozenset({"x", "y", "z", "w"})
-    class Plain:
-        def __init__(self):
-            self.members = {f"member-{i}" for i in range(20)}
-    def fit(config, plain, table):
-        return config, plain, table
-    with px.Workflow("h") as wf:
-        wf.add(fit, Config({f"name-{i}" for i in range(20)}), Plain(),
-               {"k": {("a", 1), ("b", 2), ("c", 3)}})
-    g = wf.graph()
-    print(fingerprints(list(wf.tasks.values()), g.order, g.deps)[0])
-"""
-
-
-def test_objects_holding_sets_fingerprint_alike_across_interpreters(tmp_path):
-    """A dataclass with a set field, an object holding a set, and sets of tuples fingerprint
-    the same under two PYTHONHASHSEED values (set order follows the hash seed)."""
-    (tmp_path / "fp.py").write_text(textwrap.dedent(HASHSEED_SCRIPT))
-    outs = set()
-    for seed in ("1", "2", "3"):
-        proc = subprocess.run([sys.executable, "fp.py"], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=60, env={**os.environ, "PYTHONHASHSEED": seed})
-        assert proc.returncode == 0, proc.stderr
-        outs.add(proc.stdout.strip())
-    assert len(outs) == 1 and outs != {"None"}, outs
-
-
-def test_structural_fingerprint_follows_the_object_and_refuses_cycles():
-    """Changing a field changes the fingerprint; a self-referencing argument and one nested
-    past the depth bound are not fingerprinted (never cached), without a RecursionError."""
-    import dataclasses
-
-    @dataclasses.dataclass
-    class Box:
-        items: set
-
-    assert fingerprint_of(echo_args, Box({"a", "b"})) == fingerprint_of(echo_args, Box({"b", "a"}))
-    assert fingerprint_of(echo_args, Box({"a", "b"})) != fingerprint_of(echo_args, Box({"a"}))
-    loop: list = []
-    loop.append(loop)
-    assert fingerprint_of(echo_args, loop) is None
-    deep: list = []
-    for _ in range(5000):
-        deep = [deep]
-    assert fingerprint_of(echo_args, deep) is None
-
-
-def echo_args(*args):
-    return args
 
 
 # One Store, several runs (issue 13) ----------------------------------------------------------
