@@ -242,3 +242,125 @@ def test_monitor_reports_a_memory_limit_and_kills_nothing():
     finally:
         monitor.stop()
     assert Pool.killed == []
+
+
+# Learned memory and memory_factor (issue 17 items 2, 3 and 5) ----------------------------------
+
+def _touch(mib):
+    block = bytearray(mib * MiB)
+    for k in range(0, len(block), 4096):
+        block[k] = 1
+    return block
+
+
+def _wait_for(path, seconds):
+    """Poll for a file for at most ``seconds``; whether it appeared."""
+    import os
+    import time
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def peak_first(folder, mib):
+    """Peak at once, then wait (at most 3 s) until the other task is up: run together, the
+    two tasks overlap in time but not in memory."""
+    import os
+    del_me = _touch(mib)
+    del del_me
+    open(os.path.join(folder, "first-done"), "w").close()
+    _wait_for(os.path.join(folder, "second-up"), 3)
+
+
+def peak_second(folder, mib):
+    """Say it is up, wait (at most 30 s) for the first task's peak to be over, then peak."""
+    import os
+    open(os.path.join(folder, "second-up"), "w").close()
+    _wait_for(os.path.join(folder, "first-done"), 30)
+    del_me = _touch(mib)
+    del del_me
+
+
+@pytest.mark.timeout(180)
+def test_learned_memory_changes_what_runs_at_once(tmp_path):
+    """Two undeclared process tasks whose peaks never overlap run together under the
+    budget; the next run with the same store admits each with its recorded peak, and the
+    two peaks do not fit the budget together, so they run one at a time."""
+    db = str(tmp_path / "runs.db")
+    budget = 1100 * MiB  # above one 600 MiB peak plus two workers, below two peaks
+
+    def run(folder):
+        folder.mkdir()
+        with px.Workflow("learned", isolation="process") as wf:
+            wf.add(px.task(peak_first).options(id="first", priority=1), str(folder), 600)
+            wf.add(px.task(peak_second).options(id="second"), str(folder), 600)
+        return px.run(wf, max_workers=2, memory_budget=budget, store=db, progress=False)
+
+    before = run(tmp_path / "one")
+    assert before.ok and before.stats.max_concurrency == 2
+    assert before.tasks["first"].memory_source is None
+    peak = before.tasks["first"].peak_memory
+    assert peak >= 600 * MiB
+    after = run(tmp_path / "two")
+    assert after.ok and after.stats.max_concurrency == 1
+    first = after.tasks["first"]
+    assert (first.memory_need, first.memory_source) == (peak, "learned")
+    assert "learned" in after.summary() and "learned" in after._repr_html_()
+
+
+@pytest.mark.timeout(120)
+def test_a_learned_need_above_the_budget_is_capped_with_a_warning(tmp_path):
+    """A recorded peak above the run's budget is admitted as the whole budget, with a
+    warning naming the task: it still runs."""
+    db = str(tmp_path / "runs.db")
+    with px.Workflow("capped", isolation="process") as wf:
+        wf.add(px.task(hold_memory).options(id="big"), 300, 0.2)
+    assert px.run(wf, store=db, progress=False).tasks["big"].peak_memory >= 300 * MiB
+    with pytest.warns(RuntimeWarning, match="task 'big': its last successful run peaked at .*"
+                      "above memory_budget=200 MB; it is admitted with the whole budget"):
+        result = px.run(wf, store=db, memory_budget="200MB", progress=False)
+    big = result.tasks["big"]
+    assert result.ok and (big.memory_need, big.memory_source) == (200 * 10**6, "learned")
+
+
+def grow_and_hold(mib, seconds=1.0):
+    """Hold ``mib`` MiB (touched) for ``seconds`` so the monitor samples it."""
+    import time
+    block = _touch(mib)
+    time.sleep(seconds)
+    return len(block)
+
+
+@pytest.mark.timeout(120)
+def test_retry_with_memory_factor_succeeds_where_the_same_retry_fails():
+    """A process task stopped by MemoryLimitExceeded is retried with memory x4 and succeeds;
+    the same policy without memory_factor fails again with MemoryLimitExceeded."""
+    def run(retry):
+        with px.Workflow("factor", isolation="process") as wf:
+            wf.add(px.task(grow_and_hold).options(id="grow", memory="150MB", retry=retry), 200)
+        return px.run(wf, memory_budget="2GB", progress=False, check=False)
+
+    plain = run(px.Retry(1, initial_delay=0))
+    assert plain.status == "failed"
+    assert isinstance(plain.tasks["grow"].error, px.MemoryLimitExceeded)
+    assert plain.tasks["grow"].attempts == 2
+    grown = run(px.Retry(1, initial_delay=0, memory_factor=4))
+    grow = grown.tasks["grow"]
+    assert grown.ok and grow.attempts == 2 and grow.value == 200 * MiB
+    assert (grow.memory_need, grow.memory_source) == (600 * 10**6, "declared")
+
+
+@pytest.mark.timeout(60)
+def test_memory_factor_never_goes_above_the_budget():
+    """The grown limit and need stop at the run's budget."""
+    with px.Workflow("factor", isolation="process") as wf:
+        wf.add(px.task(grow_and_hold).options(
+            id="grow", memory="150MB", retry=px.Retry(2, initial_delay=0, memory_factor=10)),
+            400)
+    result = px.run(wf, memory_budget="300MB", progress=False, check=False)
+    grow = result.tasks["grow"]
+    assert isinstance(grow.error, px.MemoryLimitExceeded) and grow.attempts == 3
+    assert grow.memory_need == 300 * 10**6
