@@ -275,3 +275,53 @@ def test_items_of_a_map_over_a_result_size_themselves():
     assert result.ok
     assert _overlap(result, ["hold[0]", "hold[1]"]) == 1
     assert result.tasks["hold[1]"].memory_need == 600 * 10**6
+
+
+def _spans_overlap(a, b):
+    return a.started_at < b.finished_at and b.started_at < a.finished_at
+
+
+def test_an_exclusive_task_runs_alone_while_the_others_share():
+    """TaskSpec.exclusive (YAML parallel.enabled: false): the task runs with no other local
+    task, the others run together freely, items of an exclusive map each run alone, and no
+    pool appears in the stats."""
+    def three():
+        return [0.1, 0.1, 0.1]
+
+    with px.Workflow("x") as wf:
+        for k in range(3):
+            wf.add(px.task(sleep_then).options(id=f"free{k}"), 0.2)
+        wf.add(px.task(sleep_then).options(id="alone"), 0.2)
+        items = wf.add(px.task(three))
+        wf.map(px.task(sleep_then), items, id="each")
+        wf.map(px.task(sleep_then), [0.1, 0.1], id="fixed")
+    for tid in ("alone", "each", "fixed"):
+        wf[tid].exclusive = True
+    result = px.run(wf, max_workers=3, progress=False)
+    assert result.ok
+    t = result.tasks
+    alone = ["alone", "each[0]", "each[1]", "each[2]", "fixed[0]", "fixed[1]"]
+    for tid in alone:
+        others = [o for o in t if o != tid and o not in ("each", "fixed") and t[o].attempts]
+        assert not [o for o in others if _spans_overlap(t[tid], t[o])], tid
+    assert _overlap(result, ["free0", "free1", "free2"]) >= 2
+    assert result.stats.pool_utilization == {}
+    assert "pool" not in result.summary()
+
+
+def test_an_exclusive_task_is_not_starved_by_smaller_tasks():
+    """A priority=10 exclusive task that becomes ready while small tasks run holds a
+    reservation: the lower small tasks wait for it instead of keeping the run busy."""
+    with px.Workflow("x") as wf:
+        first = wf.add(px.task(sleep_then).options(id="first"), 0.02)
+        for k in range(20):
+            wf.add(px.task(sleep_then).options(id=f"small{k}"), 0.05)
+        wf.add(px.task(sleep_then).options(id="alone", priority=10, after=[first]), 0.05)
+    wf["alone"].exclusive = True
+    result = px.run(wf, max_workers=2, progress=False)
+    assert result.ok
+    alone = result.tasks["alone"]
+    smalls = [t for k, t in result.tasks.items() if k.startswith("small")]
+    jumped = [t.id for t in smalls if alone.queued_at < t.started_at < alone.started_at]
+    assert jumped == [], f"{jumped} started while 'alone' waited for the others to end"
+    assert sum(t.started_at < alone.started_at for t in smalls) <= 2
