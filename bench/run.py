@@ -538,6 +538,60 @@ def bench_memory_measured(quick: bool) -> list[Row]:
     return rows + peaks
 
 
+def bench_memory_learned(quick: bool) -> list[Row]:
+    """Issue 17 item 6: the memory-pressure case with no memory= declared, run twice with a
+    store; the second run admits each task with the peak its first run recorded."""
+    import tempfile
+    ntasks, gib, budget = (4, 0.25, "1GB") if quick else (8, 1.0, "3GB")
+    case = f"{ntasks} x {gib:g} GiB, budget {budget}"
+    wf = px.Workflow("learned", isolation="process")
+    for k in range(ntasks):
+        wf.add(px.task(touch).options(id=f"touch{k}"), gib)
+    px.run(px_workflow([[] for _ in range(ntasks)], isolation="process"), max_workers=ntasks,
+           progress=False)  # warm: start the workers
+    ppe = ProcessPoolExecutor(ntasks)
+    [f.result() for f in [ppe.submit(noop) for _ in range(ntasks)]]
+    engines = ["ProcessPoolExecutor", "parexec 1st run", "parexec 2nd, learned"]
+    rows = [Row("memory-learned", case, f"{e}: makespan", reference=k == 0)
+            for k, e in enumerate(engines)]
+    peaks = [Row("memory-learned", f"{ntasks} x {gib:g} GiB, peak in use", e, unit="GiB",
+                 scale=1 / 2**30, reference=k == 0, note=f"budget {budget}")
+             for k, e in enumerate(engines)]
+    folder = tempfile.mkdtemp(prefix="parexec-bench-")
+    stores: list[str] = []
+
+    def measured(fn: Callable[[], Any], peak: Row) -> float:
+        gc.collect()
+        time.sleep(0.5)  # let the previous run's memory go back to the system
+        sampler = MemorySampler()
+        t = time.perf_counter()
+        fn()
+        took = time.perf_counter() - t
+        peak.samples.append(float(sampler.stop()))
+        return took
+
+    def first() -> Any:
+        stores.append(os.path.join(folder, f"runs{len(stores)}.db"))  # a new store each rep
+        return px.run(wf, max_workers=ntasks, memory_budget=budget, store=stores[-1],
+                      progress=False)
+
+    def second() -> Any:
+        result = px.run(wf, max_workers=ntasks, memory_budget=budget, store=stores[-1],
+                        progress=False)
+        assert all(t.memory_source == "learned" for t in result.tasks.values())
+        return result
+
+    alternate(rows, [
+        lambda: measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
+                                                       for _ in range(ntasks)]], peaks[0]),
+        lambda: measured(first, peaks[1]),
+        lambda: measured(second, peaks[2])], 2 if quick else REPS)
+    ppe.shutdown()
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows + peaks
+
+
 # 6b. Fair reservations -----------------------------------------------------------------------
 
 def bench_fairness(quick: bool) -> list[Row]:
@@ -623,7 +677,8 @@ def bench_cluster(quick: bool) -> list[Row]:
 
 BENCHES = {"threads": bench_threads, "processes": bench_processes, "cpu": bench_cpu,
            "schedule": bench_schedule, "scale": bench_scale, "memory": bench_memory,
-           "measured": bench_memory_measured, "fairness": bench_fairness,
+           "measured": bench_memory_measured, "learned": bench_memory_learned,
+           "fairness": bench_fairness,
            "cluster": bench_cluster}
 
 
