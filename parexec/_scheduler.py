@@ -248,9 +248,10 @@ class _Scheduler:
         self.timeouts: dict[int, float | None] = {}
         self.mem_limits: dict[int, int | None] = {}
         if self.mem_gate is not None:
+            level = _user_stacklevel()  # a capped learned need warns at the caller's line
             for i, s in enumerate(specs):
                 if s.group is None and isolation[i] != "cluster":
-                    self.init_memory(i, stacklevel=_user_stacklevel())
+                    self.init_memory(i, stacklevel=level)
         # Groups and maps: member_of[i] lists the groups task i belongs to.
         self.member_of: list[list[int] | None] = [None] * n
         self.groups: dict[int, _Group] = {}
