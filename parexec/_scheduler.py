@@ -390,6 +390,9 @@ class _Scheduler:
         heapq.heapify(ready)
         if self.timeout is not None:
             self.add_deadline(self.t0 + self.timeout, _RUN_TIMEOUT, None)
+        for g, group in list(self.groups.items()):  # a map over an empty list: done at once
+            if not group.members and not group.resolved:
+                self.resolve_group(g, True, self.collect(group))
 
     def loop(self) -> None:
         queue, deadlines, clock = self.queue, self.deadlines, self.clock
@@ -1231,9 +1234,27 @@ class _Scheduler:
                     self.runs[m].finished_at = self.clock() + self.offset
                     self.finalize(m, TaskState.CANCELLED, "task:cancelled",
                                   number=attempt.number)
+            elif self.state[m] is TaskState.RETRY_WAIT:
+                self.cancel_retry(m)
             else:
                 self.finalize(m, TaskState.CANCELLED, "task:cancelled")
             self.skip_downstream(m, TaskState.CANCELLED)
+
+    def cancel_retry(self, i: int) -> None:
+        """Cancel a task waiting for its retry. Its last attempt stays its record (so it
+        leaves ``history``, which holds only the attempts before the last one), and its
+        error says why it was going to be retried."""
+        tr = self.runs[i]
+        if tr.history:
+            tr.history.pop()
+            if not tr.history:
+                tr.history = None
+        last = self.retry_errors.pop(i, None)
+        error = Cancelled(
+            f"task {self.specs[i].id!r} was cancelled while waiting to retry after attempt "
+            f"{tr.attempts} failed" + (f" ({type(last).__name__}: {last})" if last else ""))
+        error.__cause__ = last
+        self.finalize(i, TaskState.CANCELLED, "task:cancelled", error)
 
     def needed_elsewhere(self, m: int, g: int) -> bool:
         for j in self.dependents[m]:
@@ -1352,14 +1373,8 @@ class _Scheduler:
             s = state[i]
             if s < TaskState.RUNNING:
                 self.finalize(i, TaskState.CANCELLED, "task:cancelled")
-            elif s is TaskState.RETRY_WAIT:  # keep why it was going to be retried
-                last = self.retry_errors.pop(i, None)
-                error = Cancelled(
-                    f"task {self.specs[i].id!r} was cancelled while waiting to retry after "
-                    f"attempt {self.runs[i].attempts} failed"
-                    + (f" ({type(last).__name__}: {last})" if last is not None else ""))
-                error.__cause__ = last
-                self.finalize(i, TaskState.CANCELLED, "task:cancelled", error)
+            elif s is TaskState.RETRY_WAIT:
+                self.cancel_retry(i)
         self.ready.clear()
         for g in self.gates:
             g.parked.clear()

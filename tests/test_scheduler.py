@@ -678,3 +678,31 @@ def test_keep_a_list_keeps_exactly_those_values():
     assert result.results == {"a": 1, "c": 3}
     with pytest.raises(px.TaskOptionError, match="'cc', which is not a task.*did you mean 'c'"):
         px.run(wf, keep=["cc"], progress=False)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_map_over_an_empty_list_resolves_at_once(parallel):
+    """template.map([]) gives [] to its dependents (it used to wait forever)."""
+    with px.Workflow("w") as wf:
+        m = px.task(noop).map([], id="m", max_concurrent=1)
+        after = px.task(lambda v: ("got", v), id="after")(m)
+    run = px.start(wf, parallel=parallel, progress=False)
+    result = run.wait(30)
+    assert result[m] == [] and result[after] == ("got", [])
+
+
+@pytest.mark.timeout(60)
+def test_cancel_during_backoff_counts_the_failed_attempt_once():
+    """A task cancelled while waiting for its retry keeps its attempt as its record, not
+    also in history: stats never count it twice (max_concurrency stays within the slots)."""
+    with px.Workflow("w") as wf:
+        px.task(boom, id="t", retry=px.Retry(1, initial_delay=30))()
+    retrying = threading.Event()
+    run = px.start(wf, max_workers=1, progress=False, check=False,
+                   on_event=lambda e: retrying.set() if e.kind == "task:retrying" else None)
+    assert retrying.wait(30)
+    run.cancel()
+    result = run.wait(30)
+    tr = result.tasks["t"]
+    assert tr.status == "cancelled" and tr.attempts == 1 and tr.history is None
+    assert result.stats.max_concurrency == 1
