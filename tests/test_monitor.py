@@ -364,3 +364,30 @@ def test_memory_factor_never_goes_above_the_budget():
     grow = result.tasks["grow"]
     assert isinstance(grow.error, px.MemoryLimitExceeded) and grow.attempts == 3
     assert grow.memory_need == 300 * 10**6
+
+
+def test_a_learned_need_grows_when_its_task_is_stopped_for_the_budget():
+    """A task admitted with a learned need and stopped for the run's budget comes back with
+    the larger of its measured peak and its need times memory_factor, at most the budget;
+    declared needs are left alone."""
+    from types import SimpleNamespace
+
+    from parexec._gates import MemoryGate
+    from parexec._results import TaskRun
+    from parexec._scheduler import _Scheduler
+
+    gate = MemoryGate(1000, [300.0, 300.0, 300.0])
+    runs = [TaskRun("a"), TaskRun("b"), TaskRun("c")]
+    for tr, source in zip(runs, ("learned", "learned", "declared"), strict=True):
+        tr.memory_source = source
+    specs = [SimpleNamespace(retry=px.Retry(1, memory_factor=2)), SimpleNamespace(retry=None),
+             SimpleNamespace(retry=None)]
+    me = SimpleNamespace(mem_gate=gate, runs=runs, specs=specs)
+    _Scheduler.evicted_need(me, 0, 400)
+    assert gate.needs[0] == 600 and runs[0].memory_need == 600  # 300 x 2 > its peak
+    _Scheduler.evicted_need(me, 0, 900)
+    assert gate.needs[0] == 1000  # max(900, 1200), capped at the budget
+    _Scheduler.evicted_need(me, 1, 450)
+    assert gate.needs[1] == 450  # no factor: its measured peak
+    _Scheduler.evicted_need(me, 2, 900)
+    assert gate.needs[2] == 300 and runs[2].memory_need is None
