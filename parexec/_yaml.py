@@ -117,8 +117,6 @@ MAX_COMPARISONS = 20_000  # about 1 s of difflib at worst
 _SIZE_CAP = 1 << 62  # sizes stop growing here, so a deep bomb never builds huge integers
 _ITEM, _INDEX = "[item]", "[index]"  # keys of a foreach item's values (never step ids)
 _FOREACH_REF = re.compile(r"\$\{\s*(?:steps\.[^}]*\.output|inputs\.[^}]*)\s*\}")
-_EXCLUSIVE = "__exclusive__"  # the pool a step with parallel.enabled: false takes whole
-_EXCLUSIVE_UNITS = 1_000_000
 
 
 class ScriptError(ParexecError):
@@ -452,15 +450,11 @@ class _Loader:
                                  f"step {ids[sid] + 1}); step ids must be unique")
                 else:
                     ids[sid] = k
-        exclusive = any(isinstance(s, dict) and isinstance(s.get("parallel"), dict)
-                        and s["parallel"].get("enabled", True) is False for s in steps)
-        if exclusive:
-            pools[_EXCLUSIVE] = _EXCLUSIVE_UNITS
         wf = Workflow(name if isinstance(name, str) else "pipeline",
                       max_workers=max_workers, pools=pools or None, timeout=timeout,
                       description=str(data.get("description") or ""))
         wf.version = str(data.get("version", ""))  # type: ignore[attr-defined]
-        plans = [self.step(k, s, ids, inputs, env, cwd, retry, pools, exclusive)
+        plans = [self.step(k, s, ids, inputs, env, cwd, retry, pools)
                  for k, s in enumerate(steps)]
         if self.problems:
             shown = self.problems[:MAX_PROBLEMS_SHOWN]
@@ -476,6 +470,9 @@ class _Loader:
         for sid in order:
             plan = by_id[sid]
             refs[sid] = self.add(wf, plan, refs)
+            # parallel.enabled: false -> the exclusive gate: it runs with no other step.
+            par = steps[ids[sid]].get("parallel")
+            wf[sid].exclusive = isinstance(par, dict) and par.get("enabled", True) is False
         return wf
 
     def inputs(self, declared: Any) -> dict[str, str]:
@@ -661,7 +658,7 @@ class _Loader:
 
     def step(self, k: int, step: Any, ids: Mapping[str, int], inputs: dict[str, str],
              wf_env: dict[str, str], wf_cwd: Path, wf_retry: Retry | None,
-             pools: dict[str, int], exclusive: bool) -> dict[str, Any] | None:
+             pools: dict[str, int]) -> dict[str, Any] | None:
         path: tuple[Any, ...] = ("steps", k)
         self.foreach = False
         if not self.expect(step, dict, path, f"step {k + 1}"):
@@ -716,7 +713,7 @@ class _Loader:
             step_pools: dict[str, int] = {}
             resource = par.get("resource")
             if resource is not None:
-                if resource not in pools or resource == _EXCLUSIVE:
+                if resource not in pools:
                     self.problem(path + ("parallel", "resource"),
                                  f"step {sid!r} uses resource {resource!r}, which "
                                  "parallel.resources does not declare")
@@ -729,9 +726,6 @@ class _Loader:
                                "maxConcurrency") and mc < 1:
                     self.problem(path + ("parallel", "maxConcurrency"),
                                  "maxConcurrency must be >= 1")
-            if exclusive:
-                alone = par.get("enabled", True) is False
-                step_pools[_EXCLUSIVE] = _EXCLUSIVE_UNITS if alone else 1
             if step_pools:
                 options["pools"] = step_pools
             if par.get("isolateErrors") is True:
