@@ -698,3 +698,38 @@ def test_a_forked_child_leaves_the_parents_store_alone(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert set(store.durations("w")) == {"t0", "t1", "t2"} and store.lost == 0
     store.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE records (
+    workflow TEXT NOT NULL, task_id TEXT NOT NULL, fingerprint TEXT,
+    status TEXT NOT NULL, attempts INTEGER, started REAL, finished REAL, duration REAL,
+    worker TEXT, peak_memory INTEGER, value BLOB, has_value INTEGER NOT NULL DEFAULT 0,
+    error TEXT, recorded REAL NOT NULL
+);
+CREATE INDEX records_lookup ON records (workflow, task_id, fingerprint, status);
+"""
+
+
+def test_a_version_1_store_is_migrated(tmp_path):
+    """A store written by the previous layout (every record kept, values inline) opens:
+    the latest record of each key is kept with its value, and durations carry over."""
+    import pickle
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    rows = [("w", "a", "fp", "succeeded", 1.0, pickle.dumps("old"), 1, 1.0),
+            ("w", "a", "fp", "succeeded", 2.0, pickle.dumps("new"), 1, 2.0),
+            ("w", "a", None, "failed", 3.0, None, 0, 3.0),
+            ("w", "b", "fb", "succeeded", 4.0, pickle.dumps("b"), 1, 4.0)]
+    conn.executemany("INSERT INTO records (workflow, task_id, fingerprint, status, duration, "
+                     "value, has_value, recorded) VALUES (?,?,?,?,?,?,?,?)", rows)
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        assert store.durations("w") == {"a": 2.0, "b": 4.0}
+        cached = store.cached("w", {"a": "fp", "b": "fb"})
+        assert (cached["a"], cached["b"]) == ("new", "b")
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM records").fetchone() == (3,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
