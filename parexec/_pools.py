@@ -258,8 +258,19 @@ class ProcessPool:
             worker = self._idle.pop() if self._idle else None
         if worker is None:
             worker = self._spawn()
-        worker.attempt = attempt
-        worker.pins = pins
+        # Hand the attempt over under the lock, and check the worker is still alive there:
+        # the reader reaps a worker that died while idle under the same lock, so exactly one
+        # of us reports the crash (it if it saw the attempt, we if it reaped first).
+        with self._lock:
+            alive = worker.conn in self._workers
+            if alive:
+                worker.attempt = attempt
+                worker.pins = pins
+        if not alive:  # its pins go with this frame: segments nothing else holds unlink
+            attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
+                                                             worker.process.exitcode),
+                               worker.pid, None))
+            return
         attempt.handle = worker
         attempt.worker = worker.pid
         if attempt.monitor is not None:
@@ -501,14 +512,17 @@ _process_pool_lock = threading.Lock()
 _atexit_registered = False
 
 
-def process_pool() -> ProcessPool:
+def process_pool(sweep: bool = False) -> ProcessPool:
     """The interpreter's process pool, created on first use.
 
-    Each call (each run with process tasks) first removes the shared-memory segments of
-    drivers that died (``_shm.sweep_dead_drivers``).
+    Args:
+        sweep: First remove the shared-memory segments of drivers that died
+            (``_shm.sweep_dead_drivers``, a listing of the segment folder): once per run,
+            never per task.
     """
     global _process_pool, _atexit_registered
-    _shm.sweep_dead_drivers()
+    if sweep:
+        _shm.sweep_dead_drivers()
     with _process_pool_lock:
         if _process_pool is None:
             _process_pool = ProcessPool()

@@ -221,7 +221,7 @@ class _Scheduler:
         isolation = [s.isolation or wf.isolation for s in specs]
         self.queue: SimpleQueue[Any] = SimpleQueue()
         self.threads = ThreadPool(f"parexec-{wf.name}", max_threads=max_workers)
-        procs = process_pool() if "process" in isolation else None
+        procs = self.procs = process_pool(sweep=True) if "process" in isolation else None
         self.cluster = None
         if "cluster" in isolation:
             from ._cluster import ClusterPool
@@ -919,13 +919,17 @@ class _Scheduler:
             self.release_value(j)
 
     def wants_value(self, i: int) -> bool:
-        """Whether cluster task ``i``'s value must come to the driver: it is kept in the
-        result, or a local task or a group consumes it. Called by the cluster pool's fetcher
-        thread; the lists it reads only grow."""
+        """Whether cluster task ``i``'s value must come to the driver.
+
+        It must when it is kept in the result, or when a local task, a group, or a task whose
+        options are callables of its arguments (evaluated here) consumes it. Called by the
+        cluster pool's fetcher thread; the lists it reads only grow.
+        """
         if not self.releasing or i >= len(self.graph.deps) or self.kept[i]:
             return True
-        cluster, pools, is_group = self.cluster, self.pools, self.is_group
-        return any(pools[j] is not cluster or is_group[j] for j in self.dependents[i])
+        cluster, pools, is_group, sizers = self.cluster, self.pools, self.is_group, self.sizers
+        return any(pools[j] is not cluster or is_group[j] or sizers[j] is not None
+                   for j in self.dependents[i])
 
     def release_value(self, i: int) -> None:
         """Drop task ``i``'s value from the run (keep=); its record stays. A cluster task's
@@ -1312,7 +1316,9 @@ class _Scheduler:
         if iso == "thread":
             self.pools.append(self.threads)
         elif iso == "process":
-            self.pools.append(process_pool())
+            if self.procs is None:  # the first process item of a run-time map
+                self.procs = process_pool(sweep=True)
+            self.pools.append(self.procs)
         else:
             self.pools.append(self.cluster)
         exclusive = spec.exclusive = self.specs[group].exclusive
@@ -1741,11 +1747,20 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
     try:
         return handle.wait()
     except KeyboardInterrupt:
-        # Cancel and wait for the cleanup (process workers are killed at once; thread tasks
-        # get at most the grace period). A second Ctrl-C stops waiting: the cleanup goes on
-        # in the background and no worker outlives the interpreter anyway.
+        # Cancel and wait for the cleanup: process workers are killed at once, script steps'
+        # process groups within 0.1 s, thread tasks get at most the grace period. Further
+        # Ctrl-C (or SIGTERM in the CLI) during that bounded wait do not cut it short, or the
+        # interpreter could exit before the steps were killed; past the bound the
+        # KeyboardInterrupt goes through whatever is still running.
         handle.cancel()
-        handle._done.wait()
+        deadline = time.monotonic() + GRACE + 2.0
+        while True:
+            try:
+                handle._done.wait(max(0.0, deadline - time.monotonic()))
+                break
+            except KeyboardInterrupt:
+                if time.monotonic() >= deadline:
+                    break
         raise
 
 

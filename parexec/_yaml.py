@@ -73,6 +73,7 @@ problem of a file is collected and reported together, each with its ``file:line:
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import heapq
 import importlib
@@ -1172,6 +1173,7 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
                     "shell command line")
         raise ScriptError(step, 127, f"cannot start {argv[0]!r}: {exc.strerror}{hint}"
                           ) from None
+    _live_steps.add(proc)
     if attempt is not None:
         _note_peak(attempt, _rss(proc.pid))
     if sampler is not None:
@@ -1211,6 +1213,7 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
         _kill_group(proc)
         raise
     finally:
+        _live_steps.discard(proc)
         if sampler is not None:
             sampler.unwatch(attempt)
         sel.close()
@@ -1275,6 +1278,21 @@ def _wait_peak(proc: subprocess.Popen[bytes]) -> int:
     unit = 1 if sys.platform == "darwin" else 1024
     peak = int(usage.ru_maxrss) * unit
     return peak if peak > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit else 0
+
+
+# Script steps still running, so that none outlives the interpreter: when it exits before
+# their thread task saw the cancel flag (a second Ctrl-C or SIGTERM during cleanup, an
+# exception in the caller), this exit hook kills their process groups.
+_live_steps: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_live_steps() -> None:
+    for proc in list(_live_steps):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

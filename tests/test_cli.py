@@ -158,6 +158,38 @@ def test_sigterm_and_sighup_cancel_the_run_like_ctrl_c(tmp_path, signum):
             os.kill(sleeper, signal.SIGKILL)
 
 
+@pytest.mark.timeout(60)
+def test_a_second_stop_signal_during_cleanup_still_kills_the_steps(tmp_path):
+    """SIGTERM twice (10 ms apart, the second during cleanup): the steps' processes are still
+    killed before the command exits."""
+    import os
+    import time
+    f = tmp_path / "slow.yaml"
+    f.write_text("name: slow\nsteps:\n  - id: wait\n    type: script\n"
+                 "    config: {command: sh, args: ['-c', 'sleep 4321 & echo $!; wait']}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "parexec", "run", str(f), "--verbose"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sleeper = None
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("[wait] "), line
+        sleeper = int(line.split()[1])
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)  # the point of the test: a second signal while cleaning up
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 143
+        deadline = time.monotonic() + 10
+        while not _gone(sleeper):
+            assert time.monotonic() < deadline, "the step's sleep outlived the command"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+        if sleeper is not None and not _gone(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
 def test_cli_restores_the_callers_signal_handlers(tmp_path):
     """main() installs its SIGTERM/SIGHUP handlers only for the run and puts back the caller's."""
     from parexec.cli import main

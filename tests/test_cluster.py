@@ -487,3 +487,22 @@ def test_unpicklable_literal_argument_of_a_cluster_task_fails_before_anything_ru
     with pytest.raises(px.PicklingError, match="'remote' runs in a cluster worker"):
         px.run(wf, cluster=client, progress=False)
     assert not marker.exists()
+
+
+def _make_list():
+    return list(range(1000))
+
+
+def _sum_list(xs):
+    return sum(xs)
+
+
+def test_sized_cluster_task_gets_its_input_under_keep_leaves(client):
+    """A cluster task whose timeout= is a callable of its input receives that input even
+    when keep="leaves" leaves values on the cluster (the driver fetches what it evaluates)."""
+    with px.Workflow("sized") as wf:
+        xs = wf.add(px.task(_make_list).options(id="make", isolation="cluster"))
+        used = wf.add(px.task(_sum_list).options(id="use", isolation="cluster",
+                                                 timeout=lambda xs: 5.0 + len(xs) / 1000), xs)
+    result = px.run(wf, cluster=client, keep="leaves", progress=False)
+    assert result[used] == sum(range(1000))

@@ -516,6 +516,7 @@ def test_child_forked_during_a_run_gets_the_blas_environment_from_before_it(monk
 def test_adopted_orphans_are_reaped_between_tasks():
     """A worker adopts orphans (it is their subreaper): those that exit are reaped after the
     task, so a long-lived worker does not pile up zombies."""
+    _pools.shutdown_process_pool()  # one worker in the pool: both runs get the same one
     with px.Workflow("w", isolation="process", max_workers=1) as wf:
         for i in range(5):
             wf.add(px.task(helpers.orphan_quick_child).options(id=f"o{i}"))
