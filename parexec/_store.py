@@ -470,6 +470,9 @@ def _prepare(db: sqlite3.Connection, path: str, timeout: float) -> None:
         if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
             raise sqlite3.OperationalError("database is locked")
     db.execute("PRAGMA synchronous=NORMAL")
+    # After a checkpoint, cut the WAL file back to 64 MB: one 80 MB value would otherwise
+    # leave it that large until the last connection closes.
+    db.execute("PRAGMA journal_size_limit=67108864")
     _begin(db, timeout)
     try:
         app = db.execute("PRAGMA application_id").fetchone()[0]
