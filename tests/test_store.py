@@ -733,3 +733,22 @@ def test_a_version_1_store_is_migrated(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT count(*) FROM records").fetchone() == (3,)
     assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+def test_damaged_store_from_the_command_line_exits_2(tmp_path, capsys):
+    """`parexec run --store` on a damaged store prints one message naming the file and
+    exits 2 (it was a raw sqlite3.DatabaseError traceback and exit 1)."""
+    from parexec.cli import main
+    f = tmp_path / "p.yaml"
+    f.write_text("name: p\nsteps:\n" + "".join(
+        f"  - id: s{i}\n    type: script\n    config: {{command: 'true'}}\n" for i in range(60)))
+    db = tmp_path / "s.db"
+    assert main(["run", str(f), "--store", str(db), "--quiet"]) == 0
+    size = db.stat().st_size
+    with open(db, "r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"\xff" * (size - 4096))
+    capsys.readouterr()
+    assert main(["run", str(f), "--store", str(db), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and str(db) in err and "Traceback" not in err
