@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import prop_item, prop_task, prop_value
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import parexec as px
@@ -123,9 +123,7 @@ def plans(draw) -> Plan:
                                       wait=draw(st.sampled_from(WAITS)),
                                       max_concurrent=draw(st.sampled_from([None, 1, 2])))
             elif kind == "smap":
-                # Known (/tmp/findings.md F2): a static map over [] hangs the run; draw
-                # from 0 once the fix landed.
-                nodes[nid] = NodePlan(nid, "smap", [], items=draw(st.integers(1, 4)),
+                nodes[nid] = NodePlan(nid, "smap", [], items=draw(st.integers(0, 4)),
                                       max_concurrent=draw(st.sampled_from([None, 1, 2])))
             else:
                 src = new_task(f"{nid}-src", [])
@@ -431,13 +429,11 @@ def check_stats(result: px.RunResult, plan: Plan) -> None:
                   + [(a, b, tid, f"attempt {n}: {outcome}", w)
                      for tid, tr in result.tasks.items() if tid not in plan.nodes
                      for n, a, b, w, outcome in tr.history or ()])
-    overlaps = [(a, b) for k, a in enumerate(recs) for b in recs[k + 1:] if b[0] < a[1]]
-    # Known (/tmp/findings.md F1): a task cancelled while it waits for a retry keeps its
-    # last attempt both in history and as its own span, so stats count it twice.
-    doubled = any((tr.started_at, tr.finished_at) in {(a, b) for _, a, b, _, _ in tr.history}
-                  for tr in result.tasks.values() if tr.history)
-    if not doubled:
-        assert s.max_concurrency <= plan.max_workers, overlaps[:3]
+    # The records' own overlap (a killed worker's attempt ends when the scheduler saw it
+    # die, so records may overlap more than the tasks ran: the gates are checked from the
+    # tasks' log in check_order_and_gates).
+    peak = max((sum(r[0] <= a[0] < r[1] for r in recs) for a in recs), default=0)
+    assert s.max_concurrency == peak, recs
     assert s.makespan >= 0
     if s.makespan > 0:
         assert s.speedup == pytest.approx(s.total_task_time / s.makespan)
@@ -592,8 +588,36 @@ def check_resume(plan: Plan, first: px.RunResult, folder: Path, store: str) -> N
             assert now != "cached", f"{tid!r}: {was}, then served from the store"
 
 
+def _task(tid: str, behaviour: str = "ok", **fields: object) -> TaskPlan:
+    base: dict[str, object] = dict(tid=tid, isolation="thread", deps=[], behaviour=behaviour,
+                                   on_error="fail", priority=0, pool=0, cpus=1.0, pause=0.0,
+                                   retry=0)
+    return TaskPlan(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def _plan(tasks: list[TaskPlan], nodes: list[NodePlan], order: list[str]) -> Plan:
+    return Plan(tasks={t.tid: t for t in tasks}, nodes={n.nid: n for n in nodes}, order=order,
+                max_workers=1, cpu_budget=1.0, db=2, action="none", action_at=1,
+                run_timeout=0.1, store=False)
+
+
+# Shrunk examples of the bugs this test found (kept as regressions):
+# a static map over [] hung the run forever (fixed in 11528e8);
+EMPTY_MAP = _plan([_task("t0", deps=["smap0"])], [NodePlan("smap0", "smap", [], items=0)],
+                  ["smap0", "t0"])
+# a group member cancelled while it waited for its retry had its attempt counted twice in
+# the stats (max_concurrency 2 with one slot; fixed in 11528e8).
+CANCELLED_IN_BACKOFF = _plan(
+    [_task("group0-m0", "raise", retry=1, priority=1, group="group0"),
+     _task("group0-m1", group="group0")],
+    [NodePlan("group0", "group", ["group0-m0", "group0-m1"], wait="any")],
+    ["group0-m0", "group0-m1", "group0"])
+
+
 @pytest.mark.timeout(120 + 15 * settings().max_examples)  # the active profile's
 @given(plan=plans())
+@example(plan=EMPTY_MAP)
+@example(plan=CANCELLED_IN_BACKOFF)
 def test_random_workflows_keep_every_invariant(plan, tmp_path_factory):
     """Random workflows with random faults and run-level actions keep every invariant."""
     run_plan(plan, tmp_path_factory.mktemp("prop"))
