@@ -484,23 +484,29 @@ def test_prune_keeps_the_newest_records_of_each_task(tmp_path):
             store.prune(keep_last=-1)
 
 
-def test_cli_store_prune(tmp_path, capsys):
+def parexec_command(*args):
+    """Run the ``parexec`` command in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "parexec", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_store_prune(tmp_path):
     """`parexec store prune DB --keep-last N [--workflow W] [--older-than DAYS]` deletes old
     records and says how many; bad options and a missing file exit 2 with a message."""
-    from parexec.cli import main
     db = tmp_path / "s.db"
     for version in range(1, 4):
         px.run(versions_workflow(-version), store=db, progress=False)
-    assert main(["store", "prune", str(db), "--workflow", "p", "--keep-last", "1"]) == 0
-    assert "4 record(s) deleted" in capsys.readouterr().out
-    assert main(["store", "prune", str(db), "--older-than", "1"]) == 0
-    assert "0 record(s) deleted" in capsys.readouterr().out
-    assert main(["store", "prune", str(db)]) == 2
-    assert "--keep-last N and/or --older-than DAYS" in capsys.readouterr().err
-    assert main(["store", "prune", str(db), "--keep-last", "-3"]) == 2
-    assert "-3" in capsys.readouterr().err
-    assert main(["store", "prune", str(tmp_path / "nope.db"), "--keep-last", "1"]) == 2
-    assert "nope.db" in capsys.readouterr().err
+    proc = parexec_command("store", "prune", db, "--workflow", "p", "--keep-last", "1")
+    assert proc.returncode == 0 and "4 record(s) deleted" in proc.stdout, proc.stderr
+    proc = parexec_command("store", "prune", db, "--older-than", "1")
+    assert proc.returncode == 0 and "0 record(s) deleted" in proc.stdout, proc.stderr
+    proc = parexec_command("store", "prune", db)
+    assert proc.returncode == 2 and "--keep-last N and/or --older-than DAYS" in proc.stderr
+    proc = parexec_command("store", "prune", db, "--keep-last", "-3")
+    assert proc.returncode == 2 and "-3" in proc.stderr
+    proc = parexec_command("store", "prune", tmp_path / "nope.db", "--keep-last", "1")
+    assert proc.returncode == 2 and "nope.db" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # Records are not lost at exit (issue 21 item 3) ----------------------------------------------
@@ -735,20 +741,20 @@ def test_a_version_1_store_is_migrated(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone() == (2,)
 
 
-def test_damaged_store_from_the_command_line_exits_2(tmp_path, capsys):
+def test_damaged_store_from_the_command_line_exits_2(tmp_path):
     """`parexec run --store` on a damaged store prints one message naming the file and
     exits 2 (it was a raw sqlite3.DatabaseError traceback and exit 1)."""
-    from parexec.cli import main
     f = tmp_path / "p.yaml"
     f.write_text("name: p\nsteps:\n" + "".join(
         f"  - id: s{i}\n    type: script\n    config: {{command: 'true'}}\n" for i in range(60)))
     db = tmp_path / "s.db"
-    assert main(["run", str(f), "--store", str(db), "--quiet"]) == 0
+    proc = parexec_command("run", f, "--store", db, "--quiet")
+    assert proc.returncode == 0, proc.stderr
     size = db.stat().st_size
     with open(db, "r+b") as fh:
         fh.seek(4096)
         fh.write(b"\xff" * (size - 4096))
-    capsys.readouterr()
-    assert main(["run", str(f), "--store", str(db), "--resume", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "damaged" in err and str(db) in err and "Traceback" not in err
+    proc = parexec_command("run", f, "--store", db, "--resume", "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    assert "damaged" in proc.stderr and str(db) in proc.stderr
+    assert "Traceback" not in proc.stderr
