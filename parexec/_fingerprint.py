@@ -328,8 +328,8 @@ class _Fingerprinter:
             h.update(self.code(base, depth + 1))
         attrs = cls.__dict__
         for attr in sorted(attrs):
-            if attr == "__doc__":
-                continue  # no behaviour; and a dataclass's shows its defaults in hash order
+            if attr in _CLASS_NOISE:
+                continue  # see _CLASS_NOISE
             value = attrs[attr]
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__
@@ -398,6 +398,14 @@ def _names(code: types.CodeType) -> frozenset[str]:
 # Where code comes from -----------------------------------------------------------------------
 
 _origins: dict[str, str] = {}
+
+
+# Class attributes that say nothing about behaviour: ``__doc__`` (a dataclass's shows its
+# defaults in hash order), and caches Python adds to a class as it is used, which would make a
+# class fingerprint change within one interpreter: ``__slotnames__`` appears once an instance
+# is pickled (copyreg), ``_abc_impl`` holds an ABC's registry cache.
+_CLASS_NOISE = frozenset({"__doc__", "__slotnames__", "_abc_impl", "__weakref__",
+                          "__dict__", "__parameters__", "__orig_bases__"})
 
 
 def _origin(mod: types.ModuleType | None) -> str:

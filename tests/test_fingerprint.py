@@ -117,3 +117,26 @@ def test_structural_fingerprint_follows_the_object_and_refuses_cycles():
 
 def echo_args(*args):
     return args
+
+
+class _Plain:
+    pass
+
+
+def _make_plain():
+    return _Plain()
+
+
+def test_a_class_fingerprint_does_not_change_once_an_instance_was_pickled():
+    """Pickling an instance adds __slotnames__ to its class: the fingerprint must not move."""
+    import pickle
+
+    import parexec as px
+    from parexec._fingerprint import fingerprints
+    with px.Workflow("w") as wf:
+        px.task(_make_plain, id="a")()
+    specs, graph = list(wf.tasks.values()), wf.graph()
+    before = fingerprints(specs, graph.order, graph.deps)
+    pickle.dumps(_Plain())
+    assert "__slotnames__" in _Plain.__dict__
+    assert fingerprints(specs, graph.order, graph.deps) == before
