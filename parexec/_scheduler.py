@@ -301,6 +301,8 @@ class _Scheduler:
         self.result: RunResult | None = None
         self.crash: BaseException | None = None
         self.store = store
+        # Records lost before this run (a Store object shared by several runs) are not ours.
+        self.store_lost0: int = getattr(store, "lost", 0) if store is not None else 0
         self.fps: list[str | None] = []
         self.cached: Any = {}
         # keep= other than "all": kept[i] says whether task i's value stays in the result;
@@ -1616,7 +1618,7 @@ class Run:
         if s.late_warning:
             warnings.warn(s.late_warning, RuntimeWarning, stacklevel=level)
         store = s.store
-        lost = getattr(store, "lost", 0) if store is not None else 0
+        lost = getattr(store, "lost", 0) - s.store_lost0 if store is not None else 0
         if lost and s.crash is None:
             from ._errors import StoreError
             msg = (f"store {store.path!r}: {lost} record(s) of run {self.workflow!r} could not "

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sqlite3
+import warnings
 import stat
 import subprocess
 import sys
@@ -273,6 +274,10 @@ def test_lost_records_only_warn_when_the_store_says_so(tmp_path):
     finally:
         holder.close()
     assert result.ok and store.lost == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the next run lost nothing: it warns of nothing
+        assert px.run(three_tasks(), store=store, progress=False).ok
+    assert store.lost == 3
     store.close()
 
 
