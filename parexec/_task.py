@@ -244,7 +244,7 @@ class TaskSpec:
 
     __slots__ = ("id", "name", "fn", "args", "kwargs", "deps", "has_refs", "isolation",
                  "priority", "estimate", "timeout", "retry", "on_error", "cpus", "memory",
-                 "pools", "default", "group", "sizers", "exclusive")
+                 "pools", "default", "group", "sizers", "exclusive", "grace")
 
     def __init__(self, id: str, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], deps: tuple[str, ...], has_refs: bool,
@@ -260,6 +260,8 @@ class TaskSpec:
         self.priority: int = options.get("priority", 0)
         self.estimate: float | None = options.get("estimate")
         self.timeout: float | None = options.get("timeout")
+        # None: not given, so the run's or the workflow's grace applies (default 0).
+        self.grace: float | None = options.get("grace")
         self.retry: Retry | None = options.get("retry")
         self.on_error: OnError = options.get("on_error", "fail")
         self.cpus: float = options.get("cpus", 1)
@@ -287,7 +289,22 @@ class TaskSpec:
 # Option parsing ---------------------------------------------------------------------------
 
 _OPTIONS = ("id", "name", "isolation", "priority", "estimate", "timeout", "retry", "on_error",
-            "cpus", "memory", "pools", "after", "default")
+            "cpus", "memory", "pools", "after", "default", "grace")
+
+
+def check_grace(value: Any, where: str) -> float | None:
+    """Validate a ``grace`` (seconds >= 0, or None for "not given").
+
+    Raises:
+        TaskOptionError: ``value`` is not a finite number of seconds >= 0; the message
+            starts with ``where`` (e.g. ``"task 'fit'"``).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (value >= 0 and math.isfinite(value)):
+        raise TaskOptionError(f"{where}: grace={value!r} must be a number of seconds >= 0")
+    return float(value)
 
 
 def check_positive(value: Any, where: str, field: str,
@@ -402,6 +419,8 @@ def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
         elif key == "timeout":
             if value is not None:
                 value = check_positive(value, f"task {task!r}", "timeout")
+        elif key == "grace":
+            value = check_grace(value, f"task {task!r}")
         elif key == "retry":
             if value is None or value == 0:
                 value = None
@@ -738,6 +757,15 @@ def task(fn: Callable[P, R] | None = None, /, **options: Any) -> Any:
               critical path (1 s per task when unknown; a store's recorded durations fill in).
             * ``timeout`` (seconds, default None): bound of ONE attempt; a process task that
               overruns is killed alone, a thread task is marked timed out and flagged.
+            * ``grace`` (seconds >= 0, default the run's, else the workflow's, else 0):
+              with ``grace > 0``, a task that times out or is cancelled first gets
+              ``px.TaskTimeout`` (or ``px.Cancelled``) raised inside it, so its ``except``,
+              ``finally`` and ``with`` blocks run. A process task still running ``grace``
+              seconds later is killed (its ``finally`` blocks then do not run). In a thread
+              the exception interrupts Python code only, not a blocking C call such as
+              ``time.sleep`` or a socket read: it lands once that call returns, and until
+              then the thread holds its slot as with ``grace=0``. The task's outcome is
+              decided at the timeout or cancel: catching the exception does not save it.
             * ``retry`` (``px.Retry(...)`` or int = max_retries, default no retry).
             * ``on_error`` (``"fail"`` | ``"skip"`` | ``"ignore"``, default ``"fail"``): stop
               the run / skip the dependents / give dependents ``default``.

@@ -46,6 +46,8 @@ def test_decorator_with_options_and_options_override():
     ({"priority": 1.5}, "priority=1.5 must be an integer"),
     ({"pools": {"db": 0}}, "whole numbers of units >= 1"),
     ({"timout": 3}, "did you mean 'timeout'"),
+    ({"grace": -1}, "grace=-1 must be a number of seconds >= 0"),
+    ({"grace": "x"}, "grace='x' must be a number of seconds >= 0"),
 ])
 def test_bad_options_name_the_task_and_the_fix(options, fragment):
     """Each bad option value is a TaskOptionError naming the task and the problem."""
