@@ -111,6 +111,15 @@ class ThreadPool:
         """Threads cannot be killed: return False (the caller sets the cancel flag)."""
         return False
 
+    def interrupt(self, attempt: Any, cancel: bool) -> bool:
+        """Raise ``px.Cancelled`` (``cancel``) or ``px.TaskTimeout`` in ``attempt``'s thread.
+
+        Only while the attempt's function runs (see ``_Guard``); it interrupts Python code,
+        not a blocking C call. Returns whether the exception was set.
+        """
+        guard = attempt.handle
+        return isinstance(guard, _Guard) and guard.interrupt(attempt, cancel)
+
     def shutdown(self) -> None:
         """Let idle threads exit; busy ones exit when their task returns."""
         for _ in range(self._nthreads):
@@ -119,11 +128,64 @@ class ThreadPool:
         self.cap.restore()
 
 
+class _Guard:
+    """Makes a graceful stop (``grace=``) land only in the attempt it is meant for.
+
+    ``PyThreadState_SetAsyncExc`` raises in whatever the thread runs next, so the scheduler
+    sets it only under ``lock`` while ``attempt`` is armed, and the worker disarms under the
+    same lock right after the call, clearing an exception still pending: it can never reach
+    the worker's loop or the next task on this thread.
+    """
+
+    __slots__ = ("tid", "lock", "attempt")
+
+    def __init__(self) -> None:
+        self.tid = threading.get_ident()
+        self.lock = threading.Lock()
+        self.attempt: Any = None  # the attempt whose function runs now, else None
+
+    def interrupt(self, attempt: Any, cancel: bool) -> bool:
+        import ctypes
+        exc_type = _stop_exception(attempt, cancel)
+        with self.lock:
+            if self.attempt is not attempt:
+                return False
+            self.attempt = None  # one exception per attempt
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.tid),
+                                                       ctypes.py_object(exc_type))
+        return True
+
+    def disarm(self) -> None:
+        import ctypes
+        with self.lock:
+            self.attempt = None
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.tid), None)
+
+
+def _stop_exception(attempt: Any, cancel: bool) -> type[BaseException]:
+    """A subclass of ``px.Cancelled`` or ``px.TaskTimeout`` whose message names the task.
+
+    ``PyThreadState_SetAsyncExc`` takes a class and raises it without arguments.
+    """
+    from ._errors import Cancelled, TaskTimeout
+    base: type[BaseException] = Cancelled if cancel else TaskTimeout
+    message = (f"task {attempt.task_id!r} (attempt {attempt.number}) was cancelled" if cancel
+               else f"task {attempt.task_id!r} attempt {attempt.number} exceeded its timeout")
+    message += "; interrupted for its grace period"
+
+    def __init__(self: BaseException, *args: Any) -> None:
+        base.__init__(self, *(args or (message,)))
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                         "__qualname__": base.__qualname__})
+
+
 def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
     from time import monotonic
     name = threading.current_thread().name
     local = _local
     get = inbox.get
+    guard = _Guard()
     while True:
         item = get()
         if item is None:
@@ -142,11 +204,19 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
         attempt.t_start = monotonic()
         if attempt.prefetched:  # it waited in the queue: say when it really starts
             attempt.queue.put((attempt, STARTED, attempt.t_start, name, None))
+        attempt.handle = guard
         try:
-            value = fn(*args, **kwargs)
-            if iscoroutine(value):  # an async def task: cancellable while it awaits
-                value = run_coroutine(value, attempt)
+            # A graceful stop may land from arming until disarm() holds the lock; landing in
+            # the finally before that, it is caught below like the task's own error.
+            guard.attempt = attempt
+            try:
+                value = fn(*args, **kwargs)
+                if iscoroutine(value):  # an async def task: cancellable while it awaits
+                    value = run_coroutine(value, attempt)
+            finally:
+                guard.disarm()
         except BaseException as exc:  # noqa: BLE001 - every outcome is reported
+            guard.disarm()
             attempt.t_end = monotonic()
             exc.__traceback__ = user_frames(exc.__traceback__)  # as in processes
             attempt.queue.put((attempt, False, exc, name, None))
@@ -292,6 +362,27 @@ class ProcessPool:
                 return True
             worker.killed = True
         kill_tree(worker.pid)
+        return True
+
+    def interrupt(self, attempt: Any, cancel: bool) -> bool:
+        """Signal ``attempt``'s worker to raise ``px.Cancelled`` or ``px.TaskTimeout`` in it.
+
+        ``px.Cancelled`` when ``cancel``. This is the graceful stop of ``grace=``; the
+        caller kills the worker later if the attempt goes on. Returns False when the
+        attempt is no longer on its worker (its reply was read). Sent under the lock, so
+        the worker cannot have been given another task meanwhile: a signal that arrives
+        after the attempt returned finds no task running and is ignored (see
+        ``_worker._on_stop_signal``).
+        """
+        from ._worker import SIG_CANCEL, SIG_TIMEOUT
+        worker = attempt.handle
+        with self._lock:
+            if worker is None or worker.attempt is not attempt or worker.killed:
+                return False
+            try:
+                os.kill(worker.pid, SIG_CANCEL if cancel else SIG_TIMEOUT)
+            except ProcessLookupError:
+                return False  # it died: the reader reports the crash
         return True
 
     def kill_for_memory(self, attempt: Any, used: int, limit: int) -> None:

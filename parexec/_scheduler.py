@@ -28,6 +28,13 @@ Cancellation semantics (``run.cancel()``, Ctrl-C, the run's timeout, a failure u
 attempts are stopped at once by killing their worker; thread attempts cannot be stopped, so
 their cancel flag is set (``px.current().cancelled()``) and the run waits for them to return,
 at most ``GRACE`` seconds, then warns with the ids of those that ignored the flag.
+
+With ``grace > 0`` (a task option, else the run's, else the workflow's), stopping an attempt
+first raises ``px.TaskTimeout`` or ``px.Cancelled`` inside it, so its ``finally`` blocks run:
+a process worker gets a signal and is killed only if its attempt is still running ``grace``
+seconds later (a ``_KILL`` deadline; until then the attempt, decided already, holds its
+resources in ``interrupted``); a thread gets the exception through
+``PyThreadState_SetAsyncExc`` (``_pools._Guard``) and is otherwise treated as above.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from ._gates import EXCLUSIVE, CapacityGate, MemoryGate, build_gates, check_reso
 from ._graph import critical_path, depths as graph_levels
 from ._pools import ThreadPool, process_pool
 from ._results import RunResult, RunStats, TaskRun, build_stats
-from ._task import Outcome, TaskSpec, resolve_args, resolve_refs, sized_value
+from ._task import Outcome, TaskSpec, check_grace, resolve_args, resolve_refs, sized_value
 from ._worker import STARTED
 from ._workflow import Workflow, check_cpu_budget, check_max_workers, check_timeout
 
@@ -95,7 +102,7 @@ _STATUS = {TaskState.SUCCEEDED: "succeeded", TaskState.FAILED: "failed",
            TaskState.TIMED_OUT: "timed_out", TaskState.CACHED: "cached"}
 
 # Deadline kinds
-_TIMEOUT, _RETRY, _RUN_TIMEOUT, _GRACE, _RECHECK, _GROUP_TIMEOUT = range(6)
+_TIMEOUT, _RETRY, _RUN_TIMEOUT, _GRACE, _RECHECK, _GROUP_TIMEOUT, _KILL = range(7)
 _DONE_OK = (TaskState.SUCCEEDED, TaskState.CACHED)
 
 
@@ -195,8 +202,14 @@ class _Scheduler:
                  subscribers: list[tuple[str, Callable[[Event], Any]]],
                  force_cpu_gate: bool, store: Any = None, resume: bool = False,
                  cluster: Any = None, own_store: bool = True,
-                 keep: Any = "all", explicit_memory: bool = True) -> None:
+                 keep: Any = "all", explicit_memory: bool = True,
+                 grace: float | None = None) -> None:
         self.wf = wf
+        # grace= (issue 17 item 4): a task's own wins, then the run's, then the workflow's.
+        wf_grace = getattr(wf, "grace", None)
+        self.grace = grace if grace is not None else wf_grace if wf_grace is not None else 0.0
+        self.interrupted: set[_Attempt] = set()  # process attempts in their grace period
+        self.kill_by = 0.0  # the latest _KILL deadline (the run waits for it at its end)
         self.explicit_memory = explicit_memory
         self.own_store = own_store
         self.keep = keep
@@ -441,9 +454,12 @@ class _Scheduler:
         logger.info("run of %r: %d task(s) served from the store", self.name, len(cached))
 
     def start_grace(self) -> None:
-        """Wait for thread attempts to return, but at most ``GRACE`` seconds from now."""
+        """Wait for thread attempts to return, but at most ``GRACE`` seconds from now.
+
+        Interrupted process attempts (``grace=``) are waited for until their kill, if later.
+        """
         if self.grace_at is None:
-            self.grace_at = self.clock() + GRACE
+            self.grace_at = max(self.clock() + GRACE, self.kill_by)
             self.add_deadline(self.grace_at, _GRACE, None)
 
     def add_deadline(self, when: float, kind: int, payload: Any) -> None:
@@ -767,6 +783,7 @@ class _Scheduler:
         if attempt.final:
             if attempt.holding:
                 self.zombies.discard(attempt)
+                self.interrupted.discard(attempt)  # returned within its grace: worker kept
                 self.release(attempt)
             return
         # This is the hot path of every task: release() and succeeded() are inlined.
@@ -1054,6 +1071,9 @@ class _Scheduler:
                     self.stop("timed_out")
             elif kind == _GRACE:
                 self.end_grace()
+            elif kind == _KILL:
+                if payload in self.interrupted:
+                    self.kill_interrupted(payload)
             elif kind == _RECHECK:
                 self.recheck_pending = False
                 if payload.parked:
@@ -1074,7 +1094,7 @@ class _Scheduler:
         tr.finished_at = self.clock() + self.offset
         if self.em:
             self.emit("task:timeout", i, attempt.number, tr.duration, error)
-        if not self.kill_or_flag(attempt):
+        if not self.kill_or_flag(attempt, cancel=False):
             # A thread cannot be stopped: its outcome is decided now, but it keeps its slot
             # (and other resources) until the function returns.
             attempt.final = True
@@ -1082,17 +1102,47 @@ class _Scheduler:
             self.zombies.add(attempt)
         self.attempt_failed(i, attempt, error, None, timed_out=True)
 
-    def kill_or_flag(self, attempt: _Attempt) -> bool:
+    def grace_of(self, i: int) -> float:
+        """Task ``i``'s grace: its own, else the run's, else the workflow's (default 0)."""
+        grace = self.specs[i].grace
+        return self.grace if grace is None else grace
+
+    def kill_or_flag(self, attempt: _Attempt, cancel: bool = True) -> bool:
         """Stop a running attempt. A process worker is killed: the attempt is then final and
-        its resources are released, and True is returned. A thread gets its cancel flag."""
+        its resources are released, and True is returned. A thread gets its cancel flag.
+
+        With ``grace > 0``, ``px.Cancelled`` (``cancel``) or ``px.TaskTimeout`` is first
+        raised inside the attempt: a process attempt is then final too (True), but holds its
+        resources until its worker returns or is killed ``grace`` seconds later.
+        """
         if attempt.worker is not None:  # the record keeps where it ran, whatever happens next
             self.runs[attempt.index].worker = attempt.worker
-        if attempt.pool.kill(attempt):
+        pool = attempt.pool
+        grace = self.grace_of(attempt.index)
+        if grace > 0 and pool is self.procs and pool is not None \
+                and pool.interrupt(attempt, cancel):
+            attempt.final = True
+            self.running.pop(attempt, None)
+            self.interrupted.add(attempt)
+            when = self.clock() + grace
+            self.kill_by = max(self.kill_by, when)
+            self.add_deadline(when, _KILL, attempt)
+            return True
+        if pool.kill(attempt):
             attempt.final = True
             self.release(attempt)
             return True
         attempt.request_cancel()
+        if grace > 0 and pool is self.threads:
+            pool.interrupt(attempt, cancel)
         return False
+
+    def kill_interrupted(self, attempt: _Attempt) -> None:
+        """An interrupted process attempt outlived its grace: kill its worker (and tree)."""
+        self.interrupted.discard(attempt)
+        attempt.pool.kill(attempt)
+        if attempt.holding:
+            self.release(attempt)
 
     # Groups and maps ------------------------------------------------------------------
 
@@ -1399,6 +1449,8 @@ class _Scheduler:
     def end_grace(self) -> None:
         """The grace period is over: give up on thread attempts that ignored their flag."""
         self.grace_ended = True
+        for attempt in list(self.interrupted):  # none is left past its own _KILL deadline
+            self.kill_interrupted(attempt)
         late = list(self.running)  # only thread attempts can still be undecided here
         for attempt in late:
             attempt.final = True
@@ -1638,7 +1690,7 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
           timeout: float | None = None, progress: bool | str = "auto",
           on_event: Callable[[Event], Any] | None = None, store: Any = None,
           resume: bool = False, cluster: Any = None, check: bool = True,
-          keep: str | Iterable[Any] = "all") -> Run:
+          keep: str | Iterable[Any] = "all", grace: float | None = None) -> Run:
     """Validate ``wf`` and start running it on a scheduler thread; return a ``Run`` handle.
 
     Takes the same arguments as ``run``. Nothing runs if validation fails.
@@ -1654,6 +1706,7 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     explicit_cpu = check_cpu_budget(cpu_budget, "run") or wf.cpu_budget
     cpus = explicit_cpu or float(max_workers)
     timeout = check_timeout(timeout, "run") or wf.timeout
+    grace = check_grace(grace, "run")
     if memory_budget is not None:
         from ._task import parse_size
         mem_budget: int | None = parse_size(memory_budget, what="run: memory_budget")
@@ -1697,7 +1750,7 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
                            timeout=timeout,
                            subscribers=subscribers, force_cpu_gate=explicit_cpu is not None,
                            store=opened, resume=resume, cluster=cluster,
-                           own_store=opened is not store, keep=keep)
+                           own_store=opened is not store, keep=keep, grace=grace)
     handle = Run(scheduler, check)
     _link_to_enclosing_task(handle)
     return handle
@@ -1708,7 +1761,7 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
         timeout: float | None = None, progress: bool | str = "auto",
         on_event: Callable[[Event], Any] | None = None, store: Any = None,
         resume: bool = False, cluster: Any = None, check: bool = True,
-        keep: str | Iterable[Any] = "all") -> RunResult:
+        keep: str | Iterable[Any] = "all", grace: float | None = None) -> RunResult:
     """Run a workflow to the end and return its ``RunResult``.
 
     Usage::
@@ -1735,6 +1788,8 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
             soon as every task that consumes it finished (its ``TaskRun`` keeps status, times
             and errors; ``result[ref]`` raises ``KeyError``), so a long chain of large
             intermediates holds one or two at a time. The store still records every value.
+        grace: Default ``grace`` (seconds) of the tasks that set none (default: the
+            workflow's, else 0); see ``px.task``.
 
     Raises:
         WorkflowError: The workflow is invalid (nothing ran).
@@ -1745,7 +1800,7 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
     handle = start(wf, max_workers=max_workers, parallel=parallel, cpu_budget=cpu_budget,
                    memory_budget=memory_budget, timeout=timeout, progress=progress,
                    on_event=on_event, store=store, resume=resume, cluster=cluster, check=check,
-                   keep=keep)
+                   keep=keep, grace=grace)
     try:
         return handle.wait()
     except KeyboardInterrupt:

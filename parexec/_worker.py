@@ -12,7 +12,9 @@ of the outcome, travel through shared-memory segments named in the message (``_s
 
 The worker ignores SIGINT (a notebook's interrupt button signals the whole process group;
 the scheduler alone decides what to stop) and exits as soon as its parent process is gone,
-even in the middle of a task.
+even in the middle of a task. ``SIG_TIMEOUT`` and ``SIG_CANCEL`` (SIGUSR1, SIGUSR2) are the
+driver's graceful stop (``grace=``): they raise ``px.TaskTimeout`` or ``px.Cancelled`` in the
+task, and only while its function runs (``_interruptible``), never in the worker's loop.
 
 What a worker's tasks start never outlives it: the worker is the child subreaper of its
 descendants (a double-forked daemon stays in its tree), kills them all when its parent dies
@@ -35,7 +37,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _shm
-from ._errors import Cancelled, ParexecError
+from ._errors import Cancelled, ParexecError, TaskTimeout
 
 __all__ = ["STARTED", "TaskContext", "current"]
 
@@ -44,6 +46,28 @@ __all__ = ["STARTED", "TaskContext", "current"]
 # after their hand-over (prefetched thread tasks, cluster tasks queued in Dask), so events,
 # timeouts and the worker column follow the real start.
 STARTED = "started"
+
+# Graceful stop of a process task (grace=): the driver signals the worker; the handler raises
+# inside the task. SIGINT is ignored in workers (a notebook interrupt hits the whole process
+# group), so two other signals say which exception to raise.
+SIG_TIMEOUT = signal.SIGUSR1
+SIG_CANCEL = signal.SIGUSR2
+# (task id, attempt) while the task's function runs in this process's main thread, else None:
+# a signal arriving outside that window (unpickling, replying, idle) is ignored.
+_interruptible: tuple[str, int] | None = None
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """Raise the graceful stop's exception in the running task; ignore it between tasks."""
+    running = _interruptible
+    if running is None:
+        return
+    task_id, attempt = running
+    if signum == SIG_TIMEOUT:
+        raise TaskTimeout(f"task {task_id!r} attempt {attempt} exceeded its timeout; "
+                          "interrupted for its grace period")
+    raise Cancelled(f"task {task_id!r} (attempt {attempt}) was cancelled; interrupted for "
+                    "its grace period")
 
 
 class TaskContext:
@@ -363,6 +387,8 @@ def worker_main(conn: Any, driver_pid: int | None = None) -> None:
     """
     global _meter, _cap
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(SIG_TIMEOUT, _on_stop_signal)
+    signal.signal(SIG_CANCEL, _on_stop_signal)
     _cap = BlasCap()
     _become_subreaper()
     _allow_children()
@@ -587,6 +613,7 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
     with a directory, the result's large buffers go into segments there (``_shm.place``),
     those still in the payload's own unwritten segments by name, without a copy.
     """
+    global _interruptible
     task_id = "?"
     try:
         bufs = _shm.buffers(descs, piped, owner=False) if descs else None
@@ -603,10 +630,17 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
         meter.reset()
     t0 = monotonic()  # CLOCK_MONOTONIC is system-wide: the parent can use these readings
     try:
-        value = fn(*args, **kwargs)
-        if iscoroutine(value):  # an async def task: its value is the coroutine's result
-            value = run_coroutine(value)
+        # A stop signal (grace=) may raise from here until the flag is cleared; if it lands
+        # in the finally before the clearing, the outer except still catches it.
+        _interruptible = (task_id, attempt)
+        try:
+            value = fn(*args, **kwargs)
+            if iscoroutine(value):  # an async def task: its value is the coroutine's result
+                value = run_coroutine(value)
+        finally:
+            _interruptible = None
     except BaseException as exc:  # noqa: BLE001
+        _interruptible = None
         t1 = monotonic()
         exc.__traceback__ = user_frames(exc.__traceback__)
         return (_error_outcome(task_id, exc, meta=(meter.peak() if meter else None, t0, t1)),)

@@ -25,6 +25,7 @@ from ._task import (
     TaskTemplate,
     _fn_name,
     check_callable,
+    check_grace,
     check_id,
     check_options,
     check_positive,
@@ -67,6 +68,8 @@ class Workflow:
         isolation: Default isolation of tasks that do not choose one.
         timeout: Default time limit of a whole run, in seconds.
         description: Free text.
+        grace: Default ``grace`` (seconds) of tasks that set none, when the run sets none
+            either (default 0); see ``px.task``.
 
     Raises:
         TaskOptionError: A setting has an unusable value.
@@ -76,7 +79,7 @@ class Workflow:
                  pools: Mapping[str, int] | None = None,
                  memory_budget: int | str | None = None, cpu_budget: float | None = None,
                  isolation: str = "thread", timeout: float | None = None,
-                 description: str = "") -> None:
+                 description: str = "", grace: float | None = None) -> None:
         self.name = check_id(name, "Workflow name", brackets=False)
         self.max_workers = check_max_workers(max_workers, f"Workflow {name!r}")
         self.pools: dict[str, int] = {}
@@ -96,6 +99,7 @@ class Workflow:
                 f"{', '.join(map(repr, ISOLATIONS))}")
         self.isolation = isolation
         self.timeout = check_timeout(timeout, f"Workflow {name!r}")
+        self.grace = check_grace(grace, f"Workflow {name!r}")
         self.description = description
         self._specs: dict[str, TaskSpec] = {}
         self._name_counts: dict[str, int] = {}

@@ -449,3 +449,40 @@ def nested_run(isolation, n=3):
 
 def square_pid(x):
     return x * x, os.getpid()
+
+
+def finally_writes(path, started, seconds=30):
+    """Sleep; a ``finally`` block writes ``"<pid> <exception type>"`` to ``path`` (grace)."""
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    kind = "none"
+    try:
+        time.sleep(seconds)
+    except BaseException as exc:
+        kind = type(exc).__name__
+        raise
+    finally:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()} {kind}")
+
+
+def swallow_interrupt(started, seconds=30):
+    """Catch whatever interrupts the sleep, then sleep again (ignores a grace period)."""
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        time.sleep(seconds)
+    except BaseException:
+        time.sleep(seconds)
+    return "late"
+
+
+def spin(stopped, seconds=30):
+    """A pure-Python loop with no ``check()`` calls; sets ``stopped`` (an Event) on leaving."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            pass
+    finally:
+        stopped.set()
+    return "finished"

@@ -706,3 +706,123 @@ def test_cancel_during_backoff_counts_the_failed_attempt_once():
     tr = result.tasks["t"]
     assert tr.status == "cancelled" and tr.attempts == 1 and tr.history is None
     assert result.stats.max_concurrency == 1
+
+
+# Graceful timeouts and cancellation (grace=, issue 17 item 4) ---------------------------
+
+def _wait_for_file(path, seconds=20):
+    """The text of ``path`` once it exists and is not empty (written by a task)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.01)
+    raise AssertionError(f"{path} was never written")
+
+
+@pytest.mark.timeout(60)
+def test_grace_process_timeout_runs_finally_and_keeps_the_worker(tmp_path):
+    """grace>0: a timed-out process task's finally runs; its worker serves the next task."""
+    from helpers import finally_writes, pid
+    out, started = tmp_path / "out", tmp_path / "started"
+    with px.Workflow("w") as wf:
+        slow = wf.add(px.task(finally_writes).options(
+            isolation="process", timeout=0.5, grace=5, on_error="ignore"), str(out),
+            str(started))
+        nxt = wf.add(px.task(pid).options(isolation="process", after=[slow]))
+    t0 = time.monotonic()
+    result = px.run(wf, max_workers=1, progress=False, check=False)
+    assert time.monotonic() - t0 < 5  # the task left at its interruption, not at the kill
+    assert result.tasks[slow.id].status == "timed_out"
+    assert isinstance(result.tasks[slow.id].error, px.TaskTimeout)
+    worker_pid, kind = out.read_text().split()
+    assert kind == "TaskTimeout"
+    assert int(worker_pid) == int(started.read_text())
+    assert result.tasks[nxt.id].status == "succeeded"
+    assert result[nxt] == int(worker_pid)  # not killed: the same worker ran the next task
+
+
+@pytest.mark.timeout(60)
+def test_grace_process_task_that_swallows_the_interrupt_is_killed_after_grace(tmp_path):
+    """A process task catching the interrupt and sleeping on is killed ``grace`` s later."""
+    from helpers import pid, swallow_interrupt
+    started = tmp_path / "started"
+    with px.Workflow("w") as wf:
+        slow = wf.add(px.task(swallow_interrupt).options(
+            isolation="process", timeout=0.3, grace=1, on_error="ignore"), str(started))
+        nxt = wf.add(px.task(pid).options(isolation="process", after=[slow]))
+    t0 = time.monotonic()
+    result = px.run(wf, max_workers=1, progress=False, check=False)
+    elapsed = time.monotonic() - t0
+    assert 1.2 <= elapsed < 10
+    assert result.tasks[slow.id].status == "timed_out"
+    old = int(started.read_text())
+    assert result[nxt] != old  # the killed worker was replaced
+
+
+@pytest.mark.timeout(60)
+def test_grace_cancel_of_a_run_runs_the_process_task_finally(tmp_path):
+    """run.cancel() raises px.Cancelled inside a grace process task: its finally runs."""
+    from helpers import finally_writes
+    out, started = tmp_path / "out", tmp_path / "started"
+    with px.Workflow("w") as wf:
+        t = wf.add(px.task(finally_writes).options(isolation="process", grace=5),
+                   str(out), str(started))
+    run = px.start(wf, progress=False, check=False)
+    _wait_for_file(started)
+    run.cancel()
+    result = run.wait(timeout=30)
+    assert result.tasks[t.id].status == "cancelled"
+    assert out.read_text().split()[1] == "Cancelled"
+
+
+@pytest.mark.timeout(60)
+def test_grace_stops_a_pure_python_thread_loop_at_its_timeout(recwarn):
+    """A thread task looping in Python with no check() calls really stops with grace."""
+    from helpers import spin
+    stopped = threading.Event()
+    with px.Workflow("w") as wf:
+        t = wf.add(px.task(spin).options(timeout=0.3, grace=2), stopped)
+    t0 = time.monotonic()
+    result = px.run(wf, progress=False, check=False)
+    assert stopped.is_set()
+    assert time.monotonic() - t0 < 4  # well under the run's 5 s wait for ignored flags
+    assert result.tasks[t.id].status == "timed_out"
+    assert not [w for w in recwarn if "ignored" in str(w.message)]
+
+
+@pytest.mark.timeout(60)
+def test_grace_abandons_a_c_level_sleep_in_a_thread_as_today():
+    """A thread blocked in time.sleep (C) is not interrupted: abandoned with a warning."""
+    with px.Workflow("w") as wf:
+        t = wf.add(px.task(time.sleep).options(id="nap", timeout=0.2, grace=0.5), 30)
+    with pytest.warns(RuntimeWarning, match="nap"):
+        result = px.run(wf, progress=False, check=False)
+    assert result.tasks[t.id].status == "timed_out"
+
+
+@pytest.mark.timeout(60)
+def test_grace_interrupt_does_not_leak_into_the_next_task_on_the_same_thread():
+    """After a grace interrupt, the next task on the same (only) thread succeeds."""
+    from helpers import spin
+    stopped = threading.Event()
+    with px.Workflow("w") as wf:
+        a = wf.add(px.task(spin).options(timeout=0.2, grace=2, on_error="ignore"), stopped)
+        b = wf.add(px.task(sleep_then).options(id="next", after=[a]), 0.3, "ok")
+    result = px.run(wf, max_workers=1, progress=False, check=False)
+    assert result.tasks[a.id].status == "timed_out"
+    assert result.tasks[b.id].status == "succeeded" and result[b] == "ok"
+    assert result.tasks[b.id].worker == result.tasks[a.id].worker
+
+
+@pytest.mark.timeout(60)
+def test_grace_defaults_come_from_the_run_then_the_workflow(tmp_path):
+    """A task's grace wins over the run's, which wins over the workflow's."""
+    from helpers import finally_writes
+    out, started = tmp_path / "out", tmp_path / "started"
+    with px.Workflow("w", grace=0) as wf:
+        t = wf.add(px.task(finally_writes).options(isolation="process", timeout=0.3,
+                                                    on_error="ignore"), str(out), str(started))
+    result = px.run(wf, progress=False, check=False, grace=5)
+    assert result.tasks[t.id].status == "timed_out"
+    assert out.read_text().split()[1] == "TaskTimeout"
