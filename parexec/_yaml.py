@@ -11,6 +11,7 @@ The format (camelCase keys; README.rst, "Pipelines in YAML", has the full refere
       defaultMaxConcurrency: 4         # -> max_workers
       resources: {cpu: 2, network: 5}  # -> named pools (name: capacity)
     timeout: 600                       # seconds, the whole run
+    grace: 5                           # default grace of every step (see px.task)
     retry: {maxRetries: 2, initialDelay: 1, backoffFactor: 2}   # default of every step
     env: {LANG: C}                     # environment of script steps
     cwd: .                             # relative to the file's folder
@@ -22,6 +23,7 @@ The format (camelCase keys; README.rst, "Pipelines in YAML", has the full refere
         config: {command: make, args: ["${inputs.target}"], shell: false, env: {}, cwd: src}
         parallel: {resource: cpu, isolateErrors: true, enabled: true, maxConcurrency: 1}
         timeout: 300                   # seconds per attempt
+        grace: 10                      # seconds to clean up after a timeout or cancel
         retry: {maxRetries: 3}         # replaces the pipeline's
         priority: 10                   # higher starts first
         env: {CC: gcc}
@@ -95,10 +97,10 @@ from ._workflow import Workflow
 __all__ = ["ScriptError", "StepOutput", "load", "loads"]
 
 TOP_KEYS = ("name", "version", "description", "parallel", "steps", "timeout", "retry", "env",
-            "cwd", "inputs", "agents")
+            "cwd", "inputs", "agents", "grace")
 PARALLEL_KEYS = ("enabled", "defaultMaxConcurrency", "resources")
 STEP_KEYS = ("id", "name", "type", "config", "dependsOn", "parallel", "continueOnError",
-             "timeout", "retry", "env", "cwd", "priority", "isolation", "foreach")
+             "timeout", "retry", "env", "cwd", "priority", "isolation", "foreach", "grace")
 STEP_PARALLEL_KEYS = ("enabled", "maxConcurrency", "resource", "isolateErrors")
 RETRY_KEYS = ("maxRetries", "initialDelay", "backoffFactor")
 STEP_TYPES = {"script": ("command", "args", "shell", "env", "cwd"),
@@ -453,7 +455,8 @@ class _Loader:
                     ids[sid] = k
         wf = Workflow(name if isinstance(name, str) else "pipeline",
                       max_workers=max_workers, pools=pools or None, timeout=timeout,
-                      description=str(data.get("description") or ""))
+                      description=str(data.get("description") or ""),
+                      grace=self.grace(data.get("grace"), ("grace",)))
         wf.version = str(data.get("version", ""))  # type: ignore[attr-defined]
         plans = [self.step(k, s, ids, inputs, env, cwd, retry, pools)
                  for k, s in enumerate(steps)]
@@ -544,6 +547,16 @@ class _Loader:
             return float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             self.problem(path, f"{what} must be a positive number of seconds")
+        return None
+
+    def grace(self, value: Any, path: tuple[Any, ...]) -> float | None:
+        """A ``grace`` (seconds >= 0), or None when absent or wrong (a problem noted)."""
+        if value is None:
+            return None
+        if self.expect(value, (int, float), path, "grace") and 0 <= value < float("inf"):
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.problem(path, "grace must be a number of seconds >= 0")
         return None
 
     def retry(self, value: Any, path: tuple[Any, ...]) -> Retry | None:
@@ -736,6 +749,9 @@ class _Loader:
         timeout = self.seconds(step.get("timeout"), path + ("timeout",), "timeout")
         if timeout:
             options["timeout"] = timeout
+        grace = self.grace(step.get("grace"), path + ("grace",))
+        if grace is not None:
+            options["grace"] = grace
         retry = self.retry(step.get("retry"), path + ("retry",)) if "retry" in step else wf_retry
         if retry:
             options["retry"] = retry

@@ -854,3 +854,18 @@ def test_foreach_isolate_errors_stops_the_steps_other_items():
     assert result.tasks["s[0]"].status == "failed"
     assert result.tasks["s[1]"].status == "cancelled"
     assert result.stats.makespan < 20
+
+
+def test_grace_is_a_step_key_and_a_pipeline_default():
+    """``grace`` sets a step's grace; the top-level one is the workflow default."""
+    text = """
+grace: 2
+steps:
+  - {id: a, type: python, config: {call: "os:getcwd"}, grace: 0.5}
+  - {id: b, type: python, config: {call: "os:getcwd"}}
+"""
+    wf = px.loads(text)
+    assert wf.grace == 2.0
+    assert wf["a"].grace == 0.5 and wf["b"].grace is None
+    with pytest.raises(px.WorkflowError, match="grace must be a number of seconds >= 0"):
+        px.loads(text.replace("grace: 0.5", "grace: -1"))
