@@ -486,3 +486,19 @@ def spin(stopped, seconds=30):
     finally:
         stopped.set()
     return "finished"
+
+
+def signal_self(signum, seconds=5):
+    """Send ``signum`` to this process, then sleep (a grace interrupt ends the sleep)."""
+    os.kill(os.getpid(), signum)
+    time.sleep(seconds)
+    return "not interrupted"
+
+
+def spin_until_interrupted(started, seconds=30):
+    """Set ``started`` (an Event), then loop in Python with no ``check()`` calls."""
+    started.set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return "finished"

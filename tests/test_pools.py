@@ -537,3 +537,35 @@ def test_reaping_leaves_a_tasks_own_popen_to_it():
         wf.add(px.task(helpers.wait_kept_child).options(id="wait", after=["orphan"]))
     result = px.run(wf, progress=False)
     assert result["wait"] == (result["start"], 7)
+
+
+@pytest.mark.timeout(30)
+def test_thread_interrupt_lands_in_its_attempt_only():
+    """ThreadPool.interrupt raises in the running attempt's Python code; once an attempt
+    returned it does nothing, so the next task on that thread is untouched."""
+    import threading
+    from queue import SimpleQueue
+
+    from parexec._scheduler import _Attempt
+    pool = _pools.ThreadPool("t", max_threads=1)
+    queue = SimpleQueue()
+    try:
+        started = threading.Event()
+        first = _Attempt(0, "spin", 1, queue, pool, 1.0)
+        pool.submit(first, helpers.spin_until_interrupted, (started,), {})
+        assert started.wait(10)
+        assert pool.interrupt(first, cancel=False)
+        attempt, ok, err, _, _ = queue.get(timeout=10)
+        assert attempt is first and not ok
+        assert isinstance(err, px.TaskTimeout) and "'spin'" in str(err)
+        second = _Attempt(1, "next", 1, queue, pool, 1.0)
+        pool.submit(second, helpers.sleep_then, (0.2, "ok"), {})
+        attempt, ok, value, _, _ = queue.get(timeout=10)
+        assert (attempt, ok, value) == (second, True, "ok")
+        assert not pool.interrupt(first, cancel=True)  # returned: nothing is raised
+        assert not pool.interrupt(second, cancel=True)
+        third = _Attempt(2, "third", 1, queue, pool, 1.0)
+        pool.submit(third, helpers.sleep_then, (0.2, "ok"), {})
+        assert queue.get(timeout=10)[1:3] == (True, "ok")
+    finally:
+        pool.shutdown()

@@ -194,3 +194,28 @@ def test_async_task_error_shows_the_coroutines_frames_only(isolation):
     text = "".join(traceback.format_exception(err))
     assert "async_raise_custom" in text and "inner_raise" in text
     assert "run_coroutine" not in text and "base_events.py" not in text
+
+
+def test_stop_signal_raises_in_the_running_task_only():
+    """A grace stop signal raises TaskTimeout/Cancelled naming the task while it runs; the
+    same signal between tasks is ignored (it cannot reach the worker's loop)."""
+    import os
+    import signal
+
+    import cloudpickle
+
+    from parexec import _worker
+    saved = {s: signal.signal(s, _worker._on_stop_signal)
+             for s in (_worker.SIG_TIMEOUT, _worker.SIG_CANCEL)}
+    try:
+        os.kill(os.getpid(), _worker.SIG_TIMEOUT)  # no task running: ignored
+        for signum, kind in ((_worker.SIG_TIMEOUT, px.TaskTimeout),
+                             (_worker.SIG_CANCEL, px.Cancelled)):
+            data = cloudpickle.dumps(("slow", 1, 1, helpers.signal_self, (signum,), {}))
+            ok, err, _, _ = decode_outcome("slow", run_payload(data))
+            assert not ok and isinstance(err, kind) and "'slow'" in str(err)
+        os.kill(os.getpid(), _worker.SIG_CANCEL)  # after the tasks: ignored again
+        assert _worker._interruptible is None
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
