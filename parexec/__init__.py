@@ -54,22 +54,22 @@ from ._task import task as task
 from ._worker import TaskContext as TaskContext
 from ._worker import current as current
 from ._workflow import Workflow as Workflow
+from ._workflow import group as group
 from ._yaml import ScriptError as ScriptError
 from ._yaml import StepOutput as StepOutput
 from ._yaml import load as load
 from ._yaml import loads as loads
-from ._workflow import group as group
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event", "GroupRef",
-    "MapRef", "MemoryLimitExceeded", "Outcome", "MissingDependencyError", "ParexecError", "PicklingError",
-    "RemoteError", "ResourceError", "Retry", "Run", "RunResult", "RunStats", "ScriptError",
-    "StepOutput", "Store", "StoreError",
-    "TaskContext", "TaskOptionError", "TaskRef", "TaskRun", "TaskSpec", "TaskTemplate",
-    "TaskTimeout", "WaitTimeout", "WorkerCrashed", "Workflow", "WorkflowError",
-    "WorkflowFailed", "current", "group", "last_result", "load", "loads", "parse_size", "run", "start", "task",
+    "MapRef", "MemoryLimitExceeded", "MissingDependencyError", "Outcome", "ParexecError",
+    "PicklingError", "RemoteError", "ResourceError", "Retry", "Run", "RunResult", "RunStats",
+    "ScriptError", "StepOutput", "Store", "StoreError", "TaskContext", "TaskOptionError",
+    "TaskRef", "TaskRun", "TaskSpec", "TaskTemplate", "TaskTimeout", "WaitTimeout",
+    "WorkerCrashed", "Workflow", "WorkflowError", "WorkflowFailed", "current", "group",
+    "last_result", "load", "loads", "parse_size", "run", "start", "task",
 ]
 
 # Tracebacks and reprs say ``parexec.TaskTimeout``, not ``parexec._errors.TaskTimeout``.
