@@ -1137,6 +1137,11 @@ class _Scheduler:
             pool.interrupt(attempt, cancel)
         return False
 
+    def longest_grace(self) -> float:
+        """The longest ``grace`` of the run's tasks (how long a stop may take to finish)."""
+        own = [s.grace for s in self.specs if s.grace is not None]
+        return max([self.grace, *own])
+
     def kill_interrupted(self, attempt: _Attempt) -> None:
         """An interrupted process attempt outlived its grace: kill its worker (and tree)."""
         self.interrupted.discard(attempt)
@@ -1810,7 +1815,8 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
         # interpreter could exit before the steps were killed; past the bound the
         # KeyboardInterrupt goes through whatever is still running.
         handle.cancel()
-        deadline = time.monotonic() + GRACE + 2.0
+        wait = max(GRACE, handle._scheduler.longest_grace())  # process tasks' grace= too
+        deadline = time.monotonic() + wait + 2.0
         while True:
             try:
                 handle._done.wait(max(0.0, deadline - time.monotonic()))
