@@ -55,6 +55,9 @@ samples a second), and reports to the scheduler, which alone decides:
   the stop above the budget still hold.
 * **high water** (``HIGH_WATER``, 80% of the budget): no process task starts while the
   measured total is above it, nor while the total plus the task's need is above the budget.
+  For admission the total also counts the shared-memory segments the driver holds
+  (``Monitor.held``: values moved through shared memory, see ``_shm``), touched or not; a
+  segment a worker also mapped counts twice, which errs on the safe side.
   Such refusals are re-checked every ``MEMORY_RECHECK`` (0.25 s) and on every release.
 * **above the budget**: the scheduler stops the most recently started process task (never
   the only one; at most ``MAX_EVICTIONS``, 3, times per task), with a ``RuntimeWarning``, and
@@ -244,7 +247,7 @@ class MemoryGate(CapacityGate):
             return False
         monitor = self.monitor
         if measured and monitor is not None:
-            total = monitor.total
+            total = monitor.total + monitor.held
             if total > self.high_water or total + need > self.capacity:
                 self.measured_refusal = True
                 return False

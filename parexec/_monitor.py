@@ -8,6 +8,9 @@ One ``Monitor`` per run samples, ``SAMPLES_PER_SECOND`` times a second on its ow
   process tasks hold, which the memory gate reads (see ``_gates``: Measured memory);
 * the RSS of this process, from which thread tasks get their ``peak_memory`` (the
   process-wide peak during their run) and the run its ``peak_memory``;
+* the bytes of the shared-memory segments the driver holds (``held``: large values moved
+  between processes live there, in no process's RSS until one touches them), which the
+  memory gate adds to ``total`` when it admits a task;
 * system CPU use, for ``RunStats.cpu_utilization``.
 
 The monitor decides nothing (one owner of state): it *reports*, by appending to ``reports``
@@ -59,6 +62,7 @@ class Monitor:
         self.rss: list[int] = []      # ... and its RSS then
         self.peak = 0                 # highest memory seen: this process or one worker
         self.total = 0                # memory of the watched workers at the last sample
+        self.held = 0                 # bytes of shared-memory segments the driver holds
         self.peak_total = 0           # ... and its highest value
         self.reports: collections.deque[tuple[Any, ...]] = collections.deque()
         self.budget_reported = False  # a "budget" report waits for the scheduler
@@ -157,6 +161,8 @@ class Monitor:
                 total_all += total
         self.total = total_all
         self.peak_total = max(self.peak_total, total_all)
+        from . import _shm
+        self.held = _shm.live_bytes()
         budget = self.budget
         if budget is not None and total_all > budget and not self.budget_reported:
             self.budget_reported = True

@@ -155,7 +155,7 @@ def test_memory_gate_probes_then_uses_the_learned_peak(monkeypatch):
     specs = [SimpleNamespace(fn=work)] * 3 + [SimpleNamespace(fn=other)]
     g = _gates.MemoryGate(1000, [0.0] * 4, specs)
     g.measured = lambda i: True
-    g.monitor = SimpleNamespace(total=0)
+    g.monitor = SimpleNamespace(total=0, held=0)
     clock = [100.0]
     monkeypatch.setattr(_gates.time, "monotonic", lambda: clock[0])
     probe = SimpleNamespace(peak_memory=None)
@@ -178,6 +178,9 @@ def test_memory_gate_probes_then_uses_the_learned_peak(monkeypatch):
     assert not g.admits(2)
     g.monitor.total = 400
     assert g.admits(2)
+    g.monitor.held = 500                           # values in shared memory count too
+    assert not g.admits(2)
+    g.monitor.held = 0
     g.release(0)
     assert g.used == 0 and g.learned[work] == 400
 
