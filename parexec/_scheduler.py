@@ -1133,7 +1133,10 @@ class _Scheduler:
             self.release(attempt)
             return True
         attempt.request_cancel()
-        if grace > 0 and pool is self.threads:
+        # An attempt with its own stop (``on_cancel``: a coroutine, a nested run) is not
+        # interrupted: an exception raised in its event loop or in its wait for the inner
+        # run would cut short the cleanup that stop does.
+        if grace > 0 and pool is self.threads and attempt.on_cancel is None:
             pool.interrupt(attempt, cancel)
         return False
 
