@@ -89,8 +89,10 @@ class TaskContext:
         """Whether the run asked this task to stop (cancellation, timeout, a failed run).
 
         A thread task cannot be interrupted: it should call this (or ``check()``) between
-        steps of long work and return early. A process task is killed instead, so in a
-        process this is always False.
+        steps of long work and return early (with ``grace=``, ``px.TaskTimeout`` or
+        ``px.Cancelled`` is also raised in its Python code). A process task is killed
+        instead (with ``grace=``, first interrupted by the same exception), so in a process
+        this is always False.
         """
         flag = self._flag
         return flag is not None and flag.cancel_requested
