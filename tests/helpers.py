@@ -502,3 +502,11 @@ def spin_until_interrupted(started, seconds=30):
     while time.monotonic() < end:
         pass
     return "finished"
+
+
+def fail_once_written(path, seconds=20):
+    """Wait until ``path`` holds something (another task started), then raise."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not (os.path.exists(path) and os.path.getsize(path)):
+        time.sleep(0.01)
+    raise RuntimeError(f"failing once {path} was written")

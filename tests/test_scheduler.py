@@ -826,3 +826,18 @@ def test_grace_defaults_come_from_the_run_then_the_workflow(tmp_path):
     result = px.run(wf, progress=False, check=False, grace=5)
     assert result.tasks[t.id].status == "timed_out"
     assert out.read_text().split()[1] == "TaskTimeout"
+
+
+@pytest.mark.timeout(60)
+def test_grace_a_failure_under_fail_interrupts_a_running_process_task(tmp_path):
+    """A failure under on_error="fail" raises px.Cancelled in a grace process task."""
+    from helpers import fail_once_written, finally_writes
+    out, started = tmp_path / "out", tmp_path / "started"
+    with px.Workflow("w") as wf:
+        slow = wf.add(px.task(finally_writes).options(isolation="process", grace=5),
+                      str(out), str(started))
+        wf.add(px.task(fail_once_written).options(id="bad"), str(started))
+    result = px.run(wf, progress=False, check=False, max_workers=2)
+    assert result.status == "failed"
+    assert result.tasks[slow.id].status == "cancelled"
+    assert out.read_text().split()[1] == "Cancelled"
