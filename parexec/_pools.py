@@ -137,29 +137,35 @@ class _Guard:
     the worker's loop or the next task on this thread.
     """
 
-    __slots__ = ("tid", "lock", "attempt")
+    __slots__ = ("tid", "lock", "attempt", "sent")
 
     def __init__(self) -> None:
         self.tid = threading.get_ident()
         self.lock = threading.Lock()
         self.attempt: Any = None  # the attempt whose function runs now, else None
+        self.sent = False  # an exception was set and may still be pending
 
     def interrupt(self, attempt: Any, cancel: bool) -> bool:
+        """Set the stop exception in this thread if ``attempt`` runs there now."""
         import ctypes
         exc_type = _stop_exception(attempt, cancel)
         with self.lock:
             if self.attempt is not attempt:
                 return False
             self.attempt = None  # one exception per attempt
+            self.sent = True
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.tid),
                                                        ctypes.py_object(exc_type))
         return True
 
     def disarm(self) -> None:
-        import ctypes
-        with self.lock:
+        """No exception can be set from now on; one still pending is cleared."""
+        with self.lock:  # an uncontended lock: the only cost on a task's hot path
             self.attempt = None
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.tid), None)
+            if self.sent:
+                import ctypes
+                self.sent = False
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.tid), None)
 
 
 def _stop_exception(attempt: Any, cancel: bool) -> type[BaseException]:
