@@ -335,7 +335,11 @@ def test_alias_bomb_fails_fast_with_bounded_memory(tmp_path):
                  "    config: {command: echo, args: *i}\n")
     assert len(f.read_bytes()) <= 519  # 9**9 (387 million) strings once expanded
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, parexec as px\n"
+    # Through `sh -c '...; true'`: Linux keeps a process's peak RSS across exec, so a child
+    # exec'd straight from this (large) test process would inherit its peak; one forked by
+    # a small shell starts from the shell's.
+    proc = subprocess.Popen(["sh", "-c", '"$@"; true', "sh", sys.executable, "-c",
+                             "import sys, parexec as px\n"
                              "try:\n    px.load(sys.argv[1])\n"
                              "except px.WorkflowError as exc:\n    print(exc)\n", str(f)],
                             stdout=subprocess.PIPE, text=True)
@@ -821,8 +825,10 @@ def test_script_steps_report_their_own_peak_memory(shell, tmp_path):
                  f"  - {{id: big, type: script, config: {config}}}\n"
                  f"  - {{id: small, type: script, config: {{command: {PY}, "
                  "args: ['-c', 'pass']}}\n")
-    proc = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(f)], capture_output=True,
-                          text=True, timeout=60)
+    # Through a small shell that forks it: Linux keeps a process's peak RSS across exec, so a
+    # driver exec'd straight from this (large) test process would start with its peak.
+    proc = subprocess.run(["sh", "-c", '"$@"; true', "sh", sys.executable, "-c", PEAK_PROBE,
+                           str(f)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     big_peak, small_peak = map(int, proc.stdout.split())
     mib = 1 << 20
