@@ -286,8 +286,13 @@ class _Scheduler:
                     if not self.is_group[m]:
                         needs[m] = 1.0
                 self.gates.append(CapacityGate(f"group:{spec.id}", info.max_concurrent, needs))
-        self.plain = [iso == "thread" and s.timeout is None and not s.pools and not s.memory
-                      and s.sizers is None and not s.exclusive
+        # Prefetch only in runs whose local tasks all run on threads: a prefetched task runs
+        # as soon as a thread is idle, and while process tasks hold the slots, threads are
+        # idle, so it would run beyond max_workers (found by the property suite, F3).
+        only_threads = self.only_threads = "process" not in isolation and not any(
+            _isolation_of(wf, s) == "process" for s in specs if s.group is not None)
+        self.plain = [only_threads and iso == "thread" and s.timeout is None and not s.pools
+                      and not s.memory and s.sizers is None and not s.exclusive
                       for iso, s in zip(isolation, specs, strict=True)]
         self.nprefetched = 0
         self.mean_thread_duration = 1.0  # running average (seconds), starts "slow"
@@ -1382,8 +1387,9 @@ class _Scheduler:
         else:
             self.pools.append(self.cluster)
         exclusive = spec.exclusive = self.specs[group].exclusive
-        self.plain.append(iso == "thread" and spec.timeout is None and not spec.pools
-                          and not spec.memory and spec.sizers is None and not exclusive)
+        self.plain.append(self.only_threads and iso == "thread" and spec.timeout is None
+                          and not spec.pools and not spec.memory and spec.sizers is None
+                          and not exclusive)
         self.sizers.append(spec.sizers)
         self.member_of.append([group])
         self.is_group.append(False)

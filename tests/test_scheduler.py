@@ -841,3 +841,24 @@ def test_grace_a_failure_under_fail_interrupts_a_running_process_task(tmp_path):
     assert result.status == "failed"
     assert result.tasks[slow.id].status == "cancelled"
     assert out.read_text().split()[1] == "Cancelled"
+
+
+def test_prefetch_never_runs_a_thread_task_beside_process_tasks_holding_every_slot():
+    """Short thread tasks are queued ahead only in all-thread runs: while process tasks hold
+    both slots, no thread task may run (max_workers bounds every local task)."""
+    import os
+    with px.Workflow("warm-up") as wf:  # two idle process workers: the sleepers start at once
+        for k in range(2):
+            wf.add(px.task(sleep_pid).options(id=f"w{k}", isolation="process"), 0.2)
+    px.run(wf, max_workers=2, progress=False)
+    with px.Workflow("w") as wf:
+        for k in range(200):  # short thread tasks first: they turn prefetching on
+            wf.add(px.task(noop).options(id=f"warm{k}", priority=10))
+        for k in range(2):
+            wf.add(px.task(sleep_pid).options(id=f"proc{k}", isolation="process",
+                                               priority=5), 1.0)
+        for k in range(20):
+            wf.add(px.task(noop).options(id=f"late{k}"))
+    result = px.run(wf, max_workers=2, progress=False)
+    assert result.stats.max_concurrency <= 2
+    assert os.getpid() not in {result[f"proc{k}"] for k in range(2)}
