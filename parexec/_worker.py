@@ -546,7 +546,12 @@ def kill_tree(pid: int, include_root: bool = True) -> None:
     try:
         import psutil
         root = psutil.Process(pid)
-    except Exception:  # noqa: BLE001 - gone already, or psutil cannot see it
+    except Exception:  # noqa: BLE001 - gone already, or psutil cannot see it (yet)
+        if include_root and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)  # whatever psutil says, the root must die
+            except OSError:
+                pass
         return
     me = os.getpid()
     stopped: dict[int, Any] = {}
@@ -567,6 +572,11 @@ def kill_tree(pid: int, include_root: bool = True) -> None:
         _signal(p, signal.SIGKILL)
     if include_root and pid != me:
         _signal(root, signal.SIGKILL)
+        if root.is_running():  # psutil refused (e.g. it judged the pid reused): be plain
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _signal(process: Any, signum: int) -> None:

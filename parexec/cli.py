@@ -48,7 +48,9 @@ class _Stopped(KeyboardInterrupt):
 def _stop_on_signals() -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into ``_Stopped`` inside the block, then restore the old handlers.
 
-    A library user's own handlers are never replaced for longer than the CLI's run. Outside
+    Only the first signal raises; later ones are ignored while the block runs (cleanup, the
+    partial summary), so the command still exits 128 + the first signal. A library user's
+    own handlers are never replaced for longer than the CLI's run. Outside
     the main thread (main() called from a thread) Python cannot install handlers, and nothing
     is changed.
     """
@@ -56,7 +58,12 @@ def _stop_on_signals() -> Iterator[None]:
         yield
         return
 
+    stopped: list[int] = []
+
     def stop(signum: int, frame: Any) -> None:
+        if stopped:
+            return  # the run is already stopping: its cleanup must not be cut short
+        stopped.append(signum)
         raise _Stopped(signum)
 
     previous = {}
@@ -229,11 +236,15 @@ def _run(wf: Any, args: argparse.Namespace) -> int:
                 except (BrokenPipeError, ValueError):
                     pass  # nobody reads the output any more; that must not fail the step
         _yaml.echo = echo
+    with _stop_on_signals():  # also around the summary: a late signal must not kill us
+        return _run_and_report(wf, args, px, _yaml)
+
+
+def _run_and_report(wf: Any, args: argparse.Namespace, px: Any, _yaml: Any) -> int:
     try:
-        with _stop_on_signals():
-            result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
-                            progress=False if args.quiet else "auto", check=False,
-                            store=args.store, resume=args.resume, keep=args.keep)
+        result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
+                        progress=False if args.quiet else "auto", check=False,
+                        store=args.store, resume=args.resume, keep=args.keep)
     except KeyboardInterrupt as exc:
         partial = px.last_result()
         if partial is not None and not args.quiet:
