@@ -126,42 +126,13 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_cancel_the_run_like_ctrl_c(tmp_path, signum):
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGHUP,),
+                                     (signal.SIGTERM, signal.SIGTERM)],
+                         ids=["SIGTERM", "SIGHUP", "SIGTERM-twice"])
+def test_stop_signals_cancel_the_run_like_ctrl_c(tmp_path, signals):
     """SIGTERM/SIGHUP to `parexec run`: the steps' processes are killed, the partial summary
-    is printed, and the exit status is 128 + the signal number."""
-    import os
-    import time
-    f = tmp_path / "slow.yaml"
-    f.write_text("name: slow\nsteps:\n  - id: wait\n    type: script\n"
-                 "    config: {command: sh, args: ['-c', 'sleep 300 & echo $!; wait']}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "parexec", "run", str(f), "--verbose"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sleeper = None
-    try:
-        line = proc.stdout.readline().strip()
-        assert line.startswith("[wait] "), line  # the step is running; its sleep's pid
-        sleeper = int(line.split()[1])
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 128 + signum, err
-        assert "Traceback" not in err
-        assert "slow: cancelled" in out + err and "wait" in out + err  # the partial summary
-        deadline = time.monotonic() + 10
-        while not _gone(sleeper):
-            assert time.monotonic() < deadline, "the step's sleep outlived the run"
-            time.sleep(0.05)
-    finally:
-        proc.kill()
-        proc.wait()
-        if sleeper is not None and not _gone(sleeper):
-            os.kill(sleeper, signal.SIGKILL)
-
-
-@pytest.mark.timeout(60)
-def test_a_second_stop_signal_during_cleanup_still_kills_the_steps(tmp_path):
-    """SIGTERM twice (10 ms apart, the second during cleanup): the steps' processes are still
-    killed before the command exits."""
+    is printed, and the exit status is 128 + the first signal; a second signal 10 ms later,
+    during the cleanup, changes none of that."""
     import os
     import time
     f = tmp_path / "slow.yaml"
@@ -172,13 +143,16 @@ def test_a_second_stop_signal_during_cleanup_still_kills_the_steps(tmp_path):
     sleeper = None
     try:
         line = proc.stdout.readline().strip()
-        assert line.startswith("[wait] "), line
+        assert line.startswith("[wait] "), line  # the step is running; its sleep's pid
         sleeper = int(line.split()[1])
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.01)  # the point of the test: a second signal while cleaning up
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 143
+        for k, signum in enumerate(signals):
+            if k:
+                time.sleep(0.01)  # a second signal while the run cleans up
+            proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signals[0], err
+        assert "Traceback" not in err
+        assert "slow: cancelled" in out + err and "wait" in out + err  # the partial summary
         deadline = time.monotonic() + 10
         while not _gone(sleeper):
             assert time.monotonic() < deadline, "the step's sleep outlived the command"
