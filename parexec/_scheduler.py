@@ -52,11 +52,21 @@ from collections.abc import Callable, Iterable
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from ._errors import Cancelled, MemoryLimitExceeded, PicklingError, ResourceError, \
-    TaskOptionError, TaskTimeout, WaitTimeout, WorkerCrashed, WorkflowError
+from ._errors import (
+    Cancelled,
+    MemoryLimitExceeded,
+    PicklingError,
+    ResourceError,
+    TaskOptionError,
+    TaskTimeout,
+    WaitTimeout,
+    WorkerCrashed,
+    WorkflowError,
+)
 from ._events import DRAIN_TIMEOUT, Emitter, Event, ProgressBar, logger, want_progress
 from ._gates import EXCLUSIVE, CapacityGate, MemoryGate, build_gates, check_resources
-from ._graph import critical_path, depths as graph_levels
+from ._graph import critical_path
+from ._graph import depths as graph_levels
 from ._pools import ThreadPool, process_pool
 from ._results import RunResult, RunStats, TaskRun, build_stats
 from ._task import Outcome, TaskSpec, check_grace, resolve_args, resolve_refs, sized_value
@@ -226,7 +236,7 @@ class _Scheduler:
         self.state = [TaskState.WAITING] * n
         self.runs = [TaskRun(s.id) for s in specs]
         self.level = graph_levels(graph)
-        for tr, level in zip(self.runs, self.level):
+        for tr, level in zip(self.runs, self.level, strict=True):
             tr.level = level
         self.values: list[Any] = [None] * n
         rank = graph.rank
@@ -237,8 +247,9 @@ class _Scheduler:
         procs = self.procs = process_pool(sweep=True) if "process" in isolation else None
         self.cluster = None
         if "cluster" in isolation:
-            from ._cluster import ClusterPool
             import uuid
+
+            from ._cluster import ClusterPool
             self.cluster = ClusterPool(cluster, f"parexec-{wf.name}-{uuid.uuid4().hex[:8]}")
         self.pools = [self.threads if iso == "thread" else procs if iso == "process"
                       else self.cluster for iso in isolation]
@@ -345,8 +356,9 @@ class _Scheduler:
             from ._store import fingerprints
             self.fps = fingerprints(specs, graph.order, graph.deps)
             if resume:
-                self.cached = store.cached(wf.name, {s.id: fp for s, fp in zip(specs, self.fps)
-                                                     if fp is not None})
+                fp_of = {s.id: fp for s, fp in zip(specs, self.fps, strict=True)
+                         if fp is not None}
+                self.cached = store.cached(wf.name, fp_of)
 
     # Events ---------------------------------------------------------------------------
 
@@ -539,9 +551,11 @@ class _Scheduler:
                     self.unpark(g)
 
     def may_backfill(self, g: Any, i: int) -> bool:
-        """Whether ``i``, ranked below the holder of ``g``'s reservation, may take units of
-        ``g`` now: it fits beside the reservation, or its estimate ends before the holder
-        could start anyway (the shadow time)."""
+        """Whether ``i``, ranked below the holder of ``g``'s reservation, may take its units.
+
+        It may when it fits beside the reservation, or when its estimate ends before the
+        holder could start anyway (the shadow time).
+        """
         holder = g.holder
         if self.state[holder] is not _READY:  # cancelled, or started without unreserving
             g.unreserve()
@@ -557,8 +571,10 @@ class _Scheduler:
         return self.clock() + estimate <= shadow
 
     def shadow_time(self, g: Any) -> float:
-        """When the running tasks' estimates say ``g`` has the units its holder needs
-        (monotonic seconds). A task with no estimate, or past it, may end any moment."""
+        """When the running tasks' estimates say ``g`` has its holder's units (monotonic).
+
+        A task with no estimate, or past it, may end any moment.
+        """
         now = self.clock()
         short = g.used + g.holder_need - g.capacity
         if short <= 0:
@@ -851,8 +867,10 @@ class _Scheduler:
             self.attempt_failed(i, attempt, value, tb_text)
 
     def attempt_started(self, attempt: _Attempt, t_start: float, worker: Any) -> None:
-        """A worker took an attempt that waited after its hand-over: the run's clock for it
-        (its timeout, ``task:started``, its worker) starts now."""
+        """A worker took an attempt that waited after its hand-over.
+
+        The run's clock for it (its timeout, ``task:started``, its worker) starts now.
+        """
         if attempt.final or attempt not in self.running:
             return
         i = attempt.index
@@ -869,9 +887,12 @@ class _Scheduler:
             self.emit("task:started", i, attempt.number)
 
     def fingerprint(self, i: int) -> str | None:
-        """The fingerprint to record for task ``i``: None (never served by a resume) when it
-        received a default from an ignored failure upstream, since a later run in which that
-        upstream succeeds must not be served this value."""
+        """The fingerprint to record for task ``i``.
+
+        None (never served by a resume) when it received a default from an ignored failure
+        upstream, since a later run in which that upstream succeeds must not be served this
+        value.
+        """
         fp = self.fps[i] if i < len(self.fps) else None
         tainted = self.tainted
         if tainted and i < len(self.graph.deps):
@@ -927,8 +948,10 @@ class _Scheduler:
             self.consumed(i)
 
     def consumed(self, j: int) -> None:
-        """Task ``j`` is final: release the values that nothing unfinished needs any more
-        (``keep=`` other than ``"all"``), its own included when nothing consumes it."""
+        """Task ``j`` is final: release the values that nothing unfinished needs any more.
+
+        Only with ``keep=`` other than ``"all"``; its own value too when nothing consumes it.
+        """
         nconsumers, kept = self.nconsumers, self.kept
         deps: Any = self.graph.deps[j] if j < len(self.graph.deps) else ()
         group = self.groups.get(j)
@@ -956,8 +979,10 @@ class _Scheduler:
                    for j in self.dependents[i])
 
     def release_value(self, i: int) -> None:
-        """Drop task ``i``'s value from the run (keep=); its record stays. A cluster task's
-        result is dropped from the cluster too."""
+        """Drop task ``i``'s value from the run (keep=); its record stays.
+
+        A cluster task's result is dropped from the cluster too.
+        """
         tr = self.runs[i]
         if self.values[i] is not None or tr.value is not None:
             self.values[i] = None
@@ -1042,8 +1067,10 @@ class _Scheduler:
             self.release_dependents(i)
 
     def skip_downstream(self, i: int, status: TaskState = TaskState.SKIPPED) -> None:
-        """Finalize every waiting task downstream of ``i`` as skipped (or cancelled). Static
-        groups are not touched: they hear of their members through member_done()."""
+        """Finalize every waiting task downstream of ``i`` as skipped (or cancelled).
+
+        Static groups are not touched: they hear of their members through member_done().
+        """
         stack = list(self.dependents[i])
         state = self.state
         kind = "task:skipped" if status is TaskState.SKIPPED else "task:cancelled"
@@ -1113,8 +1140,10 @@ class _Scheduler:
         return self.grace if grace is None else grace
 
     def kill_or_flag(self, attempt: _Attempt, cancel: bool = True) -> bool:
-        """Stop a running attempt. A process worker is killed: the attempt is then final and
-        its resources are released, and True is returned. A thread gets its cancel flag.
+        """Stop a running attempt.
+
+        A process worker is killed: the attempt is then final, its resources are released,
+        and True is returned. A thread gets its cancel flag.
 
         With ``grace > 0``, ``px.Cancelled`` (``cancel``) or ``px.TaskTimeout`` is first
         raised inside the attempt: a process attempt is then final too (True), but holds its
@@ -1160,8 +1189,10 @@ class _Scheduler:
     # Groups and maps ------------------------------------------------------------------
 
     def group_started(self, i: int, now: float) -> None:
-        """A member of groups started: start their clocks (and their parents', iteratively:
-        groups may nest deeper than the recursion limit)."""
+        """A member of groups started: start their clocks, and their parents'.
+
+        Iteratively: groups may nest deeper than the recursion limit.
+        """
         stack = [i]
         while stack:
             for g in self.member_of[stack.pop()] or ():
@@ -1275,9 +1306,11 @@ class _Scheduler:
             self.release_dependents(g)
 
     def cancel_members(self, g: int) -> None:
-        """Cancel the unfinished members of a resolved group (nested groups' members too,
-        iteratively), unless something else still needs them (another task waiting on them,
-        or another unresolved group)."""
+        """Cancel the unfinished members of a resolved group, nested groups' members too.
+
+        Iteratively; a member something else still needs (another task waiting on it, or
+        another unresolved group) is left alone.
+        """
         stack = [g]
         while stack:
             self.cancel_members_of(stack.pop(), stack)
@@ -1310,9 +1343,11 @@ class _Scheduler:
             self.skip_downstream(m, TaskState.CANCELLED)
 
     def cancel_retry(self, i: int) -> None:
-        """Cancel a task waiting for its retry. Its last attempt stays its record (so it
-        leaves ``history``, which holds only the attempts before the last one), and its
-        error says why it was going to be retried."""
+        """Cancel a task waiting for its retry.
+
+        Its last attempt stays its record (so it leaves ``history``, which holds only the
+        attempts before the last one), and its error says why it was going to be retried.
+        """
         tr = self.runs[i]
         if tr.history:
             tr.history.pop()
@@ -1538,10 +1573,14 @@ class _Scheduler:
     # Measured memory (the monitor reports, this thread decides; see _gates) ---------------
 
     def memory_report(self) -> None:
-        """Act on the monitor's reports: a process task above its declared ``memory`` is
-        killed and fails with ``MemoryLimitExceeded`` (retried as its policy says); when the run's process tasks together hold more than
-        the budget, the most recently started one is stopped and queued again (its attempt
-        not counted, at most ``MAX_EVICTIONS`` times per task, never the only one)."""
+        """Act on the monitor's reports.
+
+        A process task above its declared ``memory`` is killed and fails with
+        ``MemoryLimitExceeded`` (retried as its policy says); when the run's process tasks
+        together hold more than the budget, the most recently started one is stopped and
+        queued again (its attempt not counted, at most ``MAX_EVICTIONS`` times per task, never
+        the only one).
+        """
         from ._errors import format_size
         monitor = self.monitor
         while monitor.reports:
@@ -1625,8 +1664,10 @@ class Run:
         self._scheduler.queue.put((None, "resume", None, None, None))
 
     def cancel(self) -> None:
-        """Stop the run: pending tasks are cancelled, process tasks are stopped at once,
-        thread tasks get their cancel flag.
+        """Stop the run.
+
+        Pending tasks are cancelled, process tasks are stopped at once, thread tasks get
+        their cancel flag.
 
         Safe to call from any thread (an event callback, a signal handler, a task) and more
         than once; it returns at once. ``wait()`` then returns the result with status
@@ -1673,8 +1714,11 @@ class Run:
         return s.result
 
     def _report(self, s: _Scheduler) -> None:
-        """What the caller must hear once the run ended: events still being delivered,
-        thread tasks that ignored their cancel flag, records the store could not write."""
+        """What the caller must hear once the run ended.
+
+        Events still being delivered, thread tasks that ignored their cancel flag, records
+        the store could not write.
+        """
         level = _user_stacklevel()
         if not s.emitter.drain():
             warnings.warn(f"run of {self.workflow!r} finished, but event callback "
@@ -1911,8 +1955,10 @@ def _cpu_count() -> int:
 
 
 def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
-    """Pickle what process tasks will send, before anything runs: each distinct function once,
-    and the literal arguments (refs stand in for upstream values).
+    """Pickle what process and cluster tasks will send, before anything runs.
+
+    Each distinct function once, and the literal arguments (refs stand in for upstream
+    values).
 
     The pickler writes nowhere and takes large buffers out of band, so checking a task that
     receives a big array costs no copy of it.
