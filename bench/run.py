@@ -461,6 +461,18 @@ class MemorySampler:
         return self.peak
 
 
+def _measured(fn: Callable[[], Any], peak: Row) -> float:
+    """Seconds ``fn`` took; its peak memory goes to ``peak`` (memory benchmarks)."""
+    gc.collect()
+    time.sleep(0.5)  # let the previous run's memory go back to the system
+    sampler = MemorySampler()
+    t = time.perf_counter()
+    fn()
+    took = time.perf_counter() - t
+    peak.samples.append(float(sampler.stop()))
+    return took
+
+
 def bench_memory(quick: bool) -> list[Row]:
     ntasks, gib, need, budget = (4, 0.25, "0.4GB", "1GB") if quick else \
         (8, 1.0, "1.2GB", "3GB")
@@ -480,20 +492,10 @@ def bench_memory(quick: bool) -> list[Row]:
              Row("memory-pressure", peak_case, "parexec memory gate", unit="GiB",
                  scale=1 / 2**30)]
 
-    def measured(fn: Callable[[], Any], peak: Row) -> float:
-        gc.collect()
-        time.sleep(0.5)  # let the previous run's memory go back to the system
-        sampler = MemorySampler()
-        t = time.perf_counter()
-        fn()
-        took = time.perf_counter() - t
-        peak.samples.append(float(sampler.stop()))
-        return took
-
     alternate(rows, [
-        lambda: measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
+        lambda: _measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
                                                        for _ in range(ntasks)]], peaks[0]),
-        lambda: measured(lambda: px.run(wf, max_workers=ntasks, memory_budget=budget,
+        lambda: _measured(lambda: px.run(wf, max_workers=ntasks, memory_budget=budget,
                                         progress=False), peaks[1])], REPS)
     ppe.shutdown()
     for row in peaks:
@@ -519,20 +521,10 @@ def bench_memory_measured(quick: bool) -> list[Row]:
              Row("memory-measured", f"{case}, peak", "parexec measured gate", unit="GiB",
                  scale=1 / 2**30, note=f"budget {budget}")]
 
-    def measured(fn: Callable[[], Any], peak: Row) -> float:
-        gc.collect()
-        time.sleep(0.5)  # let the previous run's memory go back to the system
-        sampler = MemorySampler()
-        t = time.perf_counter()
-        fn()
-        took = time.perf_counter() - t
-        peak.samples.append(float(sampler.stop()))
-        return took
-
     alternate(rows, [
-        lambda: measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
+        lambda: _measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
                                                        for _ in range(ntasks)]], peaks[0]),
-        lambda: measured(lambda: px.run(wf, max_workers=ntasks, memory_budget=budget,
+        lambda: _measured(lambda: px.run(wf, max_workers=ntasks, memory_budget=budget,
                                         progress=False), peaks[1])], 2 if quick else REPS)
     ppe.shutdown()
     return rows + peaks
@@ -560,16 +552,6 @@ def bench_memory_learned(quick: bool) -> list[Row]:
     folder = tempfile.mkdtemp(prefix="parexec-bench-")
     stores: list[str] = []
 
-    def measured(fn: Callable[[], Any], peak: Row) -> float:
-        gc.collect()
-        time.sleep(0.5)  # let the previous run's memory go back to the system
-        sampler = MemorySampler()
-        t = time.perf_counter()
-        fn()
-        took = time.perf_counter() - t
-        peak.samples.append(float(sampler.stop()))
-        return took
-
     def first() -> Any:
         stores.append(os.path.join(folder, f"runs{len(stores)}.db"))  # a new store each rep
         return px.run(wf, max_workers=ntasks, memory_budget=budget, store=stores[-1],
@@ -582,10 +564,10 @@ def bench_memory_learned(quick: bool) -> list[Row]:
         return result
 
     alternate(rows, [
-        lambda: measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
+        lambda: _measured(lambda: [f.result() for f in [ppe.submit(touch, gib)
                                                        for _ in range(ntasks)]], peaks[0]),
-        lambda: measured(first, peaks[1]),
-        lambda: measured(second, peaks[2])], 2 if quick else REPS)
+        lambda: _measured(first, peaks[1]),
+        lambda: _measured(second, peaks[2])], 2 if quick else REPS)
     ppe.shutdown()
     import shutil
     shutil.rmtree(folder, ignore_errors=True)
