@@ -37,10 +37,10 @@ from ._events import Event as Event
 from ._results import RunResult as RunResult
 from ._results import RunStats as RunStats
 from ._results import TaskRun as TaskRun
-from ._scheduler import Run as Run
-from ._scheduler import last_result as last_result
-from ._scheduler import run as run
-from ._scheduler import start as start
+from ._run import Run as Run
+from ._run import last_result as last_result
+from ._run import run as run
+from ._run import start as start
 from ._store import Store as Store
 from ._task import GroupRef as GroupRef
 from ._task import MapRef as MapRef

@@ -162,6 +162,16 @@ class WorkerCrashed(ParexecError, RuntimeError):
         return (type(self), (self.task_id, self.exitcode))
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that points at the first frame outside parexec."""
+    import sys
+    frame, level = sys._getframe(1), 1
+    package = __name__.rpartition(".")[0]
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(package + "."):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
 def describe_exit(exitcode: int | None) -> str:
     """Describe a process exit code, e.g. ``"signal SIGKILL(-9)"`` or ``"exit code 3"``."""
     if exitcode is None:

@@ -323,6 +323,18 @@ class Workflow:
                         memory_budget=self.memory_budget)
         return self
 
+    def isolation_of(self, spec: TaskSpec) -> str:
+        """Where ``spec``'s work runs: its isolation, else the workflow's.
+
+        ``"group"`` for a group; for a map over a task's result, where its items run.
+        """
+        info = spec.group
+        if info is not None:
+            if info.dynamic is None:
+                return "group"
+            return info.dynamic[1].get("isolation") or self.isolation
+        return spec.isolation or self.isolation
+
     def graph(self, estimates: Mapping[str, float] | None = None) -> Graph:
         """The compiled graph (cached while the workflow is unchanged)."""
         if estimates:

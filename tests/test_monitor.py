@@ -374,7 +374,7 @@ def test_a_learned_need_grows_when_its_task_is_stopped_for_the_budget():
 
     from parexec._gates import MemoryGate
     from parexec._results import TaskRun
-    from parexec._scheduler import _Scheduler
+    from parexec._scheduler import Scheduler as _Scheduler
 
     gate = MemoryGate(1000, [300.0, 300.0, 300.0])
     runs = [TaskRun("a"), TaskRun("b"), TaskRun("c")]

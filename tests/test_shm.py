@@ -231,14 +231,14 @@ def test_a_forked_child_never_unlinks_the_drivers_segments(run_script, shm_dir):
         pid = os.fork()
         if pid == 0:
             del value, result
-            px._scheduler._last_result = None
+            px._run._last_result = None
             gc.collect()
             sys.exit(0)
         os.waitpid(pid, 0)
         assert len(os.listdir({shm_dir!r})) == 1, "the child unlinked the segment"
         assert float(value.sum()) == 5.0 * {N}
         del value, result
-        px._scheduler._last_result = None
+        px._run._last_result = None
         gc.collect()
         print(os.listdir({shm_dir!r}))
     """)

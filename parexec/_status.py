@@ -1,0 +1,71 @@
+"""The names of states, shared by the scheduler, results, display, store and events.
+
+One place names them (issue 14): ``TaskStatus`` is where a task is in a run and how it
+ended, ``RunStatus`` how a run ended. Both are ``enum.StrEnum``, so a status compares equal
+to its text (``tr.status == "succeeded"``), prints as it, and is stored and serialized as
+it. This module imports nothing of parexec.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+__all__ = ["ACTIVE", "EVENT_KINDS", "FINAL", "OK", "WAITS", "EventKind", "RunStatus",
+           "TaskStatus", "WaitMode"]
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task is in its run; the last six are final (``status.final``).
+
+    A ``TaskRun`` shows ``PENDING`` until its task ends; the scheduler also tells apart the
+    non-final states in between.
+    """
+
+    PENDING = "pending"      # some dependency is not done yet
+    READY = "ready"          # dependencies done; waiting for its turn or for a gate
+    RUNNING = "running"      # an attempt is in a pool
+    RETRYING = "retrying"    # an attempt failed; the next one starts at its due time
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"      # an upstream task failed under on_error="skip"
+    CANCELLED = "cancelled"  # the run stopped (or its group resolved) before it finished
+    TIMED_OUT = "timed_out"  # its final attempt overran its timeout
+    CACHED = "cached"        # served from the store by a resume
+
+    @property
+    def final(self) -> bool:
+        """Whether the task has ended (it will not change again in this run)."""
+        return self in FINAL
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task has a value of its own: succeeded, or served from the store."""
+        return self in OK
+
+
+FINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.SKIPPED,
+                   TaskStatus.CANCELLED, TaskStatus.TIMED_OUT, TaskStatus.CACHED})
+OK = frozenset({TaskStatus.SUCCEEDED, TaskStatus.CACHED})
+ACTIVE = frozenset({TaskStatus.PENDING, TaskStatus.READY})  # not started, not retrying
+
+
+class RunStatus(enum.StrEnum):
+    """How a run ended."""
+
+    SUCCEEDED = "succeeded"  # every task succeeded (or was served from the store)
+    PARTIAL = "partial"      # some failed under on_error="skip"/"ignore"; the rest ran
+    FAILED = "failed"        # a task failed under on_error="fail" (or the scheduler did)
+    CANCELLED = "cancelled"  # run.cancel(), Ctrl-C
+    TIMED_OUT = "timed_out"  # the run's timeout
+
+
+EventKind = Literal[
+    "workflow:started", "task:queued", "task:started", "task:completed", "task:failed",
+    "task:retrying", "task:timeout", "task:skipped", "task:cancelled", "workflow:paused",
+    "workflow:resumed", "workflow:completed", "workflow:failed", "workflow:cancelled",
+]
+EVENT_KINDS: tuple[EventKind, ...] = EventKind.__args__  # type: ignore[attr-defined]
+
+WaitMode = Literal["all", "any", "all_settled", "race"]
+WAITS: tuple[WaitMode, ...] = WaitMode.__args__  # type: ignore[attr-defined]
