@@ -71,9 +71,10 @@ declared ``memory`` counts; with a declaration, psutil's available memory must a
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import ResourceError
 
@@ -82,7 +83,8 @@ if TYPE_CHECKING:
     from ._task import TaskSpec
     from ._workflow import Workflow
 
-__all__ = ["CapacityGate", "EXCLUSIVE", "HIGH_WATER", "MemoryGate", "PROBE_SECONDS", "PROBE_STABLE",
+__all__ = ["EXCLUSIVE", "HIGH_WATER", "PROBE_SECONDS", "PROBE_STABLE", "Admit", "CapacityGate",
+           "CpuGate", "ExclusiveGate", "Gate", "GroupGate", "MemoryGate", "PoolGate", "SlotGate",
            "build_gates", "check_resources", "exclusive_flags"]
 
 EXCLUSIVE = float(2**40)  # capacity of the exclusive gate: an exclusive task needs all of
@@ -90,6 +92,68 @@ EXCLUSIVE = float(2**40)  # capacity of the exclusive gate: an exclusive task ne
 HIGH_WATER = 0.8  # no new process task starts while the measured total is above this share
 PROBE_SECONDS = 1.0  # the first task of a function runs alone this long for its peak,
 PROBE_STABLE = 0.5   # ... and longer while its peak grew in the last PROBE_STABLE seconds
+
+
+class Admit(enum.Enum):
+    """A gate's answer to "may task i start now?" (true only for ``YES``).
+
+    ``RECHECK``: not now, because of a measurement (memory in use) rather than of units the
+    gate accounts for. No release may come to wake the task, so the scheduler asks again a
+    moment later.
+    """
+
+    YES = "yes"
+    NO = "no"
+    RECHECK = "recheck"
+
+    def __bool__(self) -> bool:
+        return self is Admit.YES
+
+
+YES, NO, RECHECK = Admit.YES, Admit.NO, Admit.RECHECK
+
+
+class Gate(Protocol):
+    """What the scheduler knows of a gate (``CapacityGate`` and its kinds implement it)."""
+
+    name: str
+    kind: str
+    capacity: float
+    used: float
+    needs: list[float]
+    blocks_all: bool
+    parked: list[tuple[Any, ...]]
+    holder: int
+    holder_key: tuple[object, ...]
+    holder_need: float
+    shadow: float | None
+
+    def need(self, i: int) -> float:
+        """Units task ``i`` needs."""
+
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:
+        """Units a task created at run time needs (``group``: the map it belongs to)."""
+
+    def admits(self, i: int) -> Admit:
+        """Whether task ``i`` may start now."""
+
+    def acquire(self, i: int) -> None:
+        """Task ``i`` started."""
+
+    def release(self, i: int) -> None:
+        """Task ``i`` gave its units back."""
+
+    def reserve(self, i: int, key: tuple[object, ...]) -> bool:
+        """Make task ``i`` the holder of the reservation, if it ranks best."""
+
+    def unreserve(self) -> None:
+        """Nothing is reserved any more."""
+
+    def spares(self, i: int) -> bool:
+        """Whether task ``i`` fits beside the reservation."""
+
+    def utilization(self) -> float:
+        """Time-weighted share of the capacity in use."""
 
 
 class CapacityGate:
@@ -105,6 +169,7 @@ class CapacityGate:
 
     __slots__ = ("name", "capacity", "needs", "used", "blocks_all", "parked", "_track",
                  "_area", "_since", "_start", "holder", "holder_key", "holder_need", "shadow")
+    kind = "capacity"
 
     def __init__(self, name: str, capacity: float, needs: list[float], *,
                  blocks_all: bool = False, track: bool = False) -> None:
@@ -113,7 +178,7 @@ class CapacityGate:
         self.needs = needs
         self.used: float = 0
         self.blocks_all = blocks_all
-        self.parked: list[tuple[object, ...]] = []  # heap of ready keys refused by this gate
+        self.parked: list[tuple[Any, ...]] = []  # heap of ready keys refused by this gate
         self._track = track
         self._area = 0.0
         self._since = self._start = time.monotonic()
@@ -129,10 +194,14 @@ class CapacityGate:
         """Units task ``i`` needs."""
         return self.needs[i]
 
-    def admits(self, i: int) -> bool:
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:
+        """Units a task created at run time needs; each kind of gate says (none here)."""
+        return 0.0
+
+    def admits(self, i: int) -> Admit:
         """Whether task ``i`` fits now."""
         need = self.needs[i]
-        return not need or self.used + need <= self.capacity
+        return YES if not need or self.used + need <= self.capacity else NO
 
     def acquire(self, i: int) -> None:
         """Task ``i`` started."""
@@ -196,6 +265,73 @@ class CapacityGate:
         return f"<{type(self).__name__} {self.name} {self.used:g}/{self.capacity:g}>"
 
 
+class SlotGate(CapacityGate):
+    """One unit per local task, ``max_workers`` of them; when it refuses, nothing can start."""
+
+    __slots__ = ()
+    kind = "slots"
+
+    def __init__(self, capacity: float, needs: list[float]) -> None:
+        super().__init__("slots", capacity, needs, blocks_all=True)
+
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:  # noqa: D102
+        return 1.0 if local else 0.0
+
+
+class CpuGate(CapacityGate):
+    """The tasks' ``cpus`` within ``cpu_budget``."""
+
+    __slots__ = ()
+    kind = "cpus"
+
+    def __init__(self, capacity: float, needs: list[float]) -> None:
+        super().__init__("cpus", capacity, needs)
+
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:  # noqa: D102
+        return float(spec.cpus) if local else 0.0
+
+
+class PoolGate(CapacityGate):
+    """Units of the named pool ``pool`` (``pools=`` of the workflow)."""
+
+    __slots__ = ("pool",)
+    kind = "pool"
+
+    def __init__(self, pool: str, capacity: float, needs: list[float]) -> None:
+        super().__init__(f"pool:{pool}", capacity, needs, track=True)
+        self.pool = pool
+
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:  # noqa: D102
+        return float(spec.pools.get(self.pool, 0))
+
+
+class ExclusiveGate(CapacityGate):
+    """An ``exclusive`` task needs the whole capacity, any other local task one unit."""
+
+    __slots__ = ()
+    kind = "exclusive"
+
+    def __init__(self, needs: list[float]) -> None:
+        super().__init__("exclusive", EXCLUSIVE, needs)
+
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:  # noqa: D102
+        return (EXCLUSIVE if spec.exclusive else 1.0) if local else 0.0
+
+
+class GroupGate(CapacityGate):
+    """A group's or map's ``max_concurrent``: one unit per running member."""
+
+    __slots__ = ("group",)
+    kind = "group"
+
+    def __init__(self, group: int, group_id: str, capacity: float, needs: list[float]) -> None:
+        super().__init__(f"group:{group_id}", capacity, needs)
+        self.group = group
+
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:  # noqa: D102
+        return 1.0 if group == self.group else 0.0
+
+
 class MemoryGate(CapacityGate):
     """Declared and learned memory within the budget, and measured memory under it.
 
@@ -231,32 +367,35 @@ class MemoryGate(CapacityGate):
             return declared
         return self.learned.get(_fn_key(self.specs[i].fn), 0.0)
 
-    def admits(self, i: int) -> bool:  # noqa: D102 - see class docstring
+    def need_of(self, spec: TaskSpec, local: bool, group: int) -> float:  # noqa: D102
+        return float(spec.memory or 0) if local else 0.0
+
+    def admits(self, i: int) -> Admit:  # noqa: D102 - see class docstring
         declared = self.needs[i]
         measured = self.measured(i)
         if not declared and not measured:
-            return True
+            return YES
         need = declared
         if not need:
             fn = _fn_key(self.specs[i].fn)
             need = self.learned.get(fn, 0.0)
             if not need and self.probe and fn in self.probing and not self._end_probe(fn):
                 self.measured_refusal = True  # its first task still runs: wait for its peak
-                return False
+                return RECHECK
         if self.used + need > self.capacity:
-            return False
+            return NO
         monitor = self.monitor
         if measured and monitor is not None:
             total = monitor.total + monitor.held
             if total > self.high_water or total + need > self.capacity:
                 self.measured_refusal = True
-                return False
+                return RECHECK
         if declared:
             import psutil
             if psutil.virtual_memory().available < declared:
                 self.measured_refusal = True
-                return False
-        return True
+                return RECHECK
+        return YES
 
     def acquire(self, i: int) -> None:  # noqa: D102 - see class docstring
         declared = self.needs[i]
@@ -366,7 +505,7 @@ def check_resources(wf: Workflow, graph: Graph, *, cpu_budget: float | None,
 def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers: int,
                 cpu_budget: float, memory_budget: int, pools: Mapping[str, int],
                 force_cpu_gate: bool = False, process: Sequence[bool] = (),
-                force_memory_gate: bool = False) -> list[CapacityGate]:
+                force_memory_gate: bool = False) -> list[Gate]:
     """The gates a run needs, slots first; gates that could never bind are left out.
 
     ``process[i]`` says task ``i`` (or the items of map ``i``) runs in process workers: the
@@ -374,8 +513,7 @@ def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers
     on the items of a map over a task's result) makes its gate exist, as ``force_memory_gate``
     does (needs learned from a store); an ``exclusive`` task adds the ``exclusive`` gate.
     """
-    gates: list[CapacityGate] = [CapacityGate("slots", max_workers,
-                                              [1.0 if x else 0.0 for x in local], blocks_all=True)]
+    gates: list[Gate] = [SlotGate(max_workers, [1.0 if x else 0.0 for x in local])]
     cpus = [s.cpus if loc else 0 for s, loc in zip(specs, local, strict=True)]
     items = [_item_options(s) for s in specs if s.group is not None and s.group.dynamic]
     sized = {k for s, loc in zip(specs, local, strict=True) if loc and s.sizers for k in s.sizers}
@@ -387,17 +525,17 @@ def build_gates(specs: Sequence[TaskSpec], local: Sequence[bool], *, max_workers
             sized.add("memory")
     if force_cpu_gate or cpu_budget < max_workers or any(c not in (0, 1) for c in cpus) \
             or "cpus" in sized:
-        gates.append(CapacityGate("cpus", cpu_budget, cpus))
+        gates.append(CpuGate(cpu_budget, cpus))
     memory = [float(s.memory or 0) if loc else 0.0 for s, loc in zip(specs, local, strict=True)]
     if any(memory) or any(process) or "memory" in sized or force_memory_gate:
         gates.append(MemoryGate(memory_budget, memory, specs))
     for pool, capacity in pools.items():
         needs = [float(s.pools.get(pool, 0)) for s in specs]
         if any(needs):
-            gates.append(CapacityGate(f"pool:{pool}", capacity, needs, track=True))
+            gates.append(PoolGate(pool, capacity, needs))
     exclusive = exclusive_flags(specs)
     if any(exclusive):
-        gates.append(CapacityGate("exclusive", EXCLUSIVE, [
+        gates.append(ExclusiveGate([
             (EXCLUSIVE if alone else 1.0) if loc else 0.0
             for alone, loc in zip(exclusive, local, strict=True)]))
     return gates

@@ -87,9 +87,9 @@ def test_task_waits_for_measured_memory(monkeypatch):
 
     import psutil
 
-    from parexec import _scheduler
+    from parexec import _dispatch
 
-    monkeypatch.setattr(_scheduler, "MEMORY_RECHECK", 0.05)
+    monkeypatch.setattr(_dispatch, "MEMORY_RECHECK", 0.05)
     free = threading.Event()
     refusals = threading.Semaphore(0)  # one per measurement that found too little memory
     real = psutil.virtual_memory

@@ -546,7 +546,7 @@ def test_thread_interrupt_lands_in_its_attempt_only():
     import threading
     from queue import SimpleQueue
 
-    from parexec._scheduler import _Attempt
+    from parexec._state import Attempt as _Attempt
     pool = _pools.ThreadPool("t", max_threads=1)
     queue = SimpleQueue()
     try:

@@ -1,0 +1,239 @@
+"""Dispatch: start ready tasks, best first, while every gate admits them.
+
+Part of the scheduler (see ``_state`` for the state it reads and writes). A task refused by
+a gate waits on that gate (``parked``) until the gate gives units back (``unpark``); the best
+task refused for lack of units holds the gate's reservation (``_gates``: Reservations).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from ._events import logger
+from ._gates import RECHECK, Gate
+from ._state import Attempt, Deadline, RunState
+from ._status import TaskStatus
+from ._task import resolve_args, resolve_refs
+
+_WAITING, _READY, _RUNNING = TaskStatus.PENDING, TaskStatus.READY, TaskStatus.RUNNING
+heappush = heapq.heappush
+
+MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task waits for memory
+# Pipelining of short thread tasks (the thread pool's policy, applied here). Handing a task to
+# an idle thread and hearing back costs a thread round trip (measured 66-75 us on the 2-core
+# test machine), during which that thread idles: with 2 slots, no-op tasks ran at 1.5x a raw
+# ThreadPoolExecutor, which keeps its queue full. While the run's thread tasks take under
+# PREFETCH_BELOW seconds on average, the scheduler queues one extra task per worker thread,
+# so a thread finds its next task waiting. Only tasks with no timeout, pools or memory
+# qualify (nothing scarce is held while queued), and the threads stay capped at
+# max_workers, so no more tasks run at once than allowed. Its cost: a prefetched task is
+# committed to its thread, so a higher-priority task that becomes ready a moment later
+# starts after it.
+PREFETCH_BELOW = 0.002
+
+
+class Dispatch(RunState):
+    """Starting attempts: the ready heap, the gates, launching."""
+
+    def dispatch(self) -> None:
+        """Start ready tasks, best first, while the gates admit them."""
+        if self.paused or self.stopping:
+            return
+        ready, gates = self.ready, self.gates
+        if not ready and self.nholding == 0:
+            # Nothing runs and nothing is ready: whatever waits on a gate must get its turn.
+            for g in gates:
+                while g.parked:
+                    heapq.heappush(ready, heapq.heappop(g.parked))
+        state, sizers = self.state, self.sizers
+        while ready:
+            key = ready[0]
+            i = key[2]
+            if state[i] is not _READY:  # cancelled while it waited (a group resolved early)
+                heapq.heappop(ready)
+                continue
+            if sizers[i] is not None and i not in self.sized:
+                heapq.heappop(ready)  # its callable options first: they set its needs
+                if self.size(i):
+                    heappush(ready, key)
+                continue
+            short = True  # refused for lack of units (not for another task's reservation)
+            for g in gates:
+                verdict = g.admits(i)
+                if not verdict:
+                    break
+                if g.holder >= 0 and g.holder != i and key > g.holder_key and g.need(i) \
+                        and not self.may_backfill(g, i):
+                    short = False
+                    break
+            else:
+                heapq.heappop(ready)
+                self.start_reserved(i)
+                continue
+            if self.nholding == 0:
+                heapq.heappop(ready)  # nothing is running: the best task always starts
+                self.start_reserved(i)
+                continue
+            if g.blocks_all:
+                if (self.nprefetched < self.threads.max_threads and self.plain[i]
+                        and self.mean_thread_duration < PREFETCH_BELOW
+                        and all(h.admits(i) and (h.holder < 0 or not h.need(i)
+                                                 or h.spares(i)) for h in self.unslotted)):
+                    heapq.heappop(ready)
+                    self.launch(i, prefetch=True)
+                    continue
+                return
+            heapq.heappop(ready)
+            heapq.heappush(g.parked, key)
+            if short and g.reserve(i, key) and g.parked:
+                self.unpark(g)  # a smaller reservation than before may leave room
+            if verdict is RECHECK:  # refused by a measurement: no release may wake it
+                if not self.recheck_pending:
+                    self.recheck_pending = True
+                    self.add_deadline(self.clock() + MEMORY_RECHECK, Deadline.RECHECK, g)
+
+    def start_reserved(self, i: int) -> None:
+        """Launch ``i``, ending the reservations it held (see ``_gates``: Reservations)."""
+        self.launch(i)
+        for g in self.gates:
+            if g.holder == i:
+                g.unreserve()
+                if g.parked and g.used < g.capacity:
+                    self.unpark(g)
+
+    def may_backfill(self, g: Gate, i: int) -> bool:
+        """Whether ``i``, ranked below the holder of ``g``'s reservation, may take its units.
+
+        It may when it fits beside the reservation, or when its estimate ends before the
+        holder could start anyway (the shadow time).
+        """
+        holder = g.holder
+        if self.state[holder] is not _READY:  # cancelled, or started without unreserving
+            g.unreserve()
+            return True
+        if g.spares(i):
+            return True
+        estimate = self.specs[i].estimate
+        if estimate is None:
+            return False
+        shadow: float | None = g.shadow
+        if shadow is None:
+            shadow = g.shadow = self.shadow_time(g)
+        return self.clock() + estimate <= shadow
+
+    def shadow_time(self, g: Gate) -> float:
+        """When the running tasks' estimates say ``g`` has its holder's units (monotonic).
+
+        A task with no estimate, or past it, may end any moment.
+        """
+        now = self.clock()
+        short = g.used + g.holder_need - g.capacity
+        if short <= 0:
+            return now
+        specs, runs, offset = self.specs, self.runs, self.offset
+        ends = []
+        for attempt in self.running:  # at most max_workers (plus cluster tasks)
+            j = attempt.index
+            need = g.need(j)
+            if need:
+                estimate = specs[j].estimate
+                started = runs[j].started_at
+                end = now if estimate is None or started is None else \
+                    max(now, started - offset + estimate)
+                ends.append((end, need))
+        ends.sort()
+        for end, need in ends:
+            short -= need
+            if short <= 0:
+                return end
+        return now  # units held by attempts already decided (timed-out threads): unknown
+
+    def launch(self, i: int, prefetch: bool = False) -> None:
+        spec = self.specs[i]
+        tr = self.runs[i]
+        number = tr.attempts = tr.attempts + 1
+        pool = self.pools[i]
+        cpus, timeout, limit = spec.cpus, spec.timeout, spec.memory
+        if self.overrides:  # callable options, or memory grown by Retry(memory_factor=...)
+            cpus = self.cpus_of.get(i, cpus)
+            timeout = self.timeouts.get(i, timeout)
+            limit = self.mem_limits.get(i, limit)
+        attempt = Attempt(i, spec.id, number, self.queue, pool, cpus)
+        if pool is not self.threads:
+            attempt.memory_limit = limit
+            if pool is not self.cluster:
+                attempt.monitor = self.monitor
+                if self.mem_gate is not None:
+                    self.mem_gate.started(i, attempt)
+        else:
+            attempt.sampler = self.monitor
+        if prefetch:  # queued beyond the slots: it takes no slot (see PREFETCH_BELOW)
+            attempt.prefetched = True
+            self.nprefetched += 1
+            for g in self.unslotted:
+                g.acquire(i)
+        else:
+            for g in self.gates:
+                g.acquire(i)
+        self.state[i] = _RUNNING
+        self.nholding += 1
+        self.running[attempt] = None
+        now = self.clock()
+        tr.started_at = started = now + self.offset
+        if number == 1:
+            tr.first_started_at = started
+        if timeout is not None and not getattr(pool, "reports_start", False):
+            self.add_deadline(now + timeout, Deadline.TIMEOUT, attempt)
+        if self.member_of[i] is not None:
+            self.group_started(i, now)
+        if self.em and not prefetch:  # a prefetched attempt says when it really starts
+            self.emit("task:started", i, number)
+        if self.debug:
+            logger.debug("start %s (attempt %d)", spec.id, number)
+        try:
+            args, kwargs = spec.args, spec.kwargs
+            if spec.has_refs:
+                if pool is self.cluster and pool is not None:
+                    # Upstream results still on the cluster go as Dask futures (no round
+                    # trip through the driver); the rest as values.
+                    futures, values = pool.futures, self.values
+                    args = resolve_refs(args, lambda j: futures.get(j, values[j]))
+                    kwargs = resolve_refs(kwargs, lambda j: futures.get(j, values[j]))
+                else:
+                    values = self.values
+                    args = resolve_args(args, values)
+                    if kwargs:
+                        kwargs = resolve_refs(kwargs, values.__getitem__)
+            assert pool is not None  # every task's pool exists: start() checked cluster=
+            pool.submit(attempt, spec.fn, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails this task only
+            attempt.final = True
+            self.release(attempt)
+            tr.finished_at = self.clock() + self.offset
+            self.attempt_failed(i, attempt, exc, None, retryable=False)
+
+    def release(self, attempt: Attempt) -> None:
+        """Give back the resources ``attempt`` holds, and let parked tasks retry admission."""
+        attempt.holding = False
+        self.nholding -= 1
+        self.running.pop(attempt, None)
+        i = attempt.index
+        if attempt.prefetched:
+            self.nprefetched -= 1
+        for g in self.unslotted if attempt.prefetched else self.gates:
+            g.release(i)
+            if g.parked:
+                self.unpark(g)
+
+    def unpark(self, g: Gate) -> None:
+        """Move the best parked tasks of ``g`` back to the ready heap, as many as may fit."""
+        free = g.capacity - g.used
+        parked, ready = g.parked, self.ready
+        moved = False
+        while parked:
+            need = g.need(parked[0][2])
+            if need > free and moved:
+                break
+            heapq.heappush(ready, heapq.heappop(parked))
+            free -= need
+            moved = True

@@ -1,0 +1,252 @@
+"""The state of one run: its fields, and the attempt record the pools hold.
+
+One ``Scheduler`` thread per run owns all of it (``_scheduler``). Pools, the monitor and the
+event thread only send it messages (``_messages``), so nothing here needs a lock. Its
+transitions live in the scheduler's parts:
+
+========================  ====================================================
+``_scheduler``            the loop, messages, completion, the end of the run
+``_dispatch``             admission by the gates, launching attempts
+``_sizing``               needs from the inputs and from history; measured memory
+``_stopping``             timeouts, cancel, pause, grace, killing
+``_groups``               groups and maps (their decisions are pure: ``_waits``)
+========================  ====================================================
+
+Task ``i`` is an index into every per-task list below; map items created at run time are
+appended to them (``Groups.add_task``). The compiled ``Graph`` is shared by every run of the
+workflow and never changes, so one workflow can run twice at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any
+
+from ._events import Event, logger
+
+if TYPE_CHECKING:
+    from ._events import Emitter
+    from ._gates import Gate, MemoryGate
+    from ._graph import Graph
+    from ._monitor import Monitor
+    from ._pools import ProcessPool, ThreadPool
+    from ._results import RunResult, TaskRun
+    from ._status import EventKind, TaskStatus
+    from ._task import TaskSpec
+    from ._waits import Group
+    from ._workflow import Workflow
+
+__all__ = ["Attempt", "Deadline", "RunState"]
+
+
+class Deadline(enum.IntEnum):
+    """What a deadline in ``RunState.deadlines`` is for (its payload)."""
+
+    TIMEOUT = 0        # an attempt overran its timeout (the Attempt)
+    RETRY = 1          # a failed task's next attempt is due (the task index)
+    RUN_TIMEOUT = 2    # the run's own timeout (None)
+    GRACE = 3          # a stopping run stops waiting for its thread tasks (None)
+    RECHECK = 4        # look at measured memory again for tasks parked on it (the gate)
+    GROUP_TIMEOUT = 5  # a group's own timeout (the group's index)
+    KILL = 6           # an interrupted process attempt's grace is over (the Attempt)
+
+
+class Attempt:
+    """One try of one task. Pools hold it while it runs; the scheduler decides its fate.
+
+    ``final`` is set once the scheduler has decided the outcome (a timeout, a kill); a
+    report arriving later only gives back the resources it still ``holding``.
+
+    ``on_cancel`` is set by whatever runs the attempt and can stop it when asked (a thread
+    worker running a coroutine, a nested run); ``request_cancel()`` calls it once.
+    """
+
+    __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
+                 "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end",
+                 "monitor", "memory_limit", "peak_memory", "on_cancel", "worker", "result_bytes",
+                 "shm_bytes", "pipe_bytes", "sampler")
+
+    def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
+                 pool: Any, cpus: float) -> None:
+        self.index = index
+        self.task_id = task_id
+        self.number = number
+        self.queue = queue
+        self.pool = pool
+        self.handle: Any = None
+        self.cpus = cpus
+        self.cancel_requested = False
+        self.final = False
+        self.holding = True
+        self.prefetched = False
+        self.t_start = 0.0  # set by a thread worker when it really starts (monotonic clock)
+        self.t_end = 0.0  # ... and when the function returned
+        self.monitor: Any = None  # samples a process attempt's worker (see _monitor)
+        self.memory_limit: int | None = None
+        self.peak_memory: int | None = None
+        self.on_cancel: Callable[[], Any] | None = None
+        self.worker: int | str | None = None  # set by the pool once known (pid, thread name)
+        # Set by the process pool (API section 9 accounting): the size of the pickled result,
+        # and the bytes this attempt moved through shared memory and through its pipe.
+        self.result_bytes: int | None = None
+        self.shm_bytes = 0
+        self.pipe_bytes = 0
+        # The run's Monitor, for a thread task that starts processes of its own (a script
+        # step): ``sampler.watch(attempt, pid)`` makes their memory the task's peak_memory.
+        self.sampler: Any = None
+
+    def request_cancel(self) -> None:
+        """Set the cancel flag (``px.current().cancelled()``) and call ``on_cancel``.
+
+        Whoever installs ``on_cancel`` must check ``cancel_requested`` right after, since the
+        flag may have been set just before.
+        """
+        if not self.cancel_requested:
+            self.cancel_requested = True
+            hook = self.on_cancel
+            if hook is not None:
+                try:
+                    hook()
+                except Exception:  # noqa: BLE001 - a failing hook must not break the run
+                    logger.debug("on_cancel hook of %s failed", self.task_id, exc_info=True)
+
+
+@dataclass(eq=False, repr=False)
+class RunState:
+    """Everything one run knows, as dask's ``local.py`` documents its state.
+
+    Only the scheduler thread reads or writes these fields once the run started (the one
+    exception: ``wants_value`` reads lists that only grow, from the cluster's fetcher).
+    """
+
+    # The run's inputs ----------------------------------------------------------------
+    wf: Workflow                  # the workflow (its tasks and settings)
+    name: str                     # the workflow's name, for events and messages
+    graph: Graph                  # the compiled graph: deps, dependents, rank, order
+    specs: list[TaskSpec]         # task i's declaration (map items appended at run time)
+    n: int                        # tasks in the run, map items included so far
+    timeout: float | None         # the run's timeout (seconds)
+    grace: float                  # the run's default grace (seconds) for stopping attempts
+    keep: Any                     # keep=: "all", "leaves" or a tuple of task ids
+    cpu_budget: float             # cores the running tasks' cpus may add up to
+    memory_budget: int            # bytes their memory may add up to
+    explicit_memory: bool         # the budget was set by the user (memory probing is on)
+    store: Any                    # the Store recording finished tasks, or None
+    own_store: bool               # the run opened the store (and closes it at its end)
+    store_lost0: int              # records the store had lost before this run
+    fps: list[str | None]         # fingerprint of task i (with a store), else empty
+    cached: Any                   # resume: task id -> value recorded as succeeded
+    learned_peaks: dict[str, int]  # peak memory of each task's last success (the store's)
+
+    # Per task (index i) ---------------------------------------------------------------
+    state: list[TaskStatus]       # where task i is (PENDING ... final)
+    npending: list[int]           # dependencies of i not done yet
+    dependents: list[list[int]]   # tasks that consume i (a copy: map items append here)
+    runs: list[TaskRun]           # task i's record, returned in the result
+    values: list[Any]             # task i's value while something may still need it
+    keys: list[tuple[Any, ...]]   # ready-heap key (-priority, -rank, i): best first
+    level: list[int]              # depth of i in the graph (for the display)
+    pools: list[Any]              # the pool that runs i (threads, processes, cluster)
+    sizers: list[Any]             # callable cpus/memory/timeout of i, or None
+    plain: list[bool]             # i may be prefetched (see _dispatch.PREFETCH_BELOW)
+    member_of: list[list[int] | None]  # the groups i is a member of
+    is_group: list[bool]          # i is a group or a map (it never runs)
+    kept: list[bool]              # keep=: i's value stays in the result
+    nconsumers: list[int]         # keep=: dependents of i not final yet
+
+    # Per task, set during the run -------------------------------------------------------
+    sized: set[int]               # tasks whose callable options were evaluated
+    overrides: bool               # whether cpus_of, timeouts or mem_limits hold anything
+    cpus_of: dict[int, float]     # cpus computed by a cpus= callable
+    timeouts: dict[int, float | None]  # timeouts computed by a timeout= callable
+    mem_limits: dict[int, int | None]  # memory limits computed, or grown by a retry policy
+    evictions: dict[int, int]     # times i was stopped and queued again for the budget
+    retry_errors: dict[int, BaseException]  # last error of tasks waiting for a retry
+    tainted: set[int]             # tasks whose value is, or was built from, a default
+
+    # Pools and gates ------------------------------------------------------------------
+    queue: SimpleQueue[Any]       # the run's messages: pools, monitor, Run handle
+    threads: ThreadPool           # the run's own threads
+    procs: ProcessPool | None     # the reusable process workers (when a task needs them)
+    cluster: Any                  # the ClusterPool (isolation="cluster"), or None
+    monitor: Monitor              # samples process workers' memory and the CPU
+    gates: list[Gate]             # admission: slots first, then cpus, memory, pools...
+    mem_gate: MemoryGate | None   # the memory gate among them, if any
+    unslotted: list[Gate]         # the gates but the slots (what a prefetched task takes)
+
+    # Waiting work ---------------------------------------------------------------------
+    ready: list[tuple[Any, ...]]  # heap of keys of tasks whose dependencies are done
+    deadlines: list[tuple[float, int, Deadline, Any]]  # heap (when, seq, kind, payload)
+    seq: itertools.count[int]     # tie-breaker of deadlines
+
+    # Attempts -------------------------------------------------------------------------
+    running: dict[Attempt, None]  # attempts whose outcome is undecided (in start order)
+    zombies: set[Attempt]         # decided thread attempts still holding their resources
+    interrupted: set[Attempt]     # process attempts in their grace period before a kill
+    nholding: int                 # attempts holding resources (running or zombie)
+    nprefetched: int              # thread attempts queued beyond the slots
+    only_threads: bool            # every local task runs on threads (prefetch allowed)
+    mean_thread_duration: float   # running average of thread tasks' durations (seconds)
+
+    # Groups and maps ------------------------------------------------------------------
+    groups: dict[int, Group]      # group or map index -> its members and decision
+    done_members: Any             # deque of final tasks whose groups must decide
+    deciding: bool                # a member_done loop is running (no recursion)
+
+    # The run --------------------------------------------------------------------------
+    nfinal: int                   # tasks in a final state (the run ends at n)
+    stopping: str | None          # the run's final status once it stops early
+    partial: bool                 # some task failed under on_error="skip"/"ignore"
+    paused: bool                  # pause(): nothing new starts
+    grace_at: float | None        # when a stopping run stops waiting for thread tasks
+    grace_ended: bool             # ... and that moment has passed
+    kill_by: float                # the latest KILL deadline (the end waits for it)
+    recheck_pending: bool         # a RECHECK deadline is queued
+    late_warning: str | None      # thread tasks that ignored their cancel flag
+    crash: BaseException | None   # the scheduler's own failure (re-raised by Run.wait)
+    result: RunResult | None      # the RunResult, once the run ended
+    t0: float                     # when the run started (monotonic)
+    cpu_time: float               # the scheduler thread's CPU time
+    clock: Callable[[], float]    # monotonic clock (tests inject their own)
+    offset: float                 # wall clock minus monotonic clock
+    emitter: Emitter              # delivers events on the event thread
+    em: bool                      # anyone listens to per-task events
+    debug: bool                   # debug logging is on
+    releasing: bool               # keep= is not "all": values are released when consumed
+
+    def emit(self, kind: EventKind, i: int | None = None, attempt: int = 0,
+             duration: float | None = None, error: BaseException | None = None) -> None:
+        """Send event ``kind`` (about task ``i``) to the run's subscribers, if any wants it."""
+        if self.emitter.wants(kind):
+            self.emitter.emit(Event(kind, self.name, None if i is None else self.specs[i].id,
+                                    self.clock() + self.offset, attempt, duration, error))
+
+    def add_deadline(self, when: float, kind: Deadline, payload: Any) -> None:
+        """Have the loop act on ``payload`` at ``when`` (monotonic seconds)."""
+        heapq.heappush(self.deadlines, (when, next(self.seq), kind, payload))
+
+    if TYPE_CHECKING:  # transitions that one part of the scheduler calls in another
+        def finalize(self, i: int, state: TaskStatus, kind: EventKind,
+                     error: BaseException | None = None, tb_text: str | None = None,
+                     number: int = 0) -> None: ...
+        def attempt_failed(self, i: int, attempt: Attempt, error: BaseException,
+                           tb_text: str | None, *, timed_out: bool = False,
+                           retryable: bool = True) -> None: ...
+        def task_failed(self, i: int, error: BaseException, tb_text: str | None, number: int,
+                        timed_out: bool = False) -> None: ...
+        def skip_downstream(self, i: int, status: TaskStatus = ...) -> None: ...
+        def release_dependents(self, i: int) -> None: ...
+        def release(self, attempt: Attempt) -> None: ...
+        def size(self, i: int) -> bool: ...
+        def timeout_of(self, i: int) -> float | None: ...
+        def init_memory(self, i: int, stacklevel: int = 1) -> None: ...
+        def memory_report(self) -> None: ...
+        def stop(self, status: str) -> None: ...
+        def kill_or_flag(self, attempt: Attempt, cancel: bool = True) -> bool: ...
+        def cancel_retry(self, i: int) -> None: ...
+        def group_started(self, i: int, now: float) -> None: ...
