@@ -20,7 +20,7 @@ from typing import Any
 from ._errors import CycleError, MissingDependencyError
 from ._task import TaskSpec
 
-__all__ = ["Graph", "compile_graph", "critical_path", "depths", "levels", "to_dot"]
+__all__ = ["Graph", "Readiness", "compile_graph", "critical_path", "depths", "levels", "to_dot"]
 
 
 @dataclass(eq=False)
@@ -33,6 +33,50 @@ class Graph:
     order: list[int]
     estimates: list[float]
     rank: list[float]
+
+
+class Readiness:
+    """Which tasks of one run may start, in the protocol of ``graphlib.TopologicalSorter``.
+
+    ``prepare()`` gives the tasks with no dependencies, ``done(i)`` the tasks ``i`` was the
+    last missing dependency of, and ``add()`` appends a task created while the run goes on
+    (a map item). The counts and the dependents lists belong to the run: the ``Graph`` is
+    shared by every run of its workflow and is never changed.
+
+    Groups and maps are not counted: they hear of their members from the scheduler
+    (``_groups``), and a map over a task's result is expanded when that task is done.
+    """
+
+    __slots__ = ("dependents", "npending", "group")
+
+    def __init__(self, graph: Graph, is_group: Sequence[bool]) -> None:
+        self.dependents = list(graph.dependents)  # lists of run-time items are appended
+        self.npending = [len(d) for d in graph.deps]
+        self.group = list(is_group)
+
+    def prepare(self) -> list[int]:
+        """The tasks (not groups) that depend on nothing."""
+        group = self.group
+        return [i for i, k in enumerate(self.npending) if not k and not group[i]]
+
+    def done(self, i: int) -> list[int]:
+        """Task ``i`` finished: the tasks whose last missing dependency it was."""
+        npending, group = self.npending, self.group
+        ready = []
+        for j in self.dependents[i]:
+            if group[j]:
+                continue
+            k = npending[j] = npending[j] - 1
+            if not k:
+                ready.append(j)
+        return ready
+
+    def add(self) -> int:
+        """Append a task with no dependencies and no dependents yet; return its index."""
+        self.npending.append(0)
+        self.dependents.append([])
+        self.group.append(False)
+        return len(self.npending) - 1
 
 
 def compile_graph(specs: Mapping[str, TaskSpec], workflow: str = "",

@@ -164,11 +164,7 @@ class Groups(RunState):
                 attempt = next((a for a in self.running if a.index == m), None)
                 if attempt is not None:
                     if not self.kill_or_flag(attempt):
-                        # A thread cannot be stopped: cancelled now, its cancel flag set, its
-                        # slot held until the function returns (as for a thread timeout).
-                        attempt.final = True
-                        self.running.pop(attempt, None)
-                        self.zombies.add(attempt)
+                        self.abandon(attempt)  # cancelled now; its thread goes on
                     self.runs[m].finished_at = self.clock() + self.offset
                     self.finalize(m, TaskStatus.CANCELLED, "task:cancelled",
                                   number=attempt.number)
@@ -220,8 +216,7 @@ class Groups(RunState):
         self.specs.append(spec)
         self.runs.append(TaskRun(spec.id))
         self.state.append(TaskStatus.PENDING)
-        self.npending.append(0)
-        self.dependents.append([])
+        self.readiness.add()  # its npending, dependents and is_group entries
         self.values.append(None)
         self.keys.append((-spec.priority, -self.graph.rank[group] if group < len(
             self.graph.rank) else 0.0, i))
@@ -239,7 +234,6 @@ class Groups(RunState):
                           and not exclusive)
         self.sizers.append(spec.sizers)
         self.member_of.append([group])
-        self.is_group.append(False)
         self.runs[i].level = self.level[group]  # the map's own level: its items run there
         if self.releasing:
             self.nconsumers.append(1)  # the map collects it

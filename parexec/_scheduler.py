@@ -59,7 +59,7 @@ from ._errors import (
 )
 from ._events import Emitter, Event, logger
 from ._gates import GroupGate, MemoryGate, PoolGate, build_gates
-from ._graph import critical_path
+from ._graph import Readiness, critical_path
 from ._graph import depths as graph_levels
 from ._groups import Groups
 from ._pools import ThreadPool, process_pool
@@ -109,8 +109,6 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
         n = self.n = len(specs)
         # Map items created at run time are appended to these per-run lists; the compiled
         # graph is shared by every run of the workflow and never changes.
-        self.dependents = list(graph.dependents)
-        self.npending = [len(d) for d in graph.deps]
         self.state = [TaskStatus.PENDING] * n
         self.runs = [TaskRun(s.id) for s in specs]
         self.level = graph_levels(graph)
@@ -157,7 +155,11 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
         # Groups and maps: member_of[i] lists the groups task i belongs to.
         self.member_of: list[list[int] | None] = [None] * n
         self.groups: dict[int, Group] = {}
-        self.is_group = [s.group is not None for s in specs]
+        # Readiness counts missing dependencies in lists of this run (map items append).
+        self.readiness = Readiness(graph, [s.group is not None for s in specs])
+        self.is_group = self.readiness.group
+        self.dependents = self.readiness.dependents
+        self.maps_of: dict[int, list[int]] = {}  # task -> maps over its result
         for g, spec in enumerate(specs):
             info = spec.group
             if info is None:
@@ -170,6 +172,7 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
                     self.member_of[m] = (self.member_of[m] or []) + [g]
             else:
                 members = []
+                self.maps_of.setdefault(graph.deps[g][0], []).append(g)
             if info.max_concurrent is not None:
                 needs = [0.0] * n
                 for m in members:
@@ -282,12 +285,11 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
             logger.debug("run of %r: %d tasks, gates %s", self.name, self.n, self.gates)
         logger.info("run of %r started: %d tasks", self.name, self.n)
         now = self.clock() + self.offset
-        npending, state, runs, keys, ready = self.npending, self.state, self.runs, self.keys, \
-            self.ready
+        state, runs, keys, ready = self.state, self.runs, self.keys, self.ready
         if self.cached:
             self.serve_cached()
-        for i in range(self.n):
-            if not npending[i] and state[i] is _WAITING and i not in self.groups:
+        for i in self.readiness.prepare():
+            if state[i] is _WAITING:
                 state[i] = TaskStatus.READY
                 runs[i].queued_at = now
                 ready.append(keys[i])
@@ -531,16 +533,11 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
             self.cluster.release(i)
 
     def release_dependents(self, i: int) -> None:
-        npending, state, is_group = self.npending, self.state, self.is_group
+        """Task ``i`` is done (its value is set): queue what it was the last dependency of."""
+        state = self.state
         now: float | None = None
-        for j in self.dependents[i]:
-            if is_group[j]:
-                if j not in self.groups and state[j] is _WAITING:
-                    self.expand_map(j)  # a map over this task's result
-                continue  # a group learns of its members through member_done()
-            k = npending[j] - 1
-            npending[j] = k
-            if not k and state[j] is _WAITING:
+        for j in self.readiness.done(i):
+            if state[j] is _WAITING:
                 state[j] = _READY
                 if now is None:
                     now = self.clock() + self.offset
@@ -548,6 +545,11 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
                 heappush(self.ready, self.keys[j])
                 if self.em:
                     self.emit("task:queued", j)
+        maps = self.maps_of.get(i)
+        if maps is not None:  # maps over this task's result
+            for g in maps:
+                if g not in self.groups and state[g] is _WAITING:
+                    self.expand_map(g)
 
     def attempt_failed(self, i: int, attempt: Attempt, error: BaseException,
                        tb_text: str | None, *, timed_out: bool = False,

@@ -32,7 +32,7 @@ from ._events import Event, logger
 if TYPE_CHECKING:
     from ._events import Emitter
     from ._gates import Gate, MemoryGate
-    from ._graph import Graph
+    from ._graph import Graph, Readiness
     from ._monitor import Monitor
     from ._pools import ProcessPool, ThreadPool
     from ._results import RunResult, TaskRun
@@ -145,8 +145,9 @@ class RunState:
 
     # Per task (index i) ---------------------------------------------------------------
     state: list[TaskStatus]       # where task i is (PENDING ... final)
-    npending: list[int]           # dependencies of i not done yet
-    dependents: list[list[int]]   # tasks that consume i (a copy: map items append here)
+    readiness: Readiness          # missing dependencies of each task (graphlib's protocol)
+    dependents: list[list[int]]   # tasks that consume i (readiness's run-owned lists)
+    maps_of: dict[int, list[int]]  # task -> the maps over its result (expanded when done)
     runs: list[TaskRun]           # task i's record, returned in the result
     values: list[Any]             # task i's value while something may still need it
     keys: list[tuple[Any, ...]]   # ready-heap key (-priority, -rank, i): best first
@@ -155,7 +156,7 @@ class RunState:
     sizers: list[Any]             # callable cpus/memory/timeout of i, or None
     plain: list[bool]             # i may be prefetched (see _dispatch.PREFETCH_BELOW)
     member_of: list[list[int] | None]  # the groups i is a member of
-    is_group: list[bool]          # i is a group or a map (it never runs)
+    is_group: list[bool]          # i is a group or a map (it never runs; readiness's list)
     kept: list[bool]              # keep=: i's value stays in the result
     nconsumers: list[int]         # keep=: dependents of i not final yet
 
@@ -248,5 +249,6 @@ class RunState:
         def memory_report(self) -> None: ...
         def stop(self, status: str) -> None: ...
         def kill_or_flag(self, attempt: Attempt, cancel: bool = True) -> bool: ...
+        def abandon(self, attempt: Attempt) -> None: ...
         def cancel_retry(self, i: int) -> None: ...
         def group_started(self, i: int, now: float) -> None: ...

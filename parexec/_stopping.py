@@ -83,9 +83,7 @@ class Stopping(RunState):
             self.kill_interrupted(attempt)
         late = list(self.running)  # only thread attempts can still be undecided here
         for attempt in late:
-            attempt.final = True
-            self.running.pop(attempt, None)
-            self.zombies.add(attempt)
+            self.abandon(attempt)
             self.runs[attempt.index].finished_at = self.clock() + self.offset
             self.finalize(attempt.index, TaskStatus.CANCELLED, "task:cancelled",
                           number=attempt.number)
@@ -108,12 +106,19 @@ class Stopping(RunState):
         if self.em:
             self.emit("task:timeout", i, attempt.number, tr.duration, error)
         if not self.kill_or_flag(attempt, cancel=False):
-            # A thread cannot be stopped: its outcome is decided now, but it keeps its slot
-            # (and other resources) until the function returns.
-            attempt.final = True
-            self.running.pop(attempt, None)
-            self.zombies.add(attempt)
+            self.abandon(attempt)
         self.attempt_failed(i, attempt, error, None, timed_out=True)
+
+    def abandon(self, attempt: Attempt) -> None:
+        """Decide a thread attempt that cannot be stopped (its cancel flag is set).
+
+        Its outcome is decided now (timed out or cancelled); it keeps its slot and other
+        resources until its function returns (``zombies``), and what it returns then is
+        dropped.
+        """
+        attempt.final = True
+        self.running.pop(attempt, None)
+        self.zombies.add(attempt)
 
     def grace_of(self, i: int) -> float:
         """Task ``i``'s grace: its own, else the run's, else the workflow's (default 0)."""
