@@ -16,6 +16,7 @@ Usage::
     print(result[total])
 """
 
+from ._cache import worker_cache as worker_cache
 from ._errors import Cancelled as Cancelled
 from ._errors import CycleError as CycleError
 from ._errors import DuplicateTaskError as DuplicateTaskError
@@ -34,6 +35,7 @@ from ._errors import WorkflowError as WorkflowError
 from ._errors import WorkflowFailed as WorkflowFailed
 from ._events import EVENT_KINDS as EVENT_KINDS
 from ._events import Event as Event
+from ._pools import shutdown as shutdown
 from ._results import RunResult as RunResult
 from ._results import RunStats as RunStats
 from ._results import TaskRun as TaskRun
@@ -69,7 +71,8 @@ __all__ = [
     "ScriptError", "StepOutput", "Store", "StoreError", "TaskContext", "TaskOptionError",
     "TaskRef", "TaskRun", "TaskSpec", "TaskTemplate", "TaskTimeout", "WaitTimeout",
     "WorkerCrashed", "Workflow", "WorkflowError", "WorkflowFailed", "current", "group",
-    "last_result", "load", "loads", "parse_size", "run", "start", "task",
+    "last_result", "load", "loads", "parse_size", "run", "shutdown", "start", "task",
+    "worker_cache",
 ]
 
 # Tracebacks and reprs say ``parexec.TaskTimeout``, not ``parexec._errors.TaskTimeout``.

@@ -70,7 +70,7 @@ from ._worker import (
     worker_main,
 )
 
-__all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown_process_pool"]
+__all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown", "shutdown_process_pool"]
 
 
 class ThreadPool:
@@ -236,7 +236,7 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "pid", "attempt", "killed", "pins")
+    __slots__ = ("process", "conn", "pid", "attempt", "killed", "pins", "ntasks", "max_tasks")
 
     def __init__(self, process: Any, conn: Any) -> None:
         self.process = process
@@ -247,6 +247,9 @@ class _Worker:
         # Segments the running attempt's payload names: kept (linked) until its reply was
         # read, even if the driver's values using them are released meanwhile.
         self.pins: list[_shm.Segment] | None = None
+        self.ntasks = 0  # attempts handed to it
+        # The max_tasks_per_worker of its current attempt's submit (None: no limit).
+        self.max_tasks: int | None = None
 
 
 # Resident memory of a worker (Python 3.11, Linux), measured as the peak_memory of one task
@@ -286,7 +289,15 @@ _WORKER_NAME = "parexec-worker"
 
 
 class ProcessPool:
-    """Process workers shared by every run of this interpreter (see the module docstring)."""
+    """Process workers shared by every run of this interpreter (see the module docstring).
+
+    Recycling (``max_tasks_per_worker``, issue 16 item 3): a worker that has run its limit of
+    attempts is retired when its last reply has been read: it is not given another task and
+    leaves on EOF (a native library's leaks go with it); the next submit starts a fresh
+    worker if none is idle. A worker is never killed mid-task for this. The limit travels
+    with each ``submit`` (the pool is shared by every run of the interpreter, and runs may
+    differ); ``process_pool(max_tasks_per_worker=N)`` gives a view that passes it.
+    """
 
     def __init__(self) -> None:
         from loky.backend.context import get_context
@@ -294,6 +305,8 @@ class ProcessPool:
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._workers: dict[Any, _Worker] = {}  # conn -> worker, every live worker
+        # Sentinel -> worker retired after its last task, until the reader sees it exit.
+        self._retired: dict[Any, _Worker] = {}
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         self._reader = threading.Thread(target=self._read_loop, name="parexec-process-reader",
@@ -302,13 +315,22 @@ class ProcessPool:
 
     # Scheduler side -----------------------------------------------------------------
 
-    def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               max_tasks_per_worker: int | None = None) -> None:
         """Pickle the call (raising ``PicklingError`` naming the task) and send it to a worker.
 
         Buffers of 1 MiB or more in the arguments go through shared memory (``_shm``): a
         buffer that already lies in a segment (a value another process task returned) is
         named, not copied; the others are written into new segments; when shared memory is
         short they follow the pickle through the pipe.
+
+        Args:
+            attempt: The attempt to run; its outcome is reported on ``attempt.queue``.
+            fn: The function.
+            args: Its positional arguments.
+            kwargs: Its keyword arguments.
+            max_tasks_per_worker: Retire the worker once it has run this many attempts
+                (this one included), after this attempt's reply; None: no limit.
         """
         where = _shm.segment_dir()
         payload = (attempt.task_id, attempt.number, attempt.cpus, fn,
@@ -342,6 +364,8 @@ class ProcessPool:
             if alive:
                 worker.attempt = attempt
                 worker.pins = pins
+                worker.ntasks += 1
+                worker.max_tasks = max_tasks_per_worker
         if not alive:  # its pins go with this frame: segments nothing else holds unlink
             attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
                                                              worker.process.exitcode),
@@ -430,6 +454,9 @@ class ProcessPool:
             pass
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=2)
+        with self._lock:
+            workers += self._retired.values()  # leaving on EOF already: joined below
+            self._retired.clear()
         for w in workers:
             w.killed = True
             try:
@@ -441,6 +468,14 @@ class ProcessPool:
             if w.process.exitcode is None:
                 kill_tree(w.pid)
                 w.process.join(timeout=2)
+            # The reader has stopped: a run still waiting on this worker hears it from us.
+            attempt, w.attempt = w.attempt, None
+            if attempt is not None:
+                if attempt.monitor is not None:
+                    attempt.monitor.unwatch(attempt)
+                attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
+                                                                 w.process.exitcode),
+                                   w.pid, None))
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -467,6 +502,7 @@ class ProcessPool:
                 pass
         self._workers.clear()
         self._idle.clear()
+        self._retired.clear()  # the parent's: it reaps them
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -490,8 +526,9 @@ class ProcessPool:
                     return
                 conns = list(self._workers)
                 sentinels = {w.process.sentinel: w for w in self._workers.values()}
+                retired = list(self._retired)
             try:
-                ready = wait([self._wake_r, *conns, *sentinels])
+                ready = wait([self._wake_r, *conns, *sentinels, *retired])
             except OSError:
                 continue  # a connection closed under us; rebuild the list
             for obj in ready:
@@ -499,6 +536,8 @@ class ProcessPool:
                     os.read(self._wake_r, 4096)
                 elif obj in sentinels:
                     self._reap(sentinels[obj])
+                elif obj in retired:
+                    self._reap_retired(obj)
                 else:
                     self._receive(obj)
 
@@ -519,7 +558,10 @@ class ProcessPool:
             if worker.killed or attempt is None:
                 _shm.discard(descs)
                 return  # the scheduler already decided this attempt's outcome
-            if not self._closed:
+            retire = worker.max_tasks is not None and worker.ntasks >= worker.max_tasks
+            if retire:
+                self._retire(worker)
+            elif not self._closed:
                 self._idle.append(worker)
         ok, value, tb_text, (peak, t0, t1) = decode_outcome(attempt.task_id, body, descs,
                                                             piped)
@@ -539,6 +581,29 @@ class ProcessPool:
         if t0 is not None and t1 is not None:
             attempt.t_start, attempt.t_end = t0, t1  # the worker's own clock: exact
         attempt.queue.put((attempt, ok, value, worker.pid, tb_text))
+
+    def _retire(self, worker: _Worker) -> None:
+        """Take ``worker`` out of service; it exits on EOF. Called under the lock.
+
+        Its conn is closed here, in the reader thread (the only one that polls it), and its
+        sentinel is watched until the process has exited, so it is joined, not left as a
+        zombie, and what it was writing for us is swept.
+        """
+        self._workers.pop(worker.conn, None)
+        self._retired[worker.process.sentinel] = worker
+        try:
+            worker.conn.close()
+        except OSError:
+            pass
+
+    def _reap_retired(self, sentinel: Any) -> None:
+        with self._lock:
+            worker = self._retired.pop(sentinel, None)
+        if worker is None:
+            return
+        worker.process.join(timeout=1)
+        if worker.process.exitcode is not None:
+            _shm.sweep_writer(worker.pid)
 
     def _reap(self, worker: _Worker) -> None:
         with self._lock:
@@ -609,15 +674,63 @@ _process_pool_lock = threading.Lock()
 _atexit_registered = False
 
 
-def process_pool(sweep: bool = False) -> ProcessPool:
+class RecyclingPool(ProcessPool):
+    """The shared process pool as one run sees it: every submit carries the run's limit.
+
+    It holds no worker of its own; every method goes to the shared pool. Made by
+    ``process_pool(max_tasks_per_worker=N)``.
+    """
+
+    def __init__(self, pool: ProcessPool, max_tasks_per_worker: int) -> None:  # noqa: D107
+        # No ProcessPool.__init__: this is a view, with no reader, pipes or workers.
+        self.pool = pool
+        self.max_tasks_per_worker = max_tasks_per_worker
+
+    def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               max_tasks_per_worker: int | None = None) -> None:
+        """Submit to the shared pool with this view's limit (or ``max_tasks_per_worker``)."""
+        self.pool.submit(attempt, fn, args, kwargs,
+                         max_tasks_per_worker or self.max_tasks_per_worker)
+
+    def kill(self, attempt: Any) -> bool:
+        """See ``ProcessPool.kill``."""
+        return self.pool.kill(attempt)
+
+    def interrupt(self, attempt: Any, cancel: bool) -> bool:
+        """See ``ProcessPool.interrupt``."""
+        return self.pool.interrupt(attempt, cancel)
+
+    def kill_for_memory(self, attempt: Any, used: int, limit: int) -> None:
+        """See ``ProcessPool.kill_for_memory``."""
+        self.pool.kill_for_memory(attempt, used, limit)
+
+    def shutdown(self) -> None:
+        """Stop the shared pool's workers (as ``px.shutdown()``)."""
+        self.pool.shutdown()
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the shared pool's live workers."""
+        return self.pool.pids
+
+
+def process_pool(sweep: bool = False, max_tasks_per_worker: int | None = None) -> ProcessPool:
     """The interpreter's process pool, created on first use.
 
     Args:
         sweep: First remove the shared-memory segments of drivers that died
             (``_shm.sweep_dead_drivers``, a listing of the segment folder): once per run,
             never per task.
+        max_tasks_per_worker: Replace a worker after it ran this many tasks (a run's
+            option). Given, the result is a ``RecyclingPool`` view of the shared pool that
+            passes the limit with every submit; None: the shared pool itself.
+
+    Raises:
+        TaskOptionError: ``max_tasks_per_worker`` is not a positive int.
     """
     global _process_pool, _atexit_registered
+    if max_tasks_per_worker is not None:
+        check_max_tasks_per_worker(max_tasks_per_worker)
     if sweep:
         _shm.sweep_dead_drivers()
     with _process_pool_lock:
@@ -626,7 +739,24 @@ def process_pool(sweep: bool = False) -> ProcessPool:
             if not _atexit_registered:
                 _atexit_registered = True
                 atexit.register(shutdown_process_pool)
-        return _process_pool
+        pool = _process_pool
+    return pool if max_tasks_per_worker is None else RecyclingPool(pool, max_tasks_per_worker)
+
+
+def check_max_tasks_per_worker(value: object) -> int | None:
+    """``value`` as a ``max_tasks_per_worker`` option: None or an int of at least 1.
+
+    Raises:
+        TaskOptionError: Naming the value and what to pass instead.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        from ._errors import TaskOptionError
+        raise TaskOptionError(
+            f"max_tasks_per_worker must be None (workers are never replaced) or an int of "
+            f"at least 1 (replace a process worker after that many tasks), got {value!r}")
+    return value
 
 
 def shutdown_process_pool() -> None:
@@ -636,6 +766,24 @@ def shutdown_process_pool() -> None:
         pool, _process_pool = _process_pool, None
     if pool is not None:
         pool.shutdown()
+
+
+def shutdown() -> None:
+    """Stop the reusable process workers of this interpreter.
+
+    Process workers are kept between runs (a second run starts faster, and values of
+    ``px.worker_cache`` stay); this stops them now instead of at interpreter exit: idle
+    workers exit, and a worker still running a task (of a run in another thread) is
+    killed, failing that task with ``px.WorkerCrashed``. Their ``px.worker_cache`` values
+    go with them. The next process task starts fresh workers. Safe to call at any time,
+    twice, or when no process worker was ever started. Thread tasks are not affected.
+
+    Usage::
+
+        result = px.run(wf)
+        px.shutdown()      # free the workers' memory now
+    """
+    shutdown_process_pool()
 
 
 def _forget_pool_after_fork() -> None:
