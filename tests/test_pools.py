@@ -569,3 +569,96 @@ def test_thread_interrupt_lands_in_its_attempt_only():
         assert queue.get(timeout=10)[1:3] == (True, "ok")
     finally:
         pool.shutdown()
+
+
+# Recycling and px.shutdown() (issue 16 item 3, issue 14) -----------------------------------
+
+def _gone(pids, timeout=10):
+    """Whether every pid in ``pids`` (recorded by the test) exited within ``timeout``."""
+    procs = []
+    for p in pids:
+        try:
+            procs.append(psutil.Process(p))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return not alive
+
+
+@pytest.mark.timeout(60)
+def test_max_tasks_per_worker_replaces_the_worker():
+    """With max_tasks_per_worker=2, six tasks in a row on one worker slot run in three
+    workers, two each; a retired worker exits after its last reply, and none is left."""
+    from queue import SimpleQueue
+
+    from parexec._state import Attempt as _Attempt
+    shared = _pools.ProcessPool()  # a pool of its own: no worker with an earlier count
+    pool = _pools.RecyclingPool(shared, 2)
+    queue = SimpleQueue()
+    pids = []
+    try:
+        for i in range(6):
+            attempt = _Attempt(i, f"t{i}", 1, queue, pool, 1.0)
+            pool.submit(attempt, helpers.pid, (), {})
+            done = queue.get(timeout=30)
+            assert (done.attempt, done.ok) == (attempt, True), done
+            pids.append(done.value)
+        assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
+        assert len(set(pids)) == 3
+        assert _gone(pids[:4])  # the retired ones left on their own (EOF)
+        assert shared.pids == []  # the third retired after its second task too
+    finally:
+        shared.shutdown()
+    assert _gone(pids)
+
+
+def test_max_tasks_per_worker_is_checked():
+    """A max_tasks_per_worker that is not a positive int is refused, naming the value."""
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(px.TaskOptionError, match="max_tasks_per_worker.*got"):
+            _pools.process_pool(max_tasks_per_worker=bad)
+    assert _pools.check_max_tasks_per_worker(None) is None
+    assert _pools.check_max_tasks_per_worker(3) == 3
+
+
+def test_shutdown_stops_workers_and_is_safe_to_repeat():
+    """px.shutdown() stops the reusable workers, can be called twice and with no pool, and
+    the next run starts fresh workers."""
+    px.shutdown()
+    px.shutdown()  # no pool now: nothing to do
+    first = run_one(pid)["t"]
+    assert first in _pools.process_pool().pids
+    px.shutdown()
+    assert _pools._process_pool is None
+    assert _gone([first])
+    second = run_one(pid)["t"]
+    assert second != first
+    px.shutdown()
+    px.shutdown()
+    assert _gone([second])
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_reports_a_running_attempt_as_crashed(tmp_path):
+    """Stopping the workers while one runs a task reports WorkerCrashed for that attempt,
+    so a run waiting on it does not wait forever."""
+    from queue import SimpleQueue
+
+    from parexec._state import Attempt as _Attempt
+    pool = _pools.ProcessPool()
+    queue = SimpleQueue()
+    pidfile = tmp_path / "sleep.pid"
+    attempt = _Attempt(0, "sleeper", 1, queue, pool, 1.0)
+    try:
+        pool.submit(attempt, helpers.run_sleep, (str(pidfile), 60), {})
+        deadline = time.monotonic() + 30
+        while not pidfile.exists():  # the task's own child says it started
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.02)
+        worker = attempt.worker
+    finally:
+        pool.shutdown()
+    done = queue.get(timeout=10)
+    assert done.attempt is attempt and not done.ok
+    assert isinstance(done.value, px.WorkerCrashed) and "'sleeper'" in str(done.value)
+    assert _gone([worker, int(pidfile.read_text())])
