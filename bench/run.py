@@ -243,8 +243,7 @@ def bench_processes(quick: bool) -> list[Row]:
         return took
 
     def px_cold() -> float:
-        from parexec._pools import shutdown_process_pool
-        shutdown_process_pool()
+        px.shutdown()
         wf = px_workflow([[], []], isolation="process")
         t = time.perf_counter()
         px.run(wf, max_workers=workers, progress=False)
@@ -724,8 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.__dict__ for r in rows], f, indent=1)
-    from parexec._pools import shutdown_process_pool
-    shutdown_process_pool()
+    px.shutdown()
     return 0
 
 
