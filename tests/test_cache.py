@@ -217,3 +217,37 @@ def test_deeply_nested_code_is_keyed_without_recursion():
     for _ in range(3000):
         code = code.replace(co_consts=(code,))
     assert len(_cache._code_digest(code)) == _cache._DIGEST_SIZE
+
+
+@pytest.mark.timeout(120)
+def test_main_function_in_process_tasks_hits(run_script):
+    """A loader defined in a script's __main__ (sent by value with every process task) is
+    computed once per worker, across tasks and runs, and its value reused."""
+    proc = run_script("""
+        import os
+        import parexec as px
+
+        def load(path):
+            with open(path, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            return object()  # a new object per computation
+
+        def work(i, path):
+            model = px.worker_cache(load, path)
+            return os.getpid(), id(model)
+
+        ran = set()
+        for r in range(2):
+            with px.Workflow("main-cache", isolation="process") as wf:
+                m = px.task(work).map(range(8), path="log")
+            for pid, model_id in px.run(wf, max_workers=2, progress=False)[m]:
+                ran.add((pid, model_id))
+        px.shutdown()
+        computed = open("log").read().split()
+        pids = {pid for pid, _ in ran}
+        assert len(ran) == len(pids), ran  # one model object per worker
+        assert sorted(computed) == sorted(str(p) for p in pids), (computed, pids)
+        print("ok", len(pids))
+    """, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")
