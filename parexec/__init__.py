@@ -26,6 +26,7 @@ from ._errors import ParexecError as ParexecError
 from ._errors import PicklingError as PicklingError
 from ._errors import RemoteError as RemoteError
 from ._errors import ResourceError as ResourceError
+from ._errors import ScriptError as ScriptError
 from ._errors import StoreError as StoreError
 from ._errors import TaskOptionError as TaskOptionError
 from ._errors import TaskTimeout as TaskTimeout
@@ -35,6 +36,8 @@ from ._errors import WorkflowError as WorkflowError
 from ._errors import WorkflowFailed as WorkflowFailed
 from ._events import EVENT_KINDS as EVENT_KINDS
 from ._events import Event as Event
+from ._options import Retry as Retry
+from ._options import parse_size as parse_size
 from ._pools import shutdown as shutdown
 from ._results import RunResult as RunResult
 from ._results import RunStats as RunStats
@@ -47,17 +50,14 @@ from ._store import Store as Store
 from ._task import GroupRef as GroupRef
 from ._task import MapRef as MapRef
 from ._task import Outcome as Outcome
-from ._task import Retry as Retry
 from ._task import TaskRef as TaskRef
 from ._task import TaskSpec as TaskSpec
 from ._task import TaskTemplate as TaskTemplate
-from ._task import parse_size as parse_size
 from ._task import task as task
 from ._worker import TaskContext as TaskContext
 from ._worker import current as current
 from ._workflow import Workflow as Workflow
 from ._workflow import group as group
-from ._yaml import ScriptError as ScriptError
 from ._yaml import StepOutput as StepOutput
 from ._yaml import load as load
 from ._yaml import loads as loads

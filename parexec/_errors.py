@@ -15,6 +15,7 @@ Hierarchy::
     ├── MemoryLimitExceeded           (also MemoryError)
     ├── Cancelled                     raised by ``current().check()``
     ├── RemoteError                   a worker error that could not travel back as itself
+    ├── ScriptError                   a YAML script step exited with a non-zero status
     ├── StoreError                    (also OSError)
     ├── WaitTimeout                   (also TimeoutError) ``Run.wait(timeout)`` expired
     └── WorkflowFailed                (also ExceptionGroup) raised by ``run(check=True)``
@@ -42,6 +43,7 @@ __all__ = [
     "PicklingError",
     "RemoteError",
     "ResourceError",
+    "ScriptError",
     "StoreError",
     "TaskOptionError",
     "TaskTimeout",
@@ -215,6 +217,33 @@ class RemoteError(ParexecError):
         if self.remote_traceback:
             text += "\n\nWorker traceback:\n" + self.remote_traceback.rstrip()
         return text
+
+
+class ScriptError(ParexecError):
+    """A script step exited with a non-zero status (127: it could not be started).
+
+    The message ends with the last lines the step wrote to stderr, or, when it wrote
+    nothing there, the last lines of its stdout.
+
+    Attributes:
+        step: The step id.
+        returncode: The exit status (negative: killed by that signal).
+        stderr: The last lines the step wrote to stderr.
+        stdout: The last lines the step wrote to stdout.
+    """
+
+    def __init__(self, step: str, returncode: int, stderr: str, stdout: str = "") -> None:
+        self.step, self.returncode, self.stderr, self.stdout = step, returncode, stderr, stdout
+        if stderr.strip():
+            tail = f"; last lines of stderr:\n{stderr}"
+        elif stdout.strip():
+            tail = f"; last lines of stdout:\n{stdout}"
+        else:
+            tail = ""
+        super().__init__(f"step {step!r} exited with status {returncode}{tail}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.returncode, self.stderr, self.stdout))
 
 
 class StoreError(ParexecError, OSError):

@@ -16,10 +16,21 @@ from typing import Any
 from ._errors import PicklingError, TaskOptionError, WaitTimeout, WorkflowError, user_stacklevel
 from ._events import DRAIN_TIMEOUT, Event, ProgressBar, want_progress
 from ._gates import check_resources
+from ._options import (
+    check_cpu_budget,
+    check_grace,
+    check_keep,
+    check_max_workers,
+    check_memory,
+    check_on_event,
+    check_parallel,
+    check_resume,
+    check_timeout,
+)
 from ._results import RunResult
 from ._scheduler import GRACE, Scheduler
-from ._task import check_grace
-from ._workflow import Workflow, check_cpu_budget, check_max_workers, check_timeout
+from ._task import TaskRef
+from ._workflow import Workflow
 
 __all__ = ["Run", "last_result", "run", "start"]
 
@@ -171,9 +182,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     """
     if not isinstance(wf, Workflow):
         raise TaskOptionError(f"px.run/px.start need a px.Workflow, got {type(wf).__name__}")
-    if not isinstance(parallel, bool):
-        raise TaskOptionError(f"run: parallel={parallel!r} must be True or False")
-    keep = _check_keep(wf, keep)
+    check_parallel(parallel)
+    keep = check_keep(keep, wf.tasks, wf.name, TaskRef)
     max_workers = check_max_workers(max_workers, "run") or wf.max_workers or _cpu_count()
     if not parallel:
         max_workers = 1
@@ -181,13 +191,9 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     cpus = explicit_cpu or float(max_workers)
     timeout = check_timeout(timeout, "run") or wf.timeout
     grace = check_grace(grace, "run")
-    if memory_budget is not None:
-        from ._task import parse_size
-        mem_budget: int | None = parse_size(memory_budget, what="run: memory_budget")
-    else:
-        mem_budget = wf.memory_budget
-    if resume and store is None:
-        raise TaskOptionError("resume=True needs store='path.db' (the store to resume from)")
+    mem_budget = check_memory(memory_budget, "run", "memory_budget") or wf.memory_budget
+    check_resume(resume, store)
+    check_on_event(on_event)
     graph = wf.graph()
     specs = list(wf.tasks.values())
     if not specs:
@@ -214,8 +220,6 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
         opened = store if isinstance(store, Store) else Store(store)
     subscribers = list(wf._listeners)
     if on_event is not None:
-        if not callable(on_event):
-            raise TaskOptionError(f"on_event={on_event!r} must be a callable taking an Event")
         subscribers.append(("*", on_event))
     if want_progress(progress) and len(specs):
         subscribers.append(("*", ProgressBar(len(specs), wf.name)))
@@ -294,31 +298,6 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
                 if time.monotonic() >= deadline:
                     break
         raise
-
-
-def _check_keep(wf: Workflow, keep: Any) -> Any:
-    """Normalise ``keep=``: ``"all"``, ``"leaves"``, or a tuple of task ids of ``wf``."""
-    if keep in ("all", "leaves"):
-        return keep
-    from ._task import TaskRef
-    if isinstance(keep, (str, TaskRef)):
-        keep = [keep]
-    try:
-        items = list(keep)
-    except TypeError:
-        items = None
-    if items is None or not all(isinstance(k, (str, TaskRef)) for k in items):
-        raise TaskOptionError(f"run: keep={keep!r} must be 'all', 'leaves' or a list of task "
-                              "refs or ids")
-    ids = tuple(k.id if isinstance(k, TaskRef) else k for k in items)
-    for tid in ids:
-        if tid not in wf.tasks:
-            import difflib
-            close = difflib.get_close_matches(tid, list(wf.tasks), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TaskOptionError(f"run: keep= names {tid!r}, which is not a task of "
-                                  f"workflow {wf.name!r}{hint}")
-    return ids
 
 
 def _link_to_enclosing_task(handle: Run) -> None:

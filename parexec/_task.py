@@ -11,149 +11,39 @@ Options are checked when they are given, so a typo fails at definition time, nam
 
 from __future__ import annotations
 
-import difflib
+import contextvars
 import functools
-import math
-import random
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from ._errors import TaskOptionError
+from ._options import Retry, parse_size, sized_value  # re-exported: they used to live here
+from ._options import check_options as _check_options
 
 if TYPE_CHECKING:
     from ._workflow import Workflow
 
 __all__ = ["GroupInfo", "GroupRef", "MapRef", "Outcome", "Retry", "TaskRef", "TaskSpec",
-           "TaskTemplate", "WAITS", "check_callable", "check_id", "parse_size", "resolve_args",
-           "resolve_refs", "sized_value", "task"]
+           "TaskTemplate", "check_callable", "check_options", "current_workflow", "parse_size",
+           "resolve_args", "resolve_refs", "sized_value", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 Isolation = Literal["thread", "process", "cluster"]
 OnError = Literal["fail", "skip", "ignore"]
-ISOLATIONS = ("thread", "process", "cluster")
-ON_ERRORS = ("fail", "skip", "ignore")
-
-# Decimal and binary units, as dask.utils.parse_bytes reads them; single letters are decimal.
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "kib": 2**10,
-    "m": 10**6, "mb": 10**6, "mib": 2**20,
-    "g": 10**9, "gb": 10**9, "gib": 2**30,
-    "t": 10**12, "tb": 10**12, "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+# The workflows whose ``with`` block is open in this context, innermost last. It lives here,
+# not in ``_workflow``, because templates read it on every call and ``_workflow`` imports
+# this module: keeping it here leaves no import cycle between the two.
+_active: contextvars.ContextVar[tuple[Workflow, ...]] = contextvars.ContextVar(
+    "parexec_active_workflows", default=())
 
 
-def parse_size(value: int | float | str, *, what: str = "memory") -> int:
-    """Parse a memory size: bytes as a number, or a string like ``"512MB"`` or ``"2GiB"``.
-
-    Args:
-        value: A positive number of bytes, or a number followed by a unit (B, KB, MB, GB,
-            TB decimal; KiB, MiB, GiB, TiB binary; case-insensitive).
-        what: The name of the field, used in the error message.
-
-    Returns:
-        The size in bytes.
-
-    Raises:
-        TaskOptionError: The value is not a positive size.
-    """
-    if isinstance(value, bool):
-        raise TaskOptionError(f"{what}={value!r} is not a size; give bytes or a string like '2GB'")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        number, unit = float(m.group(1)), m.group(2).lower()
-        if unit not in _UNITS:
-            raise TaskOptionError(
-                f"{what}={value!r} has an unknown unit {m.group(2)!r}; use one of "
-                "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '512MB' or '2GiB')")
-    else:
-        raise TaskOptionError(
-            f"{what}={value!r} is not a size; give bytes or a string like '512MB' or '2GiB'")
-    size = number * _UNITS[unit]
-    if not math.isfinite(size) or size <= 0:
-        raise TaskOptionError(f"{what}={value!r} must be a positive size")
-    if size < 1:
-        raise TaskOptionError(
-            f"{what}={value!r} is less than one byte; a bare number counts bytes, so write the "
-            f"unit (e.g. '{value}GB')")
-    return int(size)
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How a failed attempt is retried.
-
-    The delay before attempt ``n + 1`` is ``min(max_delay, initial_delay * backoff**(n - 1))``
-    plus a uniform random offset in ``[-jitter, +jitter]`` seconds (never below zero). Only
-    exceptions that are instances of ``on`` are retried. Waiting for a retry holds no slot.
-
-    Usage::
-
-        @px.task(retry=px.Retry(3, initial_delay=0.5, on=(OSError,)))
-        def fetch(url): ...
-
-    Args:
-        max_retries: How many times to retry after the first attempt (>= 0).
-        initial_delay: Seconds before the first retry.
-        backoff: Factor applied to the delay after each retry (>= 1).
-        max_delay: Upper bound of a delay, in seconds.
-        jitter: Largest random offset added to or removed from a delay, in seconds.
-        on: Exception types that are retried.
-        memory_factor: With a factor (>= 1), an attempt stopped by ``MemoryLimitExceeded``
-            is retried with its memory limit and its need multiplied by it, never above the
-            run's memory budget (``Retry(2, memory_factor=2)`` doubles the memory each time).
-    """
-
-    max_retries: int
-    initial_delay: float = 1.0
-    backoff: float = 2.0
-    max_delay: float = 60.0
-    jitter: float = 0.0
-    on: tuple[type[BaseException], ...] = (Exception,)
-    memory_factor: float | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) \
-                or self.max_retries < 0:
-            raise TaskOptionError(
-                f"Retry(max_retries={self.max_retries!r}) must be an integer >= 0")
-        for field, low in (("initial_delay", 0.0), ("backoff", 1.0), ("max_delay", 0.0),
-                           ("jitter", 0.0)):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) \
-                    or not value >= low or not math.isfinite(value):
-                raise TaskOptionError(f"Retry({field}={value!r}) must be a number >= {low:g}")
-        factor = self.memory_factor
-        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                                   or not factor >= 1 or not math.isfinite(factor)):
-            raise TaskOptionError(
-                f"Retry(memory_factor={factor!r}) must be a number >= 1 (how much the memory of "
-                "an attempt stopped by MemoryLimitExceeded grows), or None")
-        on = self.on
-        if isinstance(on, type):
-            on = (on,)
-        if not isinstance(on, tuple) or not on or not all(
-                isinstance(t, type) and issubclass(t, BaseException) for t in on):
-            raise TaskOptionError(
-                f"Retry(on={self.on!r}) must be an exception type or a tuple of them")
-        object.__setattr__(self, "on", on)
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
-        if self.jitter:
-            base += (rng or random).uniform(-self.jitter, self.jitter)
-        return max(0.0, base)
-
-    def retries(self, error: BaseException) -> bool:
-        """Whether ``error`` is of a type this policy retries."""
-        return isinstance(error, self.on)
+def current_workflow() -> Workflow | None:
+    """The innermost workflow whose ``with`` block is open in this context, if any."""
+    stack = _active.get()
+    return stack[-1] if stack else None
 
 
 class TaskRef:
@@ -206,9 +96,6 @@ class Outcome:
     ok: bool
     value: Any = None
     error: BaseException | None = None
-
-
-WAITS = ("all", "any", "all_settled", "race")
 
 
 @dataclass(frozen=True)
@@ -288,204 +175,13 @@ class TaskSpec:
 
 # Option parsing ---------------------------------------------------------------------------
 
-_OPTIONS = ("id", "name", "isolation", "priority", "estimate", "timeout", "retry", "on_error",
-            "cpus", "memory", "pools", "after", "default", "grace")
-
-
-def check_grace(value: Any, where: str) -> float | None:
-    """Validate a ``grace`` (seconds >= 0, or None for "not given").
-
-    Raises:
-        TaskOptionError: ``value`` is not a finite number of seconds >= 0; the message
-            starts with ``where`` (e.g. ``"task 'fit'"``).
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not (value >= 0 and math.isfinite(value)):
-        raise TaskOptionError(f"{where}: grace={value!r} must be a number of seconds >= 0")
-    return float(value)
-
-
-def check_positive(value: Any, where: str, field: str,
-                   meaning: str = "a positive number of seconds") -> float | None:
-    """Validate an optional positive finite number (None passes).
-
-    ``where`` prefixes the message, e.g. ``"task 'fit'"``.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not (value > 0 and math.isfinite(value)):
-        raise TaskOptionError(f"{where}: {field}={value!r} must be {meaning}")
-    return float(value)
-
-
-def check_id(value: Any, where: str, *, brackets: bool = True) -> str:
-    """Validate a task, group or workflow id (or display name); return it.
-
-    Ids are printed in summaries, progress bars and terminals, so control characters (which
-    could forge table rows or rewrite lines) are refused; ``[`` and ``]`` are reserved for
-    map items (``name[0]``), whose ids must never collide with a user's.
-
-    Raises:
-        TaskOptionError: The value is not a non-empty printable string.
-    """
-    if not isinstance(value, str) or not value:
-        raise TaskOptionError(f"{where}={value!r} must be a non-empty string")
-    if not value.isprintable():
-        raise TaskOptionError(f"{where}={value!r} contains control or non-printable characters; "
-                              "use printable text")
-    if brackets and ("[" in value or "]" in value):
-        raise TaskOptionError(f"{where}={value!r} contains '[' or ']', which are reserved for "
-                              "the items of maps (name[0], name[1], ...); choose another id")
-    return value
-
-
-def sized_value(task: str, key: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                kwargs: Mapping[str, Any]) -> Any:
-    """Evaluate the callable option ``key`` (memory, cpus, timeout) on resolved arguments.
-
-    Returns the value normalised like a fixed option (bytes, cores, seconds; None for no
-    memory or no timeout).
-
-    Raises:
-        TaskOptionError: The callable raised, or returned a value of the wrong type; the
-            message names the task and the option.
-    """
-    try:
-        value = fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - reported as the task's failure
-        raise TaskOptionError(
-            f"task {task!r}: the {key}= callable raised {type(exc).__name__}: {exc}; fix it "
-            f"(it receives the task's resolved arguments) or give a fixed {key}=") from exc
-    if value is None and key != "cpus":
-        return None
-    try:
-        if key == "memory":
-            return parse_size(value, what="memory")
-        if key == "cpus":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not (value > 0 and math.isfinite(value)):
-                raise TaskOptionError(f"cpus={value!r} must be a number > 0")
-            return value
-        return check_positive(value, "", "timeout")
-    except TaskOptionError as exc:
-        text = str(exc).removeprefix(": ")
-        raise TaskOptionError(
-            f"task {task!r}: the {key}= callable returned {value!r}, unusable: {text}; make "
-            "it return " + {"memory": "bytes or a size like '512MB' (or None)",
-                            "cpus": "a number of cores > 0",
-                            "timeout": "a number of seconds > 0 (or None)"}[key]) from None
-
-
 def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate and normalise task options; return them as a new dict.
-
-    Args:
-        task: The task id or function name, for messages.
-        options: Options as given to ``px.task``.
+    """Validate and normalise task options; return them as a new dict (see ``_options``).
 
     Raises:
         TaskOptionError: An option is unknown or has an unusable value.
     """
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if key not in _OPTIONS:
-            close = difflib.get_close_matches(key, _OPTIONS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else \
-                f"; known options: {', '.join(_OPTIONS)}"
-            raise TaskOptionError(f"task {task!r}: unknown option {key!r}{hint}")
-        if key in ("id", "name"):
-            if value is not None:
-                check_id(value, f"task {task!r}: {key}", brackets=key == "id")
-        elif key == "isolation":
-            if value is not None and value not in ISOLATIONS:
-                raise TaskOptionError(
-                    f"task {task!r}: isolation={value!r} is unknown; use one of "
-                    f"{', '.join(map(repr, ISOLATIONS))}")
-        elif key == "priority":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TaskOptionError(f"task {task!r}: priority={value!r} must be an integer")
-        elif key == "estimate":
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or not (value >= 0 and math.isfinite(value)):
-                    raise TaskOptionError(
-                        f"task {task!r}: estimate={value!r} must be a number of seconds >= 0")
-                value = float(value)
-        elif key in ("timeout", "cpus", "memory") and callable(value):
-            pass  # evaluated on the task's resolved arguments when it becomes ready
-        elif key == "timeout":
-            if value is not None:
-                value = check_positive(value, f"task {task!r}", "timeout")
-        elif key == "grace":
-            value = check_grace(value, f"task {task!r}")
-        elif key == "retry":
-            if value is None or value == 0:
-                value = None
-            elif isinstance(value, int) and not isinstance(value, bool):
-                try:
-                    value = Retry(max_retries=value)
-                except TaskOptionError as exc:
-                    raise TaskOptionError(f"task {task!r}: {exc}") from None
-            elif not isinstance(value, Retry):
-                raise TaskOptionError(
-                    f"task {task!r}: retry={value!r} must be px.Retry(...) or an int "
-                    "(the number of retries)")
-        elif key == "on_error":
-            if value not in ON_ERRORS:
-                raise TaskOptionError(
-                    f"task {task!r}: on_error={value!r} is unknown; use one of "
-                    f"{', '.join(map(repr, ON_ERRORS))}")
-        elif key == "cpus":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not (value > 0 and math.isfinite(value)):
-                raise TaskOptionError(f"task {task!r}: cpus={value!r} must be a number > 0")
-        elif key == "memory":
-            if value is not None:
-                try:
-                    value = parse_size(value)
-                except TaskOptionError as exc:
-                    raise TaskOptionError(f"task {task!r}: {exc}") from None
-        elif key == "pools":
-            value = _check_pools(task, value)
-        elif key == "after":
-            if value is None:
-                value = ()
-            elif isinstance(value, (str, TaskRef)):
-                value = (value,)
-            else:
-                value = tuple(value)
-            for item in value:
-                if not isinstance(item, (str, TaskRef)):
-                    raise TaskOptionError(
-                        f"task {task!r}: after= entries must be task refs or ids, got {item!r}")
-        out[key] = value
-    return out
-
-
-def _check_pools(task: str, value: Any) -> dict[str, int]:
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        return {value: 1}
-    if isinstance(value, Mapping):
-        pools: dict[str, int] = {}
-        for name, units in value.items():
-            if not isinstance(name, str) or isinstance(units, bool) \
-                    or not isinstance(units, int) or units < 1:
-                raise TaskOptionError(
-                    f"task {task!r}: pools={dict(value)!r} must map pool names to whole "
-                    "numbers of units >= 1, e.g. {'database': 1}")
-            pools[name] = units
-        return pools
-    if isinstance(value, Iterable):
-        names = list(value)
-        if all(isinstance(n, str) for n in names):
-            return {n: 1 for n in names}
-    raise TaskOptionError(
-        f"task {task!r}: pools={value!r} must be a pool name or a mapping like {{'database': 1}}")
+    return _check_options(task, options, TaskRef)
 
 
 # References inside arguments --------------------------------------------------------------
@@ -675,7 +371,6 @@ class TaskTemplate(Generic[P, R]):
     def __call__(self, *args: Any, **kwargs: Any) -> TaskRef: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from ._workflow import current_workflow
         wf = current_workflow()
         if wf is None:
             if args or kwargs:
@@ -698,7 +393,6 @@ class TaskTemplate(Generic[P, R]):
         then created at run time, when that result is known. The ``MapRef``'s value is the
         list of results in item order. See ``Workflow.map``.
         """
-        from ._workflow import current_workflow
         wf = current_workflow()
         if wf is None:
             raise TaskOptionError(

@@ -13,39 +13,40 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ._errors import DuplicateTaskError, MissingDependencyError, TaskOptionError
+from ._events import check_kind
+from ._gates import check_resources
 from ._graph import Graph, compile_graph, critical_path, levels, to_dot
+from ._options import (
+    check_capacities,
+    check_cpu_budget,
+    check_grace,
+    check_id,
+    check_isolation,
+    check_max_concurrent,
+    check_max_workers,
+    check_memory,
+    check_timeout,
+    check_wait,
+)
 from ._task import (
-    ISOLATIONS,
-    WAITS,
     GroupInfo,
     GroupRef,
     MapRef,
     TaskRef,
     TaskSpec,
     TaskTemplate,
+    _active,
     _fn_name,
     check_callable,
-    check_grace,
-    check_id,
     check_options,
-    check_positive,
+    current_workflow,
     find_refs,
-    parse_size,
 )
 
 if TYPE_CHECKING:
     from ._events import Event
 
 __all__ = ["Workflow", "current_workflow", "group"]
-
-_active: contextvars.ContextVar[tuple[Workflow, ...]] = contextvars.ContextVar(
-    "parexec_active_workflows", default=())
-
-
-def current_workflow() -> Workflow | None:
-    """The innermost workflow whose ``with`` block is open in this context, if any."""
-    stack = _active.get()
-    return stack[-1] if stack else None
 
 
 class Workflow:
@@ -82,22 +83,10 @@ class Workflow:
                  description: str = "", grace: float | None = None) -> None:
         self.name = check_id(name, "Workflow name", brackets=False)
         self.max_workers = check_max_workers(max_workers, f"Workflow {name!r}")
-        self.pools: dict[str, int] = {}
-        for pool, capacity in (pools or {}).items():
-            if not isinstance(pool, str) or isinstance(capacity, bool) \
-                    or not isinstance(capacity, int) or capacity < 1:
-                raise TaskOptionError(
-                    f"Workflow {name!r}: pools={dict(pools or {})!r} must map pool names to "
-                    "whole capacities >= 1, e.g. {'database': 2}")
-            self.pools[pool] = capacity
-        self.memory_budget = None if memory_budget is None else \
-            parse_size(memory_budget, what=f"Workflow {name!r}: memory_budget")
+        self.pools: dict[str, int] = check_capacities(pools or {}, f"Workflow {name!r}")
+        self.memory_budget = check_memory(memory_budget, f"Workflow {name!r}", "memory_budget")
         self.cpu_budget = check_cpu_budget(cpu_budget, f"Workflow {name!r}")
-        if isolation not in ISOLATIONS:
-            raise TaskOptionError(
-                f"Workflow {name!r}: isolation={isolation!r} is unknown; use one of "
-                f"{', '.join(map(repr, ISOLATIONS))}")
-        self.isolation = isolation
+        self.isolation = check_isolation(isolation, f"Workflow {name!r}")
         self.timeout = check_timeout(timeout, f"Workflow {name!r}")
         self.grace = check_grace(grace, f"Workflow {name!r}")
         self.description = description
@@ -182,11 +171,9 @@ class Workflow:
                     f"group {gid!r}: members must be refs returned by tasks of this workflow, "
                     f"got {ref!r}")
             self._check_ref(gid, ref)
-        if wait not in WAITS:
-            raise TaskOptionError(f"group {gid!r}: wait={wait!r} is unknown; use one of "
-                                  f"{', '.join(map(repr, WAITS))}")
+        check_wait(wait, f"group {gid!r}")
         info = GroupInfo(wait, tuple(dict.fromkeys(r.id for r in refs)),
-                         _check_concurrency(gid, max_concurrent),
+                         check_max_concurrent(max_concurrent, f"group {gid!r}"),
                          check_timeout(timeout, f"group {gid!r}"))
         return self._add_group(info, id, "group", on_error, default, GroupRef)  # type: ignore[return-value]
 
@@ -216,7 +203,7 @@ class Workflow:
                 f"workflow {self.name!r} already has a task with id {id!r}; give this map "
                 "another id=")
         base = id if id is not None else self._auto_id(options.get("id") or _fn_name(template.fn))
-        limit = _check_concurrency(base, max_concurrent)
+        limit = check_max_concurrent(max_concurrent, f"map {base!r}")
         item_options = {k: v for k, v in options.items() if k not in ("id", "after")}
         if isinstance(items, TaskRef):
             self._check_ref(base, items)
@@ -317,7 +304,6 @@ class Workflow:
         Raises:
             WorkflowError: a subclass naming the task and what to change.
         """
-        from ._gates import check_resources
         graph = self.graph()
         check_resources(self, graph, cpu_budget=self.cpu_budget or self.max_workers,
                         memory_budget=self.memory_budget)
@@ -368,7 +354,6 @@ class Workflow:
         Returns:
             The callback, so ``on`` can be used as a decorator helper.
         """
-        from ._events import check_kind
         check_kind(kind)
         if not callable(callback):
             raise TaskOptionError(f"wf.on({kind!r}, ...) needs a callable, got {callback!r}")
@@ -379,14 +364,6 @@ class Workflow:
 def _group_marker() -> None:
     """Stands for a group's function: groups are resolved by the scheduler, never called."""
     raise RuntimeError("a group is not a function")  # pragma: no cover
-
-
-def _check_concurrency(where: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TaskOptionError(f"{where!r}: max_concurrent={value!r} must be an integer >= 1")
-    return value
 
 
 def group(members: Iterable[TaskRef], *, wait: str = "all", max_concurrent: int | None = None,
@@ -441,22 +418,3 @@ def group(members: Iterable[TaskRef], *, wait: str = "all", max_concurrent: int 
 
 
 id_ = id
-
-
-def check_max_workers(value: Any, where: str) -> int | None:
-    """Validate a ``max_workers`` setting."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TaskOptionError(f"{where}: max_workers={value!r} must be an integer >= 1")
-    return value
-
-
-def check_cpu_budget(value: Any, where: str) -> float | None:
-    """Validate a ``cpu_budget`` setting."""
-    return check_positive(value, where, "cpu_budget", "a number of cores > 0")
-
-
-def check_timeout(value: Any, where: str) -> float | None:
-    """Validate a workflow-level ``timeout`` setting."""
-    return check_positive(value, where, "timeout")

@@ -90,11 +90,19 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ._errors import ParexecError, TaskOptionError, WorkflowError
-from ._task import Retry, TaskRef, check_id, task
+from ._errors import ParexecError, ScriptError, TaskOptionError, WorkflowError
+from ._options import (
+    Retry,
+    check_grace,
+    check_id,
+    check_max_concurrent,
+    check_max_workers,
+    check_timeout,
+)
+from ._task import TaskRef, task
 from ._workflow import Workflow
 
-__all__ = ["ScriptError", "StepOutput", "load", "loads"]
+__all__ = ["Echo", "ScriptError", "StepOutput", "load", "loads"]  # ScriptError: from _errors
 
 TOP_KEYS = ("name", "version", "description", "parallel", "steps", "timeout", "retry", "env",
             "cwd", "inputs", "agents", "grace")
@@ -120,33 +128,6 @@ MAX_COMPARISONS = 20_000  # about 1 s of difflib at worst
 _SIZE_CAP = 1 << 62  # sizes stop growing here, so a deep bomb never builds huge integers
 _ITEM, _INDEX = "[item]", "[index]"  # keys of a foreach item's values (never step ids)
 _FOREACH_REF = re.compile(r"\$\{\s*(?:steps\.[^}]*\.output|inputs\.[^}]*)\s*\}")
-
-
-class ScriptError(ParexecError):
-    """A script step exited with a non-zero status (127: it could not be started).
-
-    The message ends with the last lines the step wrote to stderr, or, when it wrote
-    nothing there, the last lines of its stdout.
-
-    Attributes:
-        step: The step id.
-        returncode: The exit status (negative: killed by that signal).
-        stderr: The last lines the step wrote to stderr.
-        stdout: The last lines the step wrote to stdout.
-    """
-
-    def __init__(self, step: str, returncode: int, stderr: str, stdout: str = "") -> None:
-        self.step, self.returncode, self.stderr, self.stdout = step, returncode, stderr, stdout
-        if stderr.strip():
-            tail = f"; last lines of stderr:\n{stderr}"
-        elif stdout.strip():
-            tail = f"; last lines of stdout:\n{stdout}"
-        else:
-            tail = ""
-        super().__init__(f"step {step!r} exited with status {returncode}{tail}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.step, self.returncode, self.stderr, self.stdout))
 
 
 class StepOutput(str):
@@ -186,7 +167,8 @@ _ANCHOR = re.compile(r"&([^\s,\[\]{}]+)")
 
 
 def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None, *,
-         agents: Mapping[str, Callable[..., Any]] | None = None) -> Workflow:
+         agents: Mapping[str, Callable[..., Any]] | None = None,
+         echo: Callable[[str, str], Any] | None = None) -> Workflow:
     """Read a YAML pipeline and return its ``Workflow``.
 
     Args:
@@ -194,6 +176,9 @@ def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None, 
         inputs: Values of the file's ``inputs`` (what ``--set NAME=VALUE`` gives).
         agents: Agents of ``type: agent`` steps, name -> callable ``agent(prompt, input)``;
             they win over the file's ``agents:`` entries of the same name.
+        echo: Called as ``echo(step_id, line)`` with each line script steps write while
+            they run (what ``parexec run --verbose`` prints); None shows nothing. It is a
+            setting of this workflow only, and never part of a step's fingerprint.
 
     Raises:
         WorkflowError: Every problem of the file, each with ``file:line:column``.
@@ -211,21 +196,23 @@ def load(path: str | os.PathLike[str], inputs: Mapping[str, str] | None = None, 
         raise WorkflowError(f"{p}:{line}:{column}: not UTF-8: byte 0x{raw[exc.start]:02x} at "
                             f"offset {exc.start} cannot be decoded; save the file as UTF-8"
                             ) from None
-    return loads(text, source=str(p), inputs=inputs, base=p.parent, agents=agents)
+    return loads(text, source=str(p), inputs=inputs, base=p.parent, agents=agents, echo=echo)
 
 
 def loads(text: str, *, source: str = "<string>", inputs: Mapping[str, str] | None = None,
           base: str | os.PathLike[str] | None = None,
-          agents: Mapping[str, Callable[..., Any]] | None = None) -> Workflow:
+          agents: Mapping[str, Callable[..., Any]] | None = None,
+          echo: Callable[[str, str], Any] | None = None) -> Workflow:
     """Build a ``Workflow`` from YAML text; see ``load``."""
     return _Loader(text, source, dict(inputs or {}), Path(base or "."),
-                   dict(agents or {})).build()
+                   dict(agents or {}), Echo(echo)).build()
 
 
 class _Loader:
     def __init__(self, text: str, source: str, inputs: dict[str, str], base: Path,
-                 agents: dict[str, Any] | None = None) -> None:
+                 agents: dict[str, Any] | None = None, echo: Echo | None = None) -> None:
         self.text, self.source, self.given, self.base = text, source, inputs, base
+        self.echo = echo or Echo()
         self.given_agents = agents or {}
         self.file_agents: dict[str, str] = {}  # name -> "package.module:function"
         self.resolved_agents: dict[str, Any] = {}  # name -> callable, or None (reported)
@@ -415,14 +402,10 @@ class _Loader:
             self.check_keys(par, PARALLEL_KEYS, ("parallel",), "parallel")
             if par.get("enabled", True) is False:
                 sequential = True
-            if "defaultMaxConcurrency" in par and self.expect(
-                    par["defaultMaxConcurrency"], int, ("parallel", "defaultMaxConcurrency"),
-                    "defaultMaxConcurrency"):
-                max_workers = par["defaultMaxConcurrency"]
-                if max_workers < 1:
-                    self.problem(("parallel", "defaultMaxConcurrency"),
-                                 "defaultMaxConcurrency must be >= 1")
-                    max_workers = None
+            if "defaultMaxConcurrency" in par:
+                max_workers = self.checked(check_max_workers, par["defaultMaxConcurrency"],
+                                           ("parallel", "defaultMaxConcurrency"),
+                                           "defaultMaxConcurrency", ">= 1")
             resources = par.get("resources") or {}
             if self.expect(resources, dict, ("parallel", "resources"), "resources"):
                 for pool, cap in resources.items():
@@ -540,24 +523,34 @@ class _Loader:
             self.resolved_agents[name] = fn
         return self.resolved_agents[name]
 
+    def checked(self, check: Callable[[Any, str], Any], value: Any, path: tuple[Any, ...],
+                what: str, must: str) -> Any:
+        """``check(value, "")`` (a checker of ``_options``), or None with a problem noted.
+
+        The rule is the one ``px.task`` and ``px.Workflow`` apply; the message is worded for
+        the file (``timeout must be ...`` at its position) rather than as a Python option.
+        """
+        if not self.expect(value, (int, float) if "number" in must else int, path, what):
+            return None
+        try:
+            return check(value, "")
+        except TaskOptionError:
+            self.problem(path, f"{what} must be {must}")
+            return None
+
     def seconds(self, value: Any, path: tuple[Any, ...], what: str) -> float | None:
+        """A timeout (seconds > 0), or None when absent or wrong (a problem noted)."""
         if value is None:
             return None
-        if self.expect(value, (int, float), path, what) and value > 0:
-            return float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            self.problem(path, f"{what} must be a positive number of seconds")
-        return None
+        return self.checked(check_timeout, value, path, what,  # type: ignore[no-any-return]
+                            "a positive number of seconds")
 
     def grace(self, value: Any, path: tuple[Any, ...]) -> float | None:
         """A ``grace`` (seconds >= 0), or None when absent or wrong (a problem noted)."""
         if value is None:
             return None
-        if self.expect(value, (int, float), path, "grace") and 0 <= value < float("inf"):
-            return float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            self.problem(path, "grace must be a number of seconds >= 0")
-        return None
+        return self.checked(check_grace, value, path, "grace",  # type: ignore[no-any-return]
+                            "a number of seconds >= 0")
 
     def retry(self, value: Any, path: tuple[Any, ...]) -> Retry | None:
         if value is None:
@@ -735,11 +728,8 @@ class _Loader:
                     step_pools[resource] = 1
             if "maxConcurrency" in par:
                 # A step runs once, so at most one execution of it is ever concurrent.
-                mc = par["maxConcurrency"]
-                if self.expect(mc, int, path + ("parallel", "maxConcurrency"),
-                               "maxConcurrency") and mc < 1:
-                    self.problem(path + ("parallel", "maxConcurrency"),
-                                 "maxConcurrency must be >= 1")
+                self.checked(check_max_concurrent, par["maxConcurrency"],
+                             path + ("parallel", "maxConcurrency"), "maxConcurrency", ">= 1")
             if step_pools:
                 options["pools"] = step_pools
             if par.get("isolateErrors") is True:
@@ -898,7 +888,7 @@ class _Loader:
             return self.add_foreach(wf, plan, options, outputs)
         if plan["type"] == "script":
             return wf.add(task(run_script).options(**options), plan["id"], plan["argv"],
-                          plan["shell"], plan["env"], plan["cwd"], outputs)
+                          plan["shell"], plan["env"], plan["cwd"], outputs, self.echo)
         if plan["type"] == "agent":
             return wf.add(task(call_agent).options(**options), plan["fn"], plan["prompt"],
                           plan["input"], outputs)
@@ -919,7 +909,8 @@ class _Loader:
             id=f"{sid}.items", name=f"items of {options['name']}", on_error=on_error,
             default=[], after=options["after"]), sid, plan["foreach"], outputs)
         if kind == "script":
-            payload: tuple[Any, ...] = (plan["argv"], plan["shell"], plan["env"], plan["cwd"])
+            payload: tuple[Any, ...] = (plan["argv"], plan["shell"], plan["env"], plan["cwd"],
+                                        self.echo)
         elif kind == "agent":
             payload = (plan["fn"], plan["prompt"], plan["input"])
         else:
@@ -961,8 +952,8 @@ def run_item(entry: tuple[int, Any, Mapping[str, Any]], *, step: str, kind: str,
     index, item, outputs = entry
     values = {**outputs, _ITEM: item, _INDEX: index}
     if kind == "script":
-        argv, shell, env, cwd = payload
-        return run_script(f"{step}[{index}]", argv, shell, env, cwd, values)
+        argv, shell, env, cwd, echo = payload
+        return run_script(f"{step}[{index}]", argv, shell, env, cwd, values, echo)
     fn, first, second = payload
     if kind == "agent":
         return call_agent(fn, first, second, values)
@@ -1153,12 +1144,37 @@ def call_agent(fn: Any, prompt: _Template, input: Any, outputs: Mapping[str, Any
     return fn(prompt.render(outputs), _fill(input, outputs))
 
 
-# Echo of step output (--verbose): set by the CLI, a callable(step_id, line).
-echo: Any = None
+class Echo:
+    """Where the lines script steps write go while they run (``parexec run --verbose``).
+
+    ``Echo(write)`` calls ``write(step_id, line)`` for each line of stdout and stderr;
+    ``Echo()`` shows nothing. ``load(..., echo=write)`` gives one to every script step of the
+    workflow it builds, as an argument: the setting belongs to that workflow, so two loads
+    (two CLI runs in one interpreter) with different settings never affect each other.
+
+    It is how a step's output is shown, not an input of the step: it pickles as ``Echo()``,
+    so whether output is shown never changes a step's fingerprint (``--verbose`` still
+    resumes from a store) and nothing of the driver's terminal crosses into a process.
+    """
+
+    __slots__ = ("write",)
+
+    def __init__(self, write: Callable[[str, str], Any] | None = None) -> None:
+        self.write = write
+
+    def __bool__(self) -> bool:
+        return self.write is not None
+
+    def __call__(self, step: str, line: str) -> None:
+        if self.write is not None:
+            self.write(step, line)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Echo, ())
 
 
 def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[str, str],
-               cwd: str, outputs: Mapping[str, Any]) -> StepOutput:
+               cwd: str, outputs: Mapping[str, Any], echo: Echo | None = None) -> StepOutput:
     """Run a script step in its own process group and return its stdout as a ``StepOutput``.
 
     The ``StepOutput``'s ``.stderr`` keeps what the step wrote there.
@@ -1210,11 +1226,11 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
                 name, sink = key.data
                 if not chunk:
                     sel.unregister(key.fileobj)
-                    if echo is not None and partial[name]:
+                    if echo and partial[name]:
                         echo(step, partial[name].decode(errors="replace"))
                     continue
                 sink.append(chunk)
-                if echo is not None:
+                if echo:
                     lines = (partial[name] + chunk).split(b"\n")
                     partial[name] = lines.pop()
                     for line in lines:
@@ -1231,7 +1247,7 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
     finally:
         _live_steps.discard(proc)
         if sampler is not None:
-            sampler.unwatch(attempt)
+            sampler.unwatch(attempt, keep_peak=True)
         sel.close()
         proc.stdout.close()
         proc.stderr.close()
@@ -1252,9 +1268,10 @@ def _tail(text: str, n: int = 10) -> str:
 
 
 def _note_peak(attempt: Any, peak: int) -> None:
-    """Raise ``attempt.peak_memory`` to ``peak`` bytes (the monitor raises it too)."""
-    if peak > (getattr(attempt, "peak_memory", None) or 0):
-        attempt.peak_memory = peak
+    """Raise the step's peak memory to ``peak`` bytes (kept by the run's monitor)."""
+    sampler = getattr(attempt, "sampler", None)
+    if sampler is not None:
+        sampler.note_peak(attempt, peak)
 
 
 def _rss(pid: int) -> int:

@@ -179,12 +179,21 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "store":
         return _store_prune(args)
-    if args.command == "run" and args.resume and not args.store:
-        print("parexec: --resume needs --store DB (the file that recorded the earlier run)",
-              file=sys.stderr)
-        return EXIT_INVALID
-    from ._errors import ParexecError
+    from ._errors import ParexecError, TaskOptionError
+    from ._options import check_max_workers, check_resume
     from ._yaml import load
+    if args.command == "run":
+        # The library's own checks, worded for the command line.
+        try:
+            check_resume(args.resume, args.store)
+        except TaskOptionError:
+            _error("--resume needs --store DB (the file that recorded the earlier run)")
+            return EXIT_INVALID
+        try:
+            check_max_workers(args.max_workers, "")
+        except TaskOptionError:
+            _error(f"--max-workers must be an integer >= 1, got {args.max_workers}")
+            return EXIT_INVALID
     inputs = {}
     for item in args.set:
         name, sep, value = item.partition("=")
@@ -193,7 +202,8 @@ def _main(argv: list[str] | None) -> int:
             return EXIT_INVALID
         inputs[name] = value
     try:
-        wf = load(args.file, inputs=inputs)
+        wf = load(args.file, inputs=inputs, echo=_echo() if args.command == "run" and
+                  args.verbose else None)
         wf.validate()
     except ParexecError as exc:
         _error(str(exc))
@@ -215,32 +225,31 @@ def _main(argv: list[str] | None) -> int:
     return _run(wf, args)
 
 
+def _echo() -> Any:
+    """The ``--verbose`` printer of step output: ``[step] line``, one line at a time."""
+    lock = threading.Lock()  # lines of steps running at once must not interleave
+
+    def echo(step: str, line: str) -> None:
+        with lock:
+            try:
+                print(f"[{_printable(step)}] {_printable(line)}", flush=True)
+            except (BrokenPipeError, ValueError):
+                pass  # nobody reads the output any more; that must not fail the step
+    return echo
+
+
 def _run(wf: Any, args: argparse.Namespace) -> int:
     import parexec as px
-
-    from . import _yaml
-    if args.max_workers is not None and args.max_workers < 1:
-        print("parexec: --max-workers must be >= 1", file=sys.stderr)
-        return EXIT_INVALID
     if args.trace:
         problem = _unwritable(args.trace)
         if problem:
             _error(f"cannot write the trace to {args.trace}: {problem}; nothing ran")
             return EXIT_INVALID
-    lock = threading.Lock()
-    if args.verbose:
-        def echo(step: str, line: str) -> None:
-            with lock:
-                try:
-                    print(f"[{_printable(step)}] {_printable(line)}", flush=True)
-                except (BrokenPipeError, ValueError):
-                    pass  # nobody reads the output any more; that must not fail the step
-        _yaml.echo = echo
     with _stop_on_signals():  # also around the summary: a late signal must not kill us
-        return _run_and_report(wf, args, px, _yaml)
+        return _run_and_report(wf, args, px)
 
 
-def _run_and_report(wf: Any, args: argparse.Namespace, px: Any, _yaml: Any) -> int:
+def _run_and_report(wf: Any, args: argparse.Namespace, px: Any) -> int:
     try:
         result = px.run(wf, max_workers=args.max_workers, parallel=not args.sequential,
                         progress=False if args.quiet else "auto", check=False,
@@ -258,8 +267,6 @@ def _run_and_report(wf: Any, args: argparse.Namespace, px: Any, _yaml: Any) -> i
     except px.ParexecError as exc:  # WorkflowError, StoreError: the user's to fix
         _error(str(exc))
         return EXIT_INVALID
-    finally:
-        _yaml.echo = None
     status = EXIT_OK if result.status == "succeeded" else EXIT_FAILED
     if not args.quiet:
         print(result.summary())

@@ -350,3 +350,40 @@ def test_validate_counts_foreach_steps_once(tmp_path):
                  "  - {id: a, type: script, config: {command: echo}}\n"
                  "  - {id: b, type: script, foreach: [1, 2], config: {command: echo}}\n")
     assert "ok (2 steps in " in parexec("validate", f).stdout
+
+
+@pytest.mark.timeout(60)
+def test_two_runs_in_one_interpreter_keep_their_own_output_setting(tmp_path, capsys):
+    """A --verbose run and a quiet run at once in one interpreter: only the verbose run echoes.
+
+    Output settings travel with each loaded workflow, not through a module global, so the
+    quiet run's step (which prints while the verbose run is still going) stays silent.
+    """
+    import threading
+
+    from parexec.cli import main
+
+    def wait_for(name):  # a shell loop waiting (at most 60 s) for a file of the test
+        return f"i=0; while [ ! -e {tmp_path / name} ] && [ $i -lt 6000 ]; do sleep 0.01; " \
+               "i=$((i+1)); done"
+    loud, quiet = tmp_path / "loud.yaml", tmp_path / "quiet.yaml"
+    loud.write_text("name: loud\nsteps:\n  - id: loud-step\n    type: script\n    config: "
+                    "{command: sh, args: ['-c', " + repr(
+                        f"echo from-loud; touch {tmp_path / 'loud-started'}; "
+                        + wait_for("quiet-done")) + "]}\n")
+    quiet.write_text("name: quiet\nsteps:\n  - id: quiet-step\n    type: script\n    config: "
+                     "{command: sh, args: ['-c', " + repr(
+                         wait_for("loud-started") + "; echo from-quiet; "
+                         f"touch {tmp_path / 'quiet-done'}") + "]}\n")
+    codes = {}
+    runs = [threading.Thread(target=lambda n=n, a=a: codes.__setitem__(n, main(a)))
+            for n, a in (("loud", ["run", str(loud), "--quiet", "--verbose"]),
+                         ("quiet", ["run", str(quiet), "--quiet"]))]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(50)
+    assert codes == {"loud": 0, "quiet": 0}
+    out = capsys.readouterr().out
+    assert "[loud-step] from-loud" in out
+    assert "from-quiet" not in out

@@ -35,3 +35,15 @@ def test_worker_crashed_names_the_signal():
     """WorkerCrashed says which signal or exit code ended the worker."""
     assert "SIGKILL(-9)" in str(px.WorkerCrashed("t", -9))
     assert "exit code 3" in str(px.WorkerCrashed("t", 3))
+
+
+def test_script_error_lives_in_errors_and_pickles():
+    """px.ScriptError is the class of parexec._errors and round-trips through pickle."""
+    import pickle
+
+    from parexec import _errors
+    err = _errors.ScriptError("s", 3, "boom\n", "out")
+    assert px.ScriptError is _errors.ScriptError and isinstance(err, px.ParexecError)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is px.ScriptError and str(back) == str(err)
+    assert (back.step, back.returncode, back.stderr, back.stdout) == ("s", 3, "boom\n", "out")

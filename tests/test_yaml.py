@@ -877,3 +877,32 @@ steps:
     assert wf["a"].grace == 0.5 and wf["b"].grace is None
     with pytest.raises(px.WorkflowError, match="grace must be a number of seconds >= 0"):
         px.loads(text.replace("grace: 0.5", "grace: -1"))
+
+
+def test_echo_is_a_setting_of_each_loaded_workflow(tmp_path):
+    """load(echo=) streams step lines to that workflow's callable only; none means silent."""
+    text = ("name: e\nsteps:\n  - {id: s, type: script, config: {command: echo, args: [hi]}}\n"
+            "  - {id: f, type: script, foreach: [x, y], config: {command: echo, "
+            "args: ['${item}']}}\n")
+    seen_a, seen_b = [], []
+    wf_a = px.loads(text, echo=lambda step, line: seen_a.append((step, line)))
+    wf_b = px.loads(text, echo=lambda step, line: seen_b.append((step, line)))
+    wf_silent = px.loads(text)
+    assert px.run(wf_silent, progress=False).ok and not seen_a and not seen_b
+    assert px.run(wf_a, progress=False).ok
+    assert sorted(seen_a) == [("f[0]", "x"), ("f[1]", "y"), ("s", "hi")] and not seen_b
+
+
+def test_echo_does_not_change_a_steps_fingerprint(tmp_path):
+    """A run with echo resumes from a store written without it: showing output is no input."""
+    import pickle
+
+    from parexec._yaml import Echo
+    text = "name: e\nsteps:\n  - {id: s, type: script, config: {command: echo, args: [hi]}}\n"
+    db = tmp_path / "s.db"
+    assert px.run(px.loads(text), store=db, progress=False).ok
+    lines = []
+    result = px.run(px.loads(text, echo=lambda s, line: lines.append(line)), store=db,
+                    resume=True, progress=False)
+    assert result.tasks["s"].status == "cached" and result["s"] == "hi"
+    assert not pickle.loads(pickle.dumps(Echo(print)))  # pickles as the silent Echo()
