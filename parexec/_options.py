@@ -472,14 +472,15 @@ def check_on_event(value: Any) -> Callable[..., Any] | None:
     if value is None:
         return None
     if not callable(value):
-        raise TaskOptionError(f"on_event={value!r} must be a callable taking an Event")
+        raise _refuse("run", "on_event", value, "a callable taking an Event, or None")
     return value  # type: ignore[no-any-return]
 
 
 def check_resume(resume: Any, store: Any) -> None:
     """Refuse ``resume=True`` without a ``store=`` to resume from."""
     if resume and store is None:
-        raise TaskOptionError("resume=True needs store='path.db' (the store to resume from)")
+        raise TaskOptionError("run: resume=True needs store='path.db' (the store to resume "
+                              "from); give store= or drop resume=True")
 
 
 def check_keep(keep: Any, task_ids: Iterable[str], workflow: str,

@@ -891,6 +891,8 @@ def test_echo_is_a_setting_of_each_loaded_workflow(tmp_path):
     assert px.run(wf_silent, progress=False).ok and not seen_a and not seen_b
     assert px.run(wf_a, progress=False).ok
     assert sorted(seen_a) == [("f[0]", "x"), ("f[1]", "y"), ("s", "hi")] and not seen_b
+    assert px.run(wf_b, progress=False).ok
+    assert sorted(seen_b) == sorted(seen_a) and len(seen_a) == 3
 
 
 def test_echo_does_not_change_a_steps_fingerprint(tmp_path):
