@@ -10,7 +10,7 @@ tasks and the results it holds all survive (issue 21 items 1, 4 and 7)::
       submit ─ cloudpickle(fn, args) ──►   _cluster_call ──► child process (ProcessPool)
               upstream Dask futures ───►     │ log_event(started)       runs fn(*args)
       client loop ◄── event "started" ───────┘
-        └─► run queue: STARTED (timeout armed now, worker address)
+        └─► run queue: Started (timeout armed now, worker address)
       done-callback ─► fetch thread ─► (value if wanted) ─► run queue: finished
       kill ─► stop thread ─► cancel the future; client.run(_stop_here) on its worker
 
@@ -42,7 +42,7 @@ from time import monotonic
 from typing import Any
 
 from ._errors import Cancelled, ParexecError, PicklingError, TaskOptionError
-from ._worker import STARTED
+from ._messages import Done, Started
 
 __all__ = ["ClusterPool"]
 
@@ -52,7 +52,7 @@ NFETCHERS = 4  # helper threads fetching results: one large value does not hold 
 
 # Worker side (runs in the Dask worker process) ------------------------------------------
 
-_STOPPED = "stopped"  # the ``ok`` field of the report _stop_here puts on a local queue
+_STOPPED = object()  # what _stop_here puts on a local queue instead of a Done
 _lock = threading.Lock()
 _running: dict[str, _Local] = {}  # attempt key -> attempt running in this Dask worker
 _tombstones: OrderedDict[str, None] = OrderedDict()  # keys stopped before they started here
@@ -126,15 +126,15 @@ def _cluster_call(meta: tuple[Any, ...], payload: bytes, *values: Any) -> Any:
         pool.submit(local, _materialize, (payload, values), {})
         if local.stopped:  # stopped while it was being handed to the child
             pool.kill(local)
-        _, ok, value, _, _ = local.queue.get()
+        msg = local.queue.get()
     finally:
         with _lock:
             _running.pop(key, None)
-    if ok is _STOPPED:
+    if msg is _STOPPED:
         raise Cancelled(f"task {task_id!r} (attempt {number}) was stopped by parexec")
-    if ok:
-        return value
-    raise value
+    if msg.ok:
+        return msg.value
+    raise msg.value
 
 
 def _materialize(payload: bytes, values: tuple[Any, ...]) -> Any:
@@ -167,7 +167,7 @@ def _stop_here(keys: list[str]) -> int:
         if local.handle is not None:
             from ._pools import process_pool
             process_pool().kill(local)
-        local.queue.put((local, _STOPPED, None, None, None))
+        local.queue.put(_STOPPED)
     return len(found)
 
 
@@ -262,7 +262,7 @@ class ClusterPool:
     workers and not through the driver.
 
     Attributes:
-        reports_start: True: attempts report ``STARTED`` when they start on a worker, and
+        reports_start: True: attempts report ``Started`` when they start on a worker, and
             their timeout counts from then.
         want_value: ``want_value(index)`` says whether the driver needs the value of task
             ``index``; values not wanted are reported as None and stay on the cluster.
@@ -290,6 +290,7 @@ class ClusterPool:
         self._lock = threading.Lock()
         self._attempts: dict[tuple[int, int], Any] = {}  # (index, number) -> attempt
         self._started: dict[Any, str] = {}  # attempt -> address of the worker running it
+        self._t_start: dict[Any, float] = {}  # attempt -> when it started there (monotonic)
         self._killed: set[Any] = set()
         self._stops: SimpleQueue[Any] = SimpleQueue()
         self._stopper: threading.Thread | None = None
@@ -390,15 +391,15 @@ class ClusterPool:
         attempt = self._attempts.get((index, number))
         if attempt is None:
             return
-        attempt.worker = address
-        attempt.t_start = now
+        attempt.worker = address  # the pool's hand-off field (see _state.Attempt)
         with self._lock:
+            self._t_start[attempt] = now
             self._started[attempt] = address
             killed = attempt in self._killed
         if killed:  # stopped before its start was known: stop it where it runs
             self._stops.put((attempt, address))
             return
-        attempt.queue.put((attempt, STARTED, now, address, None))
+        attempt.queue.put(Started(attempt, now, address))
 
     def _start_fetchers(self) -> None:
         while len(self._fetchers) < NFETCHERS:
@@ -418,9 +419,9 @@ class ClusterPool:
                 self._report(attempt, future, t_end)
             except Exception:  # noqa: BLE001 - never lose the report
                 logger.exception("parexec: reporting cluster task %r failed", attempt.task_id)
-                attempt.queue.put((attempt, False, ParexecError(
+                attempt.queue.put(Done(attempt, False, ParexecError(
                     f"task {attempt.task_id!r}: its outcome could not be read from the "
-                    "cluster"), None, None))
+                    "cluster"), None))
             del attempt, future
 
     def _report(self, attempt: Any, future: Any, t_end: float) -> None:
@@ -430,10 +431,12 @@ class ClusterPool:
             if attempt in self._killed:
                 self._killed.discard(attempt)
                 self._started.pop(attempt, None)
+                self._t_start.pop(attempt, None)
                 return  # the scheduler decided this attempt already
             worker = self._started.pop(attempt, None) or attempt.worker
-        if attempt.t_start:
-            attempt.t_end = t_end
+            t_start = self._t_start.pop(attempt, 0.0)
+        if not t_start:
+            t_end = 0.0  # its start is unknown: the scheduler's clock stands in for both
         status = future.status
         if status == "finished":
             value = None
@@ -441,28 +444,28 @@ class ClusterPool:
                 try:
                     value = future.result()
                 except Exception as exc:  # noqa: BLE001 - e.g. a value the driver cannot load
-                    attempt.queue.put((attempt, False, PicklingError(
+                    attempt.queue.put(Done(attempt, False, PicklingError(
                         f"task {attempt.task_id!r} succeeded on the cluster, but its value "
                         f"could not be brought to the driver ({type(exc).__name__}: {exc}); "
                         "return plain data, or make the modules it uses importable here"),
-                        worker, None))
+                        worker, None, t_start, t_end))
                     return
             with self._lock:
                 if attempt in self._killed:
                     return
                 self.futures[attempt.index] = future
-            attempt.queue.put((attempt, True, value, worker, None))
+            attempt.queue.put(Done(attempt, True, value, worker, None, t_start, t_end))
             return
         if status == "error":
             try:
                 future.result()
             except BaseException as exc:  # noqa: BLE001 - the remote error, frames included
                 text = "".join(traceback.format_exception(exc))
-                attempt.queue.put((attempt, False, exc, worker, text))
+                attempt.queue.put(Done(attempt, False, exc, worker, text, t_start, t_end))
                 return
-        attempt.queue.put((attempt, False, ParexecError(
+        attempt.queue.put(Done(attempt, False, ParexecError(
             f"task {attempt.task_id!r}: its Dask future ended as {status!r}; the cluster "
-            "lost it (a closed client or scheduler)"), worker, None))
+            "lost it (a closed client or scheduler)"), worker, None, t_start, t_end))
 
     def _stop_loop(self) -> None:
         """Deliver stops, batched: the stops of a run that ends come all at once."""

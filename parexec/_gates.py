@@ -440,7 +440,7 @@ class MemoryGate(CapacityGate):
         probe = self.probing[fn]
         i, since, seen, seen_at = probe
         attempt = self.attempts.get(i)
-        peak = attempt.peak_memory if attempt is not None else None
+        peak = self.monitor.peak_of(attempt) if attempt is not None and self.monitor else None
         now = time.monotonic()
         if not peak:
             return False

@@ -13,11 +13,11 @@ One ``Monitor`` per run samples, ``SAMPLES_PER_SECOND`` times a second on its ow
   memory gate adds to ``total`` when it admits a task;
 * system CPU use, for ``RunStats.cpu_utilization``.
 
-The monitor decides nothing (one owner of state): it *reports*, by appending to ``reports``
-and putting ``(None, "memory", None, None, None)`` on the run's queue, when a task exceeds
-its declared ``memory`` (``("limit", attempt, used, limit)``) and when ``total`` goes above
-the run's budget (``("budget", total)``, at most one unhandled at a time). The scheduler
-kills.
+The monitor decides nothing and writes no attempt (one owner of state): it keeps each
+watched attempt's peak itself (``unwatch`` hands it to the pool, which reports it in the
+attempt's ``Done``), and it puts ``OverLimit`` on the run's queue when a task exceeds its
+declared ``memory`` and ``OverBudget`` when ``total`` goes above the run's budget (at most
+one unhandled at a time). The scheduler kills.
 
 Sampling every 0.1 s caught a task leaking memory long before it reached 4 GB on the test
 machine. The exact peak of a process task that ended between two samples comes from the
@@ -28,10 +28,11 @@ worker itself (``VmHWM`` after resetting it with ``/proc/self/clear_refs``, see
 from __future__ import annotations
 
 import bisect
-import collections
 import threading
 import time
 from typing import Any
+
+from ._messages import OverBudget, OverLimit
 
 __all__ = ["Monitor", "SAMPLES_PER_SECOND"]
 
@@ -64,8 +65,8 @@ class Monitor:
         self.total = 0                # memory of the watched workers at the last sample
         self.held = 0                 # bytes of shared-memory segments the driver holds
         self.peak_total = 0           # ... and its highest value
-        self.reports: collections.deque[tuple[Any, ...]] = collections.deque()
-        self.budget_reported = False  # a "budget" report waits for the scheduler
+        self._peaks: dict[Any, int] = {}  # attempt -> its worker's highest memory (and children)
+        self.budget_reported = False  # an OverBudget report waits for the scheduler
         self._queue = queue
         self.budget = budget
         self._cpu_start = psutil.cpu_times()
@@ -86,10 +87,28 @@ class Monitor:
         with self._lock:
             self._watched[attempt] = (pid, proc)
 
-    def unwatch(self, attempt: Any) -> None:
-        """Stop sampling for ``attempt`` (it ended)."""
+    def unwatch(self, attempt: Any, keep_peak: bool = False) -> int | None:
+        """Stop sampling for ``attempt``; return its peak memory (None: none seen).
+
+        The peak is forgotten unless ``keep_peak`` (a script step's process ended, and its
+        thread task reports the peak when it returns).
+        """
         with self._lock:
             self._watched.pop(attempt, None)
+            if keep_peak:
+                return self._peaks.get(attempt)
+            return self._peaks.pop(attempt, None)
+
+    def peak_of(self, attempt: Any) -> int | None:
+        """The highest memory sampled so far for ``attempt`` (None: none yet)."""
+        with self._lock:
+            return self._peaks.get(attempt)
+
+    def note_peak(self, attempt: Any, peak: int) -> None:
+        """Raise ``attempt``'s peak to ``peak`` bytes, measured elsewhere (a script step)."""
+        with self._lock:
+            if peak > self._peaks.get(attempt, 0):
+                self._peaks[attempt] = peak
 
     def stop(self) -> float | None:
         """Stop sampling; return the CPU utilization of the machine during the run (%)."""
@@ -150,13 +169,15 @@ class Monitor:
                         pass
             except psutil.Error:
                 continue  # the worker is gone; its pool reports why
-            if total > (attempt.peak_memory or 0):
-                attempt.peak_memory = total
+            with self._lock:
+                if attempt in self._watched and total > self._peaks.get(attempt, 0):
+                    self._peaks[attempt] = total
             self.peak = max(self.peak, total)
             limit = attempt.memory_limit
             if limit is not None and total > limit:
-                self.unwatch(attempt)  # reported once; the scheduler stops it
-                self._report(("limit", attempt, total, limit))
+                with self._lock:  # reported once; the scheduler stops it
+                    self._watched.pop(attempt, None)
+                self._report(OverLimit(attempt, total, limit))
             else:
                 total_all += total
         self.total = total_all
@@ -166,10 +187,8 @@ class Monitor:
         budget = self.budget
         if budget is not None and total_all > budget and not self.budget_reported:
             self.budget_reported = True
-            self._report(("budget", total_all))
+            self._report(OverBudget(total_all))
 
-    def _report(self, report: tuple[Any, ...]) -> None:
-        if self._queue is None:
-            return
-        self.reports.append(report)
-        self._queue.put((None, "memory", None, None, None))
+    def _report(self, report: OverLimit | OverBudget) -> None:
+        if self._queue is not None:
+            self._queue.put(report)

@@ -59,8 +59,8 @@ from typing import Any
 
 from . import _shm
 from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
+from ._messages import Done, Started
 from ._worker import (
-    STARTED,
     BlasCap,
     _local,
     decode_outcome,
@@ -77,7 +77,7 @@ class ThreadPool:
     """Daemon worker threads for one run. Only the scheduler thread calls its methods.
 
     Prefetched attempts (queued beyond the slots, see ``_scheduler.PREFETCH_BELOW``) report
-    ``STARTED`` when a thread takes them.
+    ``Started`` when a thread takes them.
 
     Args:
         name: Prefix of the threads' names.
@@ -200,17 +200,17 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
         del item
         if attempt.cancel_requested:  # cancelled while it waited in the queue: never starts
             from ._errors import Cancelled
-            attempt.queue.put((attempt, False, Cancelled(
-                f"task {attempt.task_id!r} was cancelled before it started"), name, None))
+            attempt.queue.put(Done(attempt, False, Cancelled(
+                f"task {attempt.task_id!r} was cancelled before it started"), name))
             del attempt, fn, args, kwargs
             continue
         local.attempt = attempt
-        attempt.worker = name
-        cap.apply(attempt.cpus)
-        attempt.t_start = monotonic()
-        if attempt.prefetched:  # it waited in the queue: say when it really starts
-            attempt.queue.put((attempt, STARTED, attempt.t_start, name, None))
+        attempt.worker = name  # the pool's hand-off fields (see _state.Attempt)
         attempt.handle = guard
+        cap.apply(attempt.cpus)
+        t_start = monotonic()
+        if attempt.prefetched:  # it waited in the queue: say when it really starts
+            attempt.queue.put(Started(attempt, t_start, name))
         try:
             # A graceful stop may land from arming until disarm() holds the lock; landing in
             # the finally before that, it is caught below like the task's own error.
@@ -223,13 +223,17 @@ def _thread_worker(inbox: SimpleQueue[Any], cap: BlasCap) -> None:
                 guard.disarm()
         except BaseException as exc:  # noqa: BLE001 - every outcome is reported
             guard.disarm()
-            attempt.t_end = monotonic()
+            t_end = monotonic()
             exc.__traceback__ = user_frames(exc.__traceback__)  # as in processes
-            attempt.queue.put((attempt, False, exc, name, None))
+            sampler = attempt.sampler  # a script step's processes: their peak memory
+            attempt.queue.put(Done(attempt, False, exc, name, None, t_start, t_end,
+                                   sampler.unwatch(attempt) if sampler is not None else None))
             del exc
         else:
-            attempt.t_end = monotonic()
-            attempt.queue.put((attempt, True, value, name, None))
+            t_end = monotonic()
+            sampler = attempt.sampler
+            attempt.queue.put(Done(attempt, True, value, name, None, t_start, t_end,
+                                   sampler.unwatch(attempt) if sampler is not None else None))
             del value
         local.attempt = None
         del attempt, fn, args, kwargs
@@ -367,9 +371,9 @@ class ProcessPool:
                 worker.ntasks += 1
                 worker.max_tasks = max_tasks_per_worker
         if not alive:  # its pins go with this frame: segments nothing else holds unlink
-            attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
-                                                             worker.process.exitcode),
-                               worker.pid, None))
+            attempt.queue.put(Done(attempt, False, WorkerCrashed(attempt.task_id,
+                                                                 worker.process.exitcode),
+                                   worker.pid))
             return
         attempt.handle = worker
         attempt.worker = worker.pid
@@ -423,8 +427,9 @@ class ProcessPool:
                 return
             worker.killed = True
         kill_tree(worker.pid)
-        attempt.queue.put((attempt, False, memory_limit_error(attempt.task_id, used, limit),
-                           worker.pid, None))
+        peak = attempt.monitor.unwatch(attempt) if attempt.monitor is not None else None
+        attempt.queue.put(Done(attempt, False, memory_limit_error(attempt.task_id, used, limit),
+                               worker.pid, peak_memory=peak))
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
@@ -473,9 +478,9 @@ class ProcessPool:
             if attempt is not None:
                 if attempt.monitor is not None:
                     attempt.monitor.unwatch(attempt)
-                attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
-                                                                 w.process.exitcode),
-                                   w.pid, None))
+                attempt.queue.put(Done(attempt, False, WorkerCrashed(attempt.task_id,
+                                                                     w.process.exitcode),
+                                       w.pid))
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -566,21 +571,22 @@ class ProcessPool:
         ok, value, tb_text, (peak, t0, t1) = decode_outcome(attempt.task_id, body, descs,
                                                             piped)
         del pins
+        # What it moved: its arguments (counted by submit), then its result.
+        sent_shm, sent_pipe = attempt.shm_bytes or 0, attempt.pipe_bytes or 0
         if descs:
-            attempt.result_bytes = len(body) + sum(d[2] for d in descs)
-            _moved(attempt, sum(d[2] for d in descs if d[0] is not None),
-                   len(data) + sum(len(b) for b in piped))
+            result_bytes = len(body) + sum(d[2] for d in descs)
+            shm = sent_shm + sum(d[2] for d in descs if d[0] is not None)
+            pipe = sent_pipe + len(data) + sum(len(b) for b in piped)
         else:
-            attempt.result_bytes = n = len(data)
-            _moved(attempt, 0, n)
+            result_bytes = len(data)
+            shm, pipe = sent_shm, sent_pipe + result_bytes
         del data, body, piped
         if attempt.monitor is not None:
-            attempt.monitor.unwatch(attempt)
-        if peak is not None and peak > (attempt.peak_memory or 0):
-            attempt.peak_memory = peak
-        if t0 is not None and t1 is not None:
-            attempt.t_start, attempt.t_end = t0, t1  # the worker's own clock: exact
-        attempt.queue.put((attempt, ok, value, worker.pid, tb_text))
+            sampled = attempt.monitor.unwatch(attempt)
+            if sampled is not None and (peak is None or sampled > peak):
+                peak = sampled  # the larger of the worker's own and the monitor's
+        attempt.queue.put(Done(attempt, ok, value, worker.pid, tb_text, t0 or 0.0, t1 or 0.0,
+                               peak, result_bytes, shm, pipe))
 
     def _retire(self, worker: _Worker) -> None:
         """Take ``worker`` out of service; it exits on EOF. Called under the lock.
@@ -623,13 +629,17 @@ class ProcessPool:
         if attempt is not None and attempt.monitor is not None:
             attempt.monitor.unwatch(attempt)
         if attempt is not None and not worker.killed:
-            attempt.queue.put((attempt, False, WorkerCrashed(attempt.task_id,
-                                                             worker.process.exitcode),
-                               worker.pid, None))
+            attempt.queue.put(Done(attempt, False, WorkerCrashed(attempt.task_id,
+                                                                 worker.process.exitcode),
+                                   worker.pid))
 
 
 def _moved(attempt: Any, shm: int, pipe: int) -> None:
-    """Add to the bytes ``attempt`` moved (attempts of other callers may start at None)."""
+    """Count the bytes ``attempt``'s arguments moved (on the submitting thread).
+
+    The reader adds its result's and reports the totals in its ``Done``. Attempts of other
+    callers may start at None.
+    """
     attempt.shm_bytes = (attempt.shm_bytes or 0) + shm
     attempt.pipe_bytes = (attempt.pipe_bytes or 0) + pipe
 

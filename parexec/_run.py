@@ -16,6 +16,7 @@ from typing import Any
 from ._errors import PicklingError, TaskOptionError, WaitTimeout, WorkflowError, user_stacklevel
 from ._events import DRAIN_TIMEOUT, Event, ProgressBar, want_progress
 from ._gates import check_resources
+from ._messages import Control
 from ._options import (
     check_cpu_budget,
     check_grace,
@@ -84,11 +85,11 @@ class Run:
 
     def pause(self) -> None:
         """Start no new task until ``resume()``; running tasks go on."""
-        self._scheduler.queue.put((None, "pause", None, None, None))
+        self._scheduler.queue.put(Control("pause"))
 
     def resume(self) -> None:
         """Start tasks again after ``pause()``."""
-        self._scheduler.queue.put((None, "resume", None, None, None))
+        self._scheduler.queue.put(Control("resume"))
 
     def cancel(self) -> None:
         """Stop the run.
@@ -100,7 +101,7 @@ class Run:
         than once; it returns at once. ``wait()`` then returns the result with status
         ``"cancelled"`` (it does not raise for a cancelled run).
         """
-        self._scheduler.queue.put((None, "cancel", None, None, None))
+        self._scheduler.queue.put(Control("cancel"))
 
     def done(self) -> bool:
         """Whether the run has finished."""

@@ -62,6 +62,7 @@ from ._gates import GroupGate, MemoryGate, PoolGate, build_gates
 from ._graph import Readiness, critical_path
 from ._graph import depths as graph_levels
 from ._groups import Groups
+from ._messages import Control, Done, Message, OverLimit, Started
 from ._pools import ThreadPool, process_pool
 from ._results import RunResult, RunStats, TaskRun, build_stats
 from ._sizing import Sizing
@@ -69,7 +70,6 @@ from ._state import Attempt, Deadline
 from ._status import FINAL, EventKind, TaskStatus
 from ._stopping import GRACE, Stopping
 from ._waits import Group
-from ._worker import STARTED
 from ._workflow import Workflow
 
 __all__ = ["GRACE", "Scheduler"]
@@ -352,26 +352,39 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
 
     # Completion -----------------------------------------------------------------------
 
-    def handle(self, msg: tuple[Any, ...], now: float) -> None:
-        attempt, ok, value, worker, tb_text = msg
-        if attempt is None:
-            self.control(ok)
-            return
-        if ok is STARTED:
-            self.attempt_started(attempt, value, worker)
-            return
+    def handle(self, msg: Message, now: float) -> None:
+        """Act on one message from a pool, the monitor or the ``Run`` handle."""
+        kind = type(msg)
+        if kind is Done:
+            self.attempt_done(msg, now)  # type: ignore[arg-type]
+        elif kind is Started:
+            self.attempt_started(msg.attempt, msg.t_start, msg.worker)  # type: ignore[union-attr]
+        elif kind is Control:
+            self.control(msg.command)  # type: ignore[union-attr]
+        elif kind is OverLimit:
+            self.over_limit(msg)  # type: ignore[arg-type]
+        else:
+            self.over_budget(msg)  # type: ignore[arg-type]
+
+    def attempt_done(self, msg: Done, now: float) -> None:
+        """An attempt ended: record it, then succeed, retry or fail its task."""
+        attempt = msg.attempt
+        t_start, t_end = msg.t_start, msg.t_end
+        if msg.peak_memory is not None:
+            attempt.peak_memory = msg.peak_memory  # the memory gate learns from it
         pool = attempt.pool
         if pool is self.threads:
             pool.nbusy -= 1
-            if attempt.t_start and attempt.t_end:
+            if t_start and t_end:
                 avg = self.mean_thread_duration
-                self.mean_thread_duration = avg + 0.2 * (attempt.t_end - attempt.t_start - avg)
+                self.mean_thread_duration = avg + 0.2 * (t_end - t_start - avg)
         if attempt.final:
             if attempt.holding:
                 self.zombies.discard(attempt)
                 self.interrupted.discard(attempt)  # returned within its grace: worker kept
                 self.release(attempt)
             return
+        ok, value, worker, tb_text = msg.ok, msg.value, msg.worker, msg.traceback
         # This is the hot path of every task: release() and succeeded() are inlined.
         attempt.holding = False
         self.nholding -= 1
@@ -387,19 +400,19 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
             if g.parked:
                 self.unpark(g)
         tr = self.runs[i]
-        if attempt.t_end:  # the worker's own clock readings are exact
-            tr.started_at = attempt.t_start + self.offset
-            tr.finished_at = attempt.t_end + self.offset
+        if t_end:  # the worker's own clock readings are exact
+            tr.started_at = t_start + self.offset
+            tr.finished_at = t_end + self.offset
             if attempt.number == 1:
                 tr.first_started_at = tr.started_at
         else:
             tr.finished_at = now + self.offset
-        if attempt.peak_memory is not None:
-            tr.peak_memory = attempt.peak_memory
-        if attempt.result_bytes is not None:
-            tr.result_bytes = attempt.result_bytes
-            tr.shm_bytes += attempt.shm_bytes
-            tr.pipe_bytes += attempt.pipe_bytes
+        if msg.peak_memory is not None:
+            tr.peak_memory = msg.peak_memory
+        if msg.result_bytes is not None:
+            tr.result_bytes = msg.result_bytes
+            tr.shm_bytes += msg.shm_bytes
+            tr.pipe_bytes += msg.pipe_bytes
         tr.worker = worker
         if ok:
             self.values[i] = value

@@ -3,7 +3,7 @@
 Part of the scheduler (see ``_state``). Callable ``cpus``/``memory``/``timeout`` options are
 evaluated on the task's resolved arguments when it reaches the top of the ready heap; a task
 with no declared memory gets the peak its last success recorded (``learned``); the monitor's
-reports of measured memory are acted on here (``memory_report``).
+reports of measured memory are acted on here (``over_budget``, ``over_limit``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ._errors import (
     TaskOptionError,
 )
 from ._events import logger
+from ._messages import OverBudget, OverLimit
 from ._state import RunState
 from ._status import TaskStatus
 from ._task import resolve_args, resolve_refs, sized_value
@@ -151,50 +152,51 @@ class Sizing(RunState):
         gate.needs[i] = need
         tr.memory_need = int(need)
 
-    def memory_report(self) -> None:
-        """Act on the monitor's reports.
+    def over_budget(self, msg: OverBudget) -> None:
+        """The run's process tasks together hold more than the budget (the monitor says).
 
-        A process task above its declared ``memory`` is killed and fails with
-        ``MemoryLimitExceeded`` (retried as its policy says); when the run's process tasks
-        together hold more than the budget, the most recently started one is stopped and
-        queued again (its attempt not counted, at most ``MAX_EVICTIONS`` times per task, never
-        the only one).
+        The most recently started one is stopped and queued again: its attempt is not
+        counted, at most ``MAX_EVICTIONS`` times per task, and never the only one.
         """
         from ._errors import format_size
         monitor = self.monitor
-        while monitor.reports:
-            report = monitor.reports.popleft()
-            if report[0] == "budget":
-                monitor.budget_reported = False
-                mine = [a for a in self.running if a.monitor is not None and not a.final]
-                if self.stopping or len(mine) < 2:
-                    continue  # stopping a lone task frees nothing it would not need again
-                mine = [a for a in mine if self.evictions.get(a.index, 0) < MAX_EVICTIONS]
-                if not mine:
-                    continue
-                attempt = max(mine, key=lambda a: self.runs[a.index].started_at or 0.0)
-                i = attempt.index
-                attempt.pool.kill(attempt)
-                if not getattr(attempt.handle, "killed", False):
-                    continue  # it had just finished: its result is on the queue; keep it
-                monitor.unwatch(attempt)
-                self.evictions[i] = self.evictions.get(i, 0) + 1
-                attempt.final = True
-                self.release(attempt)
-                self.evicted_need(i, attempt.peak_memory)
-                self.runs[i].attempts -= 1
-                self.state[i] = _READY
-                heappush(self.ready, self.keys[i])
-                msg = (f"run of {self.name!r}: its process tasks held {format_size(report[1])}, "
-                       f"above memory_budget={format_size(monitor.budget or 0)}; task "
-                       f"{attempt.task_id!r}, the last started, was stopped and queued again "
-                       f"(not counted as an attempt). It starts again when its measured need "
-                       f"({format_size(attempt.peak_memory or 0)}) fits; declare memory= on "
-                       "the task to have it wait from the start")
-                logger.warning(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=1)
-                continue
-            _, attempt, used, limit = report
-            if not attempt.final and attempt in self.running:
-                # Killed by the pool, which reports MemoryLimitExceeded like any failure.
-                attempt.pool.kill_for_memory(attempt, used, limit)
+        monitor.budget_reported = False  # the monitor may report again
+        mine = [a for a in self.running if a.monitor is not None and not a.final]
+        if self.stopping or len(mine) < 2:
+            return  # stopping a lone task frees nothing it would not need again
+        mine = [a for a in mine if self.evictions.get(a.index, 0) < MAX_EVICTIONS]
+        if not mine:
+            return
+        attempt = max(mine, key=lambda a: self.runs[a.index].started_at or 0.0)
+        i = attempt.index
+        peak = monitor.peak_of(attempt)  # before the kill: its pool's reader forgets it
+        attempt.pool.kill(attempt)
+        if not getattr(attempt.handle, "killed", False):
+            return  # it had just finished: its result is on the queue; keep it
+        monitor.unwatch(attempt)
+        self.evictions[i] = self.evictions.get(i, 0) + 1
+        attempt.peak_memory = peak  # the memory gate learns its function's need from it
+        attempt.final = True
+        self.release(attempt)
+        self.evicted_need(i, peak)
+        self.runs[i].attempts -= 1
+        self.state[i] = _READY
+        heappush(self.ready, self.keys[i])
+        text = (f"run of {self.name!r}: its process tasks held {format_size(msg.used)}, "
+                f"above memory_budget={format_size(monitor.budget or 0)}; task "
+                f"{attempt.task_id!r}, the last started, was stopped and queued again "
+                f"(not counted as an attempt). It starts again when its measured need "
+                f"({format_size(peak or 0)}) fits; declare memory= on the task to have it "
+                "wait from the start")
+        logger.warning(text)
+        warnings.warn(text, RuntimeWarning, stacklevel=1)
+
+    def over_limit(self, msg: OverLimit) -> None:
+        """A process attempt uses more memory than it declared: kill it.
+
+        Its pool then reports ``MemoryLimitExceeded`` like any failure (retried as its policy
+        says).
+        """
+        attempt = msg.attempt
+        if not attempt.final and attempt in self.running:
+            attempt.pool.kill_for_memory(attempt, msg.used, msg.limit)

@@ -59,45 +59,46 @@ class Deadline(enum.IntEnum):
 class Attempt:
     """One try of one task. Pools hold it while it runs; the scheduler decides its fate.
 
+    Only the scheduler thread writes its fields, with two hand-offs: the pool that takes it
+    sets ``handle`` and ``worker`` once, before it reports anything about it, and whatever
+    runs it may install ``on_cancel``. Everything measured while it runs (its times, peak
+    memory, bytes moved) comes back in its ``Done`` message, not through these fields.
+
     ``final`` is set once the scheduler has decided the outcome (a timeout, a kill); a
     report arriving later only gives back the resources it still ``holding``.
-
-    ``on_cancel`` is set by whatever runs the attempt and can stop it when asked (a thread
-    worker running a coroutine, a nested run); ``request_cancel()`` calls it once.
+    ``request_cancel()`` sets ``cancel_requested`` (``px.current().cancelled()``) and calls
+    ``on_cancel`` once: a thread worker running a coroutine, or a nested run, stops there.
     """
 
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
-                 "cancel_requested", "final", "holding", "prefetched", "t_start", "t_end",
-                 "monitor", "memory_limit", "peak_memory", "on_cancel", "worker", "result_bytes",
-                 "shm_bytes", "pipe_bytes", "sampler")
+                 "cancel_requested", "final", "holding", "prefetched", "monitor",
+                 "memory_limit", "peak_memory", "on_cancel", "worker", "shm_bytes",
+                 "pipe_bytes", "sampler")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
         self.index = index
         self.task_id = task_id
         self.number = number
-        self.queue = queue
+        self.queue = queue  # the run's queue, where its pool reports
         self.pool = pool
-        self.handle: Any = None
+        self.handle: Any = None  # the pool's own handle (its process worker, thread guard)
         self.cpus = cpus
         self.cancel_requested = False
         self.final = False
         self.holding = True
         self.prefetched = False
-        self.t_start = 0.0  # set by a thread worker when it really starts (monotonic clock)
-        self.t_end = 0.0  # ... and when the function returned
         self.monitor: Any = None  # samples a process attempt's worker (see _monitor)
         self.memory_limit: int | None = None
-        self.peak_memory: int | None = None
+        self.peak_memory: int | None = None  # from its Done (the memory gate learns it)
         self.on_cancel: Callable[[], Any] | None = None
         self.worker: int | str | None = None  # set by the pool once known (pid, thread name)
-        # Set by the process pool (API section 9 accounting): the size of the pickled result,
-        # and the bytes this attempt moved through shared memory and through its pipe.
-        self.result_bytes: int | None = None
+        # Bytes its arguments moved through shared memory and through its pipe, counted by
+        # the process pool's submit (on the scheduler thread); its Done reports the totals.
         self.shm_bytes = 0
         self.pipe_bytes = 0
         # The run's Monitor, for a thread task that starts processes of its own (a script
-        # step): ``sampler.watch(attempt, pid)`` makes their memory the task's peak_memory.
+        # step): ``sampler.watch(attempt, pid)`` makes their memory the task's peak memory.
         self.sampler: Any = None
 
     def request_cancel(self) -> None:
@@ -246,7 +247,6 @@ class RunState:
         def size(self, i: int) -> bool: ...
         def timeout_of(self, i: int) -> float | None: ...
         def init_memory(self, i: int, stacklevel: int = 1) -> None: ...
-        def memory_report(self) -> None: ...
         def stop(self, status: str) -> None: ...
         def kill_or_flag(self, attempt: Attempt, cancel: bool = True) -> bool: ...
         def abandon(self, attempt: Attempt) -> None: ...

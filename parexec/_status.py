@@ -3,7 +3,8 @@
 One place names them (issue 14): ``TaskStatus`` is where a task is in a run and how it
 ended, ``RunStatus`` how a run ended. Both are ``enum.StrEnum``, so a status compares equal
 to its text (``tr.status == "succeeded"``), prints as it, and is stored and serialized as
-it. This module imports nothing of parexec.
+it. Their ``repr`` is their text's too, so printed records look as they always did. This
+module imports nothing of parexec.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class TaskStatus(enum.StrEnum):
     TIMED_OUT = "timed_out"  # its final attempt overran its timeout
     CACHED = "cached"        # served from the store by a resume
 
+    def __repr__(self) -> str:
+        return repr(self._value_)  # prints as the text it always was: 'succeeded'
+
     @property
     def final(self) -> bool:
         """Whether the task has ended (it will not change again in this run)."""
@@ -58,6 +62,9 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"        # a task failed under on_error="fail" (or the scheduler did)
     CANCELLED = "cancelled"  # run.cancel(), Ctrl-C
     TIMED_OUT = "timed_out"  # the run's timeout
+
+    def __repr__(self) -> str:
+        return repr(self._value_)
 
 
 EventKind = Literal[

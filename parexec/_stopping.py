@@ -15,6 +15,7 @@ from ._errors import (
     TaskTimeout,
 )
 from ._events import logger
+from ._messages import Command
 from ._state import Attempt, Deadline, RunState
 from ._status import ACTIVE, TaskStatus
 
@@ -27,7 +28,8 @@ GRACE = 5.0  # seconds a stopping run waits for thread tasks to notice their can
 class Stopping(RunState):
     """Timeouts, cancel, pause, grace and kills."""
 
-    def control(self, command: str) -> None:
+    def control(self, command: Command) -> None:
+        """``run.cancel()``, ``pause()`` or ``resume()``."""
         if command == "cancel":
             if not self.stopping:
                 self.stop("cancelled")
@@ -39,8 +41,6 @@ class Stopping(RunState):
             if self.paused:
                 self.paused = False
                 self.emit("workflow:resumed")
-        elif command == "memory":
-            self.memory_report()
 
     def stop(self, status: str) -> None:
         """Stop starting tasks; cancel the pending ones; stop the running ones."""

@@ -39,13 +39,7 @@ from typing import Any
 from . import _shm
 from ._errors import Cancelled, ParexecError, TaskTimeout
 
-__all__ = ["STARTED", "TaskContext", "current"]
-
-# The ``ok`` field of a report that says an attempt really started (rather than finished):
-# ``(attempt, STARTED, monotonic start time, worker, None)``. Sent for attempts that may wait
-# after their hand-over (prefetched thread tasks, cluster tasks queued in Dask), so events,
-# timeouts and the worker column follow the real start.
-STARTED = "started"
+__all__ = ["TaskContext", "current"]
 
 # Graceful stop of a process task (grace=): the driver signals the worker; the handler raises
 # inside the task. SIGINT is ignored in workers (a notebook interrupt hits the whole process

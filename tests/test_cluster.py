@@ -421,12 +421,12 @@ def test_unreachable_cluster_fails_within_the_connect_timeout():
 
 @pytest.mark.timeout(60)
 def test_pool_reports_start_then_value_and_release_frees_the_result(client):
-    """ClusterPool on its own: STARTED (with the worker) then the finished report on the
+    """ClusterPool on its own: Started (with the worker) then the Done report on the
     attempt's queue; release(index) lets Dask drop the result it held."""
     from queue import SimpleQueue
 
     from parexec._cluster import ClusterPool
-    from parexec._worker import STARTED
+    from parexec._messages import Done, Started
 
     class Attempt:  # what the pool reads of the scheduler's _Attempt (hashed by identity)
         index, number, task_id, cpus, memory_limit = 0, 1, "unit", 1.0, None
@@ -441,9 +441,11 @@ def test_pool_reports_start_then_value_and_release_frees_the_result(client):
         attempt = Attempt()
         pool.submit(attempt, add, (1, 2), {})
         started = attempt.queue.get(timeout=30)
-        assert started[1] == STARTED and started[3] in client.scheduler_info()["workers"]
-        _, ok, value, worker, _ = attempt.queue.get(timeout=30)
-        assert (ok, value, worker) == (True, 3, started[3])
+        assert type(started) is Started
+        assert started.worker in client.scheduler_info()["workers"]
+        done = attempt.queue.get(timeout=30)
+        assert type(done) is Done
+        assert (done.ok, done.value, done.worker) == (True, 3, started.worker)
         key = pool.futures[0].key
 
         def held():

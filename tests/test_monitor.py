@@ -218,6 +218,7 @@ def test_monitor_reports_a_memory_limit_and_kills_nothing():
     import os
     import queue
 
+    from parexec._messages import OverLimit
     from parexec._monitor import Monitor
 
     class Pool:
@@ -236,9 +237,9 @@ def test_monitor_reports_a_memory_limit_and_kills_nothing():
     attempt = Attempt()
     try:
         monitor.watch(attempt, os.getpid())
-        assert runq.get(timeout=10) == (None, "memory", None, None, None)
-        kind, who, used, limit = monitor.reports.popleft()
-        assert (kind, who, limit) == ("limit", attempt, 1) and used > 1
+        report = runq.get(timeout=10)
+        assert type(report) is OverLimit
+        assert (report.attempt, report.limit) == (attempt, 1) and report.used > 1
     finally:
         monitor.stop()
     assert Pool.killed == []

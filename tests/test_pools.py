@@ -555,18 +555,19 @@ def test_thread_interrupt_lands_in_its_attempt_only():
         pool.submit(first, helpers.spin_until_interrupted, (started,), {})
         assert started.wait(10)
         assert pool.interrupt(first, cancel=False)
-        attempt, ok, err, _, _ = queue.get(timeout=10)
-        assert attempt is first and not ok
-        assert isinstance(err, px.TaskTimeout) and "'spin'" in str(err)
+        done = queue.get(timeout=10)
+        assert done.attempt is first and not done.ok
+        assert isinstance(done.value, px.TaskTimeout) and "'spin'" in str(done.value)
         second = _Attempt(1, "next", 1, queue, pool, 1.0)
         pool.submit(second, helpers.sleep_then, (0.2, "ok"), {})
-        attempt, ok, value, _, _ = queue.get(timeout=10)
-        assert (attempt, ok, value) == (second, True, "ok")
+        done = queue.get(timeout=10)
+        assert (done.attempt, done.ok, done.value) == (second, True, "ok")
         assert not pool.interrupt(first, cancel=True)  # returned: nothing is raised
         assert not pool.interrupt(second, cancel=True)
         third = _Attempt(2, "third", 1, queue, pool, 1.0)
         pool.submit(third, helpers.sleep_then, (0.2, "ok"), {})
-        assert queue.get(timeout=10)[1:3] == (True, "ok")
+        done = queue.get(timeout=10)
+        assert (done.ok, done.value) == (True, "ok")
     finally:
         pool.shutdown()
 

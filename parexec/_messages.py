@@ -1,0 +1,85 @@
+"""The messages a run's scheduler receives on its queue, one class per kind.
+
+Pools, the monitor and the ``Run`` handle never change run state: they put one of these on
+the run's queue and the scheduler thread acts (``Scheduler.handle``). Everything a worker
+measured about an attempt travels in its ``Done``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._state import Attempt
+
+__all__ = ["Command", "Control", "Done", "Message", "OverBudget", "OverLimit", "Started"]
+
+
+@dataclass(slots=True)
+class Done:
+    """An attempt ended: its function returned (``ok``) or raised, or its worker died.
+
+    Attributes:
+        attempt: The attempt.
+        ok: Whether ``value`` is the function's return value (else an exception).
+        value: The return value, or the exception (``WorkerCrashed`` for a dead worker).
+        worker: Where it ran: a pid, a thread name or a cluster worker's address.
+        traceback: The worker-side traceback text, when the exception could not keep it.
+        t_start: When the function started, on the worker's monotonic clock (0: unknown).
+        t_end: When it returned (0: unknown).
+        peak_memory: Peak memory of its worker while it ran, in bytes (None: not measured).
+        result_bytes: Size of its pickled result (process tasks).
+        shm_bytes: Bytes it moved through shared memory.
+        pipe_bytes: Bytes it moved through its pipe.
+    """
+
+    attempt: Attempt
+    ok: bool
+    value: Any
+    worker: int | str | None
+    traceback: str | None = None
+    t_start: float = 0.0
+    t_end: float = 0.0
+    peak_memory: int | None = None
+    result_bytes: int | None = None
+    shm_bytes: int = 0
+    pipe_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Started:
+    """A worker took an attempt that waited after its hand-over (its clock starts now)."""
+
+    attempt: Attempt
+    t_start: float
+    worker: int | str | None
+
+
+Command = Literal["cancel", "pause", "resume"]
+
+
+@dataclass(slots=True)
+class Control:
+    """``run.cancel()``, ``pause()`` or ``resume()``, from any thread."""
+
+    command: Command
+
+
+@dataclass(slots=True)
+class OverLimit:
+    """The monitor measured a process attempt above its declared ``memory``."""
+
+    attempt: Attempt
+    used: int
+    limit: int
+
+
+@dataclass(slots=True)
+class OverBudget:
+    """The monitor measured the run's process tasks above the memory budget together."""
+
+    used: int
+
+
+Message = Done | Started | Control | OverLimit | OverBudget
