@@ -112,6 +112,9 @@ def _value_key(value: Any, what: str, fn_name: str, strict: bool = True) -> Any:
 
 def _fn_key(fn: Callable[..., Any]) -> Any:
     """What ``fn`` computes: its name, code, closure and defaults (not its identity)."""
+    from ._task import TaskTemplate
+    if isinstance(fn, TaskTemplate):  # a px.task template called outside a workflow
+        fn = fn.fn
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     self_key: Any = None
     if isinstance(fn, types.MethodType):

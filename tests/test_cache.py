@@ -251,3 +251,12 @@ def test_main_function_in_process_tasks_hits(run_script):
     """, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok")
+
+
+def test_task_template_is_keyed_by_its_function(cache):
+    """A px.task template (its function sent by value) is keyed like its plain function."""
+    template = px.task(_load_counted)
+    assert cache(template) == 1
+    assert cache(cloudpickle.loads(cloudpickle.dumps(px.task(_load_counted)))) == 1
+    assert cache(_load_counted) == 1
+    assert len(CALLS) == 1
