@@ -524,13 +524,13 @@ class _Loader:
         return self.resolved_agents[name]
 
     def checked(self, check: Callable[[Any, str], Any], value: Any, path: tuple[Any, ...],
-                what: str, must: str) -> Any:
+                what: str, must: str, types: type | tuple[type, ...] = int) -> Any:
         """``check(value, "")`` (a checker of ``_options``), or None with a problem noted.
 
         The rule is the one ``px.task`` and ``px.Workflow`` apply; the message is worded for
         the file (``timeout must be ...`` at its position) rather than as a Python option.
         """
-        if not self.expect(value, (int, float) if "number" in must else int, path, what):
+        if not self.expect(value, types, path, what):
             return None
         try:
             return check(value, "")
@@ -543,14 +543,14 @@ class _Loader:
         if value is None:
             return None
         return self.checked(check_timeout, value, path, what,  # type: ignore[no-any-return]
-                            "a positive number of seconds")
+                            "a positive number of seconds", (int, float))
 
     def grace(self, value: Any, path: tuple[Any, ...]) -> float | None:
         """A ``grace`` (seconds >= 0), or None when absent or wrong (a problem noted)."""
         if value is None:
             return None
         return self.checked(check_grace, value, path, "grace",  # type: ignore[no-any-return]
-                            "a number of seconds >= 0")
+                            "a number of seconds >= 0", (int, float))
 
     def retry(self, value: Any, path: tuple[Any, ...]) -> Retry | None:
         if value is None:

@@ -908,3 +908,16 @@ def test_echo_does_not_change_a_steps_fingerprint(tmp_path):
                     resume=True, progress=False)
     assert result.tasks["s"].status == "cached" and result["s"] == "hi"
     assert not pickle.loads(pickle.dumps(Echo(print)))  # pickles as the silent Echo()
+
+
+@pytest.mark.parametrize("line, words", [
+    ("timeout: 0", "timeout must be a positive number of seconds"),
+    ("timeout: .inf", "timeout must be a positive number of seconds"),
+    ("grace: -1", "grace must be a number of seconds >= 0"),
+    ("parallel: {defaultMaxConcurrency: 0}", "defaultMaxConcurrency must be >= 1"),
+])
+def test_file_settings_follow_the_python_options_rules(line, words):
+    """Timeouts, grace and concurrency in a file obey the same checks as px.task/px.Workflow."""
+    with pytest.raises(px.WorkflowError, match=words):
+        px.loads(f"name: r\n{line}\nsteps:\n"
+                 "  - {id: s, type: script, config: {command: echo}}\n")
