@@ -6,7 +6,10 @@ simply calls the function. Any ``TaskRef`` found in the arguments (also inside l
 tuples, dicts and sets) is a data dependency, replaced by the upstream task's value before
 the call.
 
-Options are checked when they are given, so a typo fails at definition time, naming the task.
+Options are checked when they are given, so a typo fails at definition time, naming the task
+(the checks themselves live in ``_options``, shared with workflows, runs, YAML and the CLI).
+The stack of open ``with px.Workflow(...)`` blocks lives here too: templates read it on every
+call, and ``_workflow`` imports this module, so keeping it here leaves no import cycle.
 """
 
 from __future__ import annotations
