@@ -1,40 +1,33 @@
-"""The scheduler: one thread per run owns all run state.
+"""The scheduler: one thread per run owns all run state, and this is its loop.
 
-Run state (fields of ``_Scheduler``; only the scheduler thread reads or writes them once
-the run started):
+The state is ``_state.RunState`` (every field documented there). Workers never touch it:
+pools, the monitor and the ``Run`` handle put typed messages on ``queue`` (``_messages``),
+and each message or due deadline is one transition, written in the scheduler's parts:
 
-* ``state[i]``    the ``TaskStatus`` of task ``i``
-* ``npending[i]`` dependencies of ``i`` not done yet
-* ``ready``       heap of keys ``(-priority, -rank, i)``: tasks whose dependencies are done
-* ``gate.parked`` per gate, heap of ready keys that gate refused
-* ``deadlines``   heap of ``(when, seq, kind, payload)``: attempt timeouts, retry due times,
-                  the run's timeout, the end of a stop's grace period, memory re-checks
-* ``nfinal``      tasks in a final state; ``nholding``: attempts holding resources
+* ``_dispatch``    start ready tasks, best first, while every gate admits them
+* ``_completion``  an attempt ended: succeed, retry or fail its task (``on_error``)
+* ``_stopping``    timeouts, cancel, pause, grace periods, kills
+* ``_sizing``      needs from inputs and history, measured memory (evict, kill)
+* ``_groups``      groups and maps (decisions in ``_waits``, pure)
 
-Workers never touch it: pools put ``(attempt, ok, value, worker, traceback)`` on ``queue``.
-The loop is::
+The loop::
 
     while True:
         dispatch()                        # ready tasks, best first, while every gate admits
-        if finished(): break
+        if every task is final: done      # (after a brief wait for abandoned threads)
         wait on queue until the next message or the nearest deadline
         handle every message waiting; fire due deadlines
 
-Each handler is a plain transition of that state. Dispatch is O(1) per task plus heap
-operations and releasing dependents is O(out-degree), so a run is O(V + E) + heap work.
+Dispatch is O(1) per task plus heap operations and releasing dependents is O(out-degree)
+(``_graph.Readiness``), so a run is O(V + E) + heap work.
 
-Cancellation semantics (``run.cancel()``, Ctrl-C, the run's timeout, a failure under
+Cancellation (``run.cancel()``, Ctrl-C, the run's timeout, a failure under
 ``on_error="fail"``): nothing new starts; tasks not running become ``cancelled``; process
 attempts are stopped at once by killing their worker; thread attempts cannot be stopped, so
-their cancel flag is set (``px.current().cancelled()``) and the run waits for them to return,
-at most ``GRACE`` seconds, then warns with the ids of those that ignored the flag.
-
-With ``grace > 0`` (a task option, else the run's, else the workflow's), stopping an attempt
-first raises ``px.TaskTimeout`` or ``px.Cancelled`` inside it, so its ``finally`` blocks run:
-a process worker gets a signal and is killed only if its attempt is still running ``grace``
-seconds later (a ``Deadline.KILL`` deadline; until then the attempt, decided already, holds its
-resources in ``interrupted``); a thread gets the exception through
-``PyThreadState_SetAsyncExc`` (``_pools._Guard``) and is otherwise treated as above.
+their cancel flag is set (``px.current().cancelled()``) and the run waits for them to
+return, at most ``GRACE`` seconds, then warns with the ids of those that ignored the flag.
+With ``grace > 0`` an attempt first gets ``px.TaskTimeout`` or ``px.Cancelled`` raised inside
+it, so its ``finally`` blocks run (see ``_stopping``).
 """
 
 from __future__ import annotations
@@ -44,17 +37,14 @@ import heapq
 import itertools
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any
 
+from ._completion import Completion
 from ._dispatch import Dispatch
 from ._errors import (
-    Cancelled,
-    MemoryLimitExceeded,
     TaskTimeout,
-    WorkerCrashed,
     user_stacklevel,
 )
 from ._events import Emitter, Event, logger
@@ -82,7 +72,7 @@ heappush = heapq.heappush
 
 
 
-class Scheduler(Dispatch, Sizing, Stopping, Groups):
+class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
     """The run state and the loop; see the module docstring."""
 
     def __init__(self, wf: Workflow, *, max_workers: int, cpu_budget: float,
@@ -243,8 +233,6 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
                          if fp is not None}
                 self.cached = store.cached(wf.name, fp_of)
 
-    # Events ---------------------------------------------------------------------------
-
     # The loop -------------------------------------------------------------------------
 
     def main(self) -> None:
@@ -346,11 +334,7 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
             self.release_dependents(i)
         logger.info("run of %r: %d task(s) served from the store", self.name, len(cached))
 
-    # Dispatch -------------------------------------------------------------------------
-
-    # Needs from the inputs and from history (issue 17) -------------------------------------
-
-    # Completion -----------------------------------------------------------------------
+    # Messages ---------------------------------------------------------------------------
 
     def handle(self, msg: Message, now: float) -> None:
         """Act on one message from a pool, the monitor or the ``Run`` handle."""
@@ -365,276 +349,6 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
             self.over_limit(msg)  # type: ignore[arg-type]
         else:
             self.over_budget(msg)  # type: ignore[arg-type]
-
-    def attempt_done(self, msg: Done, now: float) -> None:
-        """An attempt ended: record it, then succeed, retry or fail its task."""
-        attempt = msg.attempt
-        t_start, t_end = msg.t_start, msg.t_end
-        if msg.peak_memory is not None:
-            attempt.peak_memory = msg.peak_memory  # the memory gate learns from it
-        pool = attempt.pool
-        if pool is self.threads:
-            pool.nbusy -= 1
-            if t_start and t_end:
-                avg = self.mean_thread_duration
-                self.mean_thread_duration = avg + 0.2 * (t_end - t_start - avg)
-        if attempt.final:
-            if attempt.holding:
-                self.zombies.discard(attempt)
-                self.interrupted.discard(attempt)  # returned within its grace: worker kept
-                self.release(attempt)
-            return
-        ok, value, worker, tb_text = msg.ok, msg.value, msg.worker, msg.traceback
-        # This is the hot path of every task: release() and succeeded() are inlined.
-        attempt.holding = False
-        self.nholding -= 1
-        del self.running[attempt]
-        i = attempt.index
-        if attempt.prefetched:
-            self.nprefetched -= 1
-            gates = self.unslotted
-        else:
-            gates = self.gates
-        for g in gates:
-            g.release(i)
-            if g.parked:
-                self.unpark(g)
-        tr = self.runs[i]
-        if t_end:  # the worker's own clock readings are exact
-            tr.started_at = t_start + self.offset
-            tr.finished_at = t_end + self.offset
-            if attempt.number == 1:
-                tr.first_started_at = tr.started_at
-        else:
-            tr.finished_at = now + self.offset
-        if msg.peak_memory is not None:
-            tr.peak_memory = msg.peak_memory
-        if msg.result_bytes is not None:
-            tr.result_bytes = msg.result_bytes
-            tr.shm_bytes += msg.shm_bytes
-            tr.pipe_bytes += msg.pipe_bytes
-        tr.worker = worker
-        if ok:
-            self.values[i] = value
-            tr.value = value
-            self.state[i] = TaskStatus.SUCCEEDED
-            self.nfinal += 1
-            tr.status = TaskStatus.SUCCEEDED
-            if self.store is not None:
-                self.store.record(self.name, tr, self.fingerprint(i))
-            if self.em:
-                self.emit("task:completed", i, attempt.number, tr.duration)
-            if self.debug:
-                logger.debug("succeeded %s", tr.id)
-            if self.member_of[i] is not None:
-                self.member_done(i)
-            if not self.stopping:
-                self.release_dependents(i)
-            if self.releasing:
-                self.consumed(i)
-        elif self.stopping or attempt.cancel_requested:
-            # The run is stopping, or a group no longer needs this thread task: not retried.
-            if isinstance(value, Cancelled):
-                self.finalize(i, TaskStatus.CANCELLED, "task:cancelled", number=attempt.number)
-            else:
-                self.finalize(i, TaskStatus.FAILED, "task:failed", value, tb_text,
-                              attempt.number)
-            if not self.stopping:
-                self.skip_downstream(i, TaskStatus.CANCELLED)
-        else:
-            self.attempt_failed(i, attempt, value, tb_text)
-
-    def attempt_started(self, attempt: Attempt, t_start: float, worker: Any) -> None:
-        """A worker took an attempt that waited after its hand-over.
-
-        The run's clock for it (its timeout, ``task:started``, its worker) starts now.
-        """
-        if attempt.final or attempt not in self.running:
-            return
-        i = attempt.index
-        tr = self.runs[i]
-        tr.started_at = t_start + self.offset
-        if attempt.number == 1:
-            tr.first_started_at = tr.started_at
-        if worker is not None:
-            tr.worker = worker
-        timeout = self.timeout_of(i)
-        if timeout is not None and getattr(attempt.pool, "reports_start", False):
-            self.add_deadline(t_start + timeout, Deadline.TIMEOUT, attempt)
-        if self.em:
-            self.emit("task:started", i, attempt.number)
-
-    def fingerprint(self, i: int) -> str | None:
-        """The fingerprint to record for task ``i``.
-
-        None (never served by a resume) when it received a default from an ignored failure
-        upstream, since a later run in which that upstream succeeds must not be served this
-        value.
-        """
-        fp = self.fps[i] if i < len(self.fps) else None
-        tainted = self.tainted
-        if tainted and i < len(self.graph.deps):
-            if i in tainted or any(d in tainted for d in self.graph.deps[i]):
-                tainted.add(i)
-                return None
-        return fp
-
-    def finalize(self, i: int, state: TaskStatus, kind: EventKind,
-                 error: BaseException | None = None, tb_text: str | None = None,
-                 number: int = 0) -> None:
-        """Task ``i`` reached final ``state``: record, store, announce, tell its groups."""
-        self.state[i] = state
-        self.nfinal += 1
-        tr = self.runs[i]
-        tr.status = state
-        if error is not None:
-            tr.error = error
-            tr.traceback = tb_text or "".join(traceback.format_exception(error))
-        if self.store is not None and state is not TaskStatus.CACHED and not self.is_group[i]:
-            self.store.record(self.name, tr, self.fingerprint(i))
-        if self.em:
-            self.emit(kind, i, number, tr.duration, error)
-        if self.debug:
-            logger.debug("%s %s", tr.status, tr.id)
-        if self.member_of[i] is not None:
-            self.member_done(i)
-        if self.releasing:
-            self.consumed(i)
-
-    def consumed(self, j: int) -> None:
-        """Task ``j`` is final: release the values that nothing unfinished needs any more.
-
-        Only with ``keep=`` other than ``"all"``; its own value too when nothing consumes it.
-        """
-        nconsumers, kept = self.nconsumers, self.kept
-        deps: Any = self.graph.deps[j] if j < len(self.graph.deps) else ()
-        group = self.groups.get(j)
-        if group is not None and self.specs[j].group.dynamic is not None:  # type: ignore[union-attr]
-            deps = [*deps, *group.members]  # a map over a task's result: its items too
-        for d in deps:
-            left = nconsumers[d] - 1
-            nconsumers[d] = left
-            if not left and not kept[d]:
-                self.release_value(d)
-        if not nconsumers[j] and not kept[j]:
-            self.release_value(j)
-
-    def wants_value(self, i: int) -> bool:
-        """Whether cluster task ``i``'s value must come to the driver.
-
-        It must when it is kept in the result, or when a local task, a group, or a task whose
-        options are callables of its arguments (evaluated here) consumes it. Called by the
-        cluster pool's fetcher thread; the lists it reads only grow.
-        """
-        if not self.releasing or i >= len(self.graph.deps) or self.kept[i]:
-            return True
-        cluster, pools, is_group, sizers = self.cluster, self.pools, self.is_group, self.sizers
-        return any(pools[j] is not cluster or is_group[j] or sizers[j] is not None
-                   for j in self.dependents[i])
-
-    def release_value(self, i: int) -> None:
-        """Drop task ``i``'s value from the run (keep=); its record stays.
-
-        A cluster task's result is dropped from the cluster too.
-        """
-        tr = self.runs[i]
-        if self.values[i] is not None or tr.value is not None:
-            self.values[i] = None
-            tr.value = None
-            tr.released = True
-        if self.pools[i] is self.cluster and self.cluster is not None:
-            self.cluster.release(i)
-
-    def release_dependents(self, i: int) -> None:
-        """Task ``i`` is done (its value is set): queue what it was the last dependency of."""
-        state = self.state
-        now: float | None = None
-        for j in self.readiness.done(i):
-            if state[j] is _WAITING:
-                state[j] = _READY
-                if now is None:
-                    now = self.clock() + self.offset
-                self.runs[j].queued_at = now
-                heappush(self.ready, self.keys[j])
-                if self.em:
-                    self.emit("task:queued", j)
-        maps = self.maps_of.get(i)
-        if maps is not None:  # maps over this task's result
-            for g in maps:
-                if g not in self.groups and state[g] is _WAITING:
-                    self.expand_map(g)
-
-    def attempt_failed(self, i: int, attempt: Attempt, error: BaseException,
-                       tb_text: str | None, *, timed_out: bool = False,
-                       retryable: bool = True) -> None:
-        spec = self.specs[i]
-        tr = self.runs[i]
-        policy = spec.retry
-        if (retryable and policy is not None and not self.stopping
-                and attempt.number <= policy.max_retries and policy.retries(error)):
-            if tr.history is None:
-                tr.history = []
-            tr.history.append((attempt.number, tr.started_at or 0.0, tr.finished_at or 0.0,
-                               tr.worker, "timed_out" if timed_out else "failed"))
-            self.state[i] = TaskStatus.RETRYING
-            self.retry_errors[i] = error
-            if policy.memory_factor is not None and isinstance(error, MemoryLimitExceeded):
-                self.grow_memory(i, policy.memory_factor)
-            delay = policy.delay(attempt.number)
-            self.add_deadline(self.clock() + delay, Deadline.RETRY, i)
-            if self.em:
-                self.emit("task:retrying", i, attempt.number, tr.duration, error)
-            logger.warning("task %r attempt %d failed (%s: %s); retrying in %.2fs",
-                           spec.id, attempt.number, type(error).__name__, error, delay)
-            return
-        self.task_failed(i, error, tb_text, attempt.number, timed_out)
-
-    def task_failed(self, i: int, error: BaseException, tb_text: str | None, number: int,
-                    timed_out: bool = False) -> None:
-        """Task ``i`` failed for good: record it and apply its ``on_error``."""
-        spec = self.specs[i]
-        self.finalize(i, TaskStatus.TIMED_OUT if timed_out else TaskStatus.FAILED, "task:failed",
-                      error, tb_text, number)
-        if self.member_of[i] is not None and not self.stopping:
-            # A member's failure is its group's to judge; other dependents follow on_error.
-            if spec.on_error == "ignore":
-                self.values[i] = spec.default
-                self.tainted.add(i)
-                self.release_dependents(i)
-            else:
-                self.skip_downstream(i)
-            return
-        level = logging.WARNING if isinstance(error, (TaskTimeout, WorkerCrashed,
-                                                      MemoryLimitExceeded)) else logging.INFO
-        logger.log(level, "task %r failed: %s: %s", spec.id, type(error).__name__, error)
-        if self.stopping:
-            return
-        if spec.on_error == "fail":
-            self.stop("failed")
-        elif spec.on_error == "skip":
-            self.partial = True
-            self.skip_downstream(i)
-        else:  # "ignore": dependents run and receive the default
-            self.partial = True
-            self.values[i] = spec.default
-            self.tainted.add(i)
-            self.release_dependents(i)
-
-    def skip_downstream(self, i: int, status: TaskStatus = TaskStatus.SKIPPED) -> None:
-        """Finalize every waiting task downstream of ``i`` as skipped (or cancelled).
-
-        Static groups are not touched: they hear of their members through member_done().
-        """
-        stack = list(self.dependents[i])
-        state = self.state
-        kind: EventKind = "task:skipped" if status is TaskStatus.SKIPPED else "task:cancelled"
-        while stack:
-            j = stack.pop()
-            if state[j] is TaskStatus.PENDING and j not in self.groups:
-                self.finalize(j, status, kind)
-                if status is TaskStatus.SKIPPED:
-                    self.partial = True
-                stack.extend(self.dependents[j])
 
     # Deadlines ------------------------------------------------------------------------
 
@@ -670,10 +384,6 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
                     self.resolve_group(payload, False, error=TaskTimeout(
                         f"group {self.specs[payload].id!r} did not resolve within its "
                         f"timeout of {group.timeout:g}s"), timed_out=True)
-
-    # Groups and maps ------------------------------------------------------------------
-
-    # Stopping -------------------------------------------------------------------------
 
     # The end --------------------------------------------------------------------------
 
@@ -725,6 +435,3 @@ class Scheduler(Dispatch, Sizing, Stopping, Groups):
                            pool_utilization=pools,
                            critical_path=critical_path(self.graph, durations) if self.n else [],
                            scheduler_overhead=getattr(self, "cpu_time", 0.0))
-
-    # Measured memory (the monitor reports, this thread decides; see _gates) ---------------
-
