@@ -224,7 +224,8 @@ class Groups(RunState):
             self.pools.append(self.threads)
         elif iso == "process":
             if self.procs is None:  # the first process item of a run-time map
-                self.procs = process_pool(sweep=True)
+                self.procs = process_pool(sweep=True,
+                                          max_tasks_per_worker=self.max_tasks_per_worker)
             self.pools.append(self.procs)
         else:
             self.pools.append(self.cluster)

@@ -180,6 +180,11 @@ def check_max_workers(value: Any, where: str) -> int | None:
     return _check_count(value, where, "max_workers")
 
 
+def check_max_tasks_per_worker(value: Any, where: str) -> int | None:
+    """Validate ``max_tasks_per_worker`` (an integer >= 1, or None: never replace workers)."""
+    return _check_count(value, where, "max_tasks_per_worker")
+
+
 def check_max_concurrent(value: Any, where: str) -> int | None:
     """Validate the ``max_concurrent`` of a group or map (an integer >= 1, or None)."""
     return _check_count(value, where, "max_concurrent")

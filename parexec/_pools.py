@@ -740,7 +740,8 @@ def process_pool(sweep: bool = False, max_tasks_per_worker: int | None = None) -
     """
     global _process_pool, _atexit_registered
     if max_tasks_per_worker is not None:
-        check_max_tasks_per_worker(max_tasks_per_worker)
+        from ._options import check_max_tasks_per_worker
+        check_max_tasks_per_worker(max_tasks_per_worker, "process_pool")
     if sweep:
         _shm.sweep_dead_drivers()
     with _process_pool_lock:
@@ -753,20 +754,6 @@ def process_pool(sweep: bool = False, max_tasks_per_worker: int | None = None) -
     return pool if max_tasks_per_worker is None else RecyclingPool(pool, max_tasks_per_worker)
 
 
-def check_max_tasks_per_worker(value: object) -> int | None:
-    """``value`` as a ``max_tasks_per_worker`` option: None or an int of at least 1.
-
-    Raises:
-        TaskOptionError: Naming the value and what to pass instead.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        from ._errors import TaskOptionError
-        raise TaskOptionError(
-            f"max_tasks_per_worker must be None (workers are never replaced) or an int of "
-            f"at least 1 (replace a process worker after that many tasks), got {value!r}")
-    return value
 
 
 def shutdown_process_pool() -> None:

@@ -21,6 +21,7 @@ from ._options import (
     check_cpu_budget,
     check_grace,
     check_keep,
+    check_max_tasks_per_worker,
     check_max_workers,
     check_memory,
     check_on_event,
@@ -176,7 +177,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
           timeout: float | None = None, progress: bool | str = "auto",
           on_event: Callable[[Event], Any] | None = None, store: Any = None,
           resume: bool = False, cluster: Any = None, check: bool = True,
-          keep: str | Iterable[Any] = "all", grace: float | None = None) -> Run:
+          keep: str | Iterable[Any] = "all", grace: float | None = None,
+          max_tasks_per_worker: int | None = None) -> Run:
     """Validate ``wf`` and start running it on a scheduler thread; return a ``Run`` handle.
 
     Takes the same arguments as ``run``. Nothing runs if validation fails.
@@ -192,6 +194,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
     cpus = explicit_cpu or float(max_workers)
     timeout = check_timeout(timeout, "run") or wf.timeout
     grace = check_grace(grace, "run")
+    recycle = check_max_tasks_per_worker(max_tasks_per_worker, "run") or \
+        wf.max_tasks_per_worker
     mem_budget = check_memory(memory_budget, "run", "memory_budget") or wf.memory_budget
     check_resume(resume, store)
     check_on_event(on_event)
@@ -229,7 +233,8 @@ def start(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True
                            timeout=timeout,
                            subscribers=subscribers, force_cpu_gate=explicit_cpu is not None,
                            store=opened, resume=resume, cluster=cluster,
-                           own_store=opened is not store, keep=keep, grace=grace)
+                           own_store=opened is not store, keep=keep, grace=grace,
+                           max_tasks_per_worker=recycle)
     handle = Run(scheduler, check)
     _link_to_enclosing_task(handle)
     return handle
@@ -240,7 +245,8 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
         timeout: float | None = None, progress: bool | str = "auto",
         on_event: Callable[[Event], Any] | None = None, store: Any = None,
         resume: bool = False, cluster: Any = None, check: bool = True,
-        keep: str | Iterable[Any] = "all", grace: float | None = None) -> RunResult:
+        keep: str | Iterable[Any] = "all", grace: float | None = None,
+        max_tasks_per_worker: int | None = None) -> RunResult:
     """Run a workflow to the end and return its ``RunResult``.
 
     Usage::
@@ -269,6 +275,9 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
             intermediates holds one or two at a time. The store still records every value.
         grace: Default ``grace`` (seconds) of the tasks that set none (default: the
             workflow's, else 0); see ``px.task``.
+        max_tasks_per_worker: Replace a process worker after it ran this many tasks, for
+            native libraries that leak (default: the workflow's, else never). A worker is
+            never stopped mid-task for this.
 
     Raises:
         WorkflowError: The workflow is invalid (nothing ran).
@@ -279,7 +288,7 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
     handle = start(wf, max_workers=max_workers, parallel=parallel, cpu_budget=cpu_budget,
                    memory_budget=memory_budget, timeout=timeout, progress=progress,
                    on_event=on_event, store=store, resume=resume, cluster=cluster, check=check,
-                   keep=keep, grace=grace)
+                   keep=keep, grace=grace, max_tasks_per_worker=max_tasks_per_worker)
     try:
         return handle.wait()
     except KeyboardInterrupt:

@@ -81,7 +81,7 @@ class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
                  force_cpu_gate: bool, store: Any = None, resume: bool = False,
                  cluster: Any = None, own_store: bool = True,
                  keep: Any = "all", explicit_memory: bool = True,
-                 grace: float | None = None) -> None:
+                 grace: float | None = None, max_tasks_per_worker: int | None = None) -> None:
         self.wf = wf
         # grace= (issue 17 item 4): a task's own wins, then the run's, then the workflow's.
         wf_grace = getattr(wf, "grace", None)
@@ -110,7 +110,9 @@ class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
         isolation = [s.isolation or wf.isolation for s in specs]
         self.queue: SimpleQueue[Any] = SimpleQueue()
         self.threads = ThreadPool(f"parexec-{wf.name}", max_threads=max_workers)
-        procs = self.procs = process_pool(sweep=True) if "process" in isolation else None
+        self.max_tasks_per_worker = max_tasks_per_worker
+        procs = self.procs = process_pool(sweep=True, max_tasks_per_worker=max_tasks_per_worker) \
+            if "process" in isolation else None
         self.cluster = None
         if "cluster" in isolation:
             import uuid

@@ -175,6 +175,7 @@ class RunState:
     queue: SimpleQueue[Any]       # the run's messages: pools, monitor, Run handle
     threads: ThreadPool           # the run's own threads
     procs: ProcessPool | None     # the reusable process workers (when a task needs them)
+    max_tasks_per_worker: int | None  # replace a process worker after that many tasks
     cluster: Any                  # the ClusterPool (isolation="cluster"), or None
     monitor: Monitor              # samples process workers' memory and the CPU
     gates: list[Gate]             # admission: slots first, then cpus, memory, pools...

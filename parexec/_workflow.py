@@ -23,6 +23,7 @@ from ._options import (
     check_id,
     check_isolation,
     check_max_concurrent,
+    check_max_tasks_per_worker,
     check_max_workers,
     check_memory,
     check_timeout,
@@ -71,6 +72,8 @@ class Workflow:
         description: Free text.
         grace: Default ``grace`` (seconds) of tasks that set none, when the run sets none
             either (default 0); see ``px.task``.
+        max_tasks_per_worker: Default of ``px.run``'s option: replace a process worker
+            after it ran this many tasks (None: never).
 
     Raises:
         TaskOptionError: A setting has an unusable value.
@@ -80,7 +83,8 @@ class Workflow:
                  pools: Mapping[str, int] | None = None,
                  memory_budget: int | str | None = None, cpu_budget: float | None = None,
                  isolation: str = "thread", timeout: float | None = None,
-                 description: str = "", grace: float | None = None) -> None:
+                 description: str = "", grace: float | None = None,
+                 max_tasks_per_worker: int | None = None) -> None:
         self.name = check_id(name, "Workflow name", brackets=False)
         self.max_workers = check_max_workers(max_workers, f"Workflow {name!r}")
         self.pools: dict[str, int] = check_capacities(pools or {}, f"Workflow {name!r}")
@@ -89,6 +93,8 @@ class Workflow:
         self.isolation = check_isolation(isolation, f"Workflow {name!r}")
         self.timeout = check_timeout(timeout, f"Workflow {name!r}")
         self.grace = check_grace(grace, f"Workflow {name!r}")
+        self.max_tasks_per_worker = check_max_tasks_per_worker(max_tasks_per_worker,
+                                                               f"Workflow {name!r}")
         self.description = description
         self._specs: dict[str, TaskSpec] = {}
         self._name_counts: dict[str, int] = {}

@@ -614,12 +614,31 @@ def test_max_tasks_per_worker_replaces_the_worker():
 
 
 def test_max_tasks_per_worker_is_checked():
-    """A max_tasks_per_worker that is not a positive int is refused, naming the value."""
+    """A max_tasks_per_worker that is not a positive int is refused, naming the value, by the
+    pool, px.run and px.Workflow, before anything runs."""
+    with px.Workflow("w", isolation="process") as wf:
+        wf.add(pid)
     for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(px.TaskOptionError, match="max_tasks_per_worker.*got"):
+        with pytest.raises(px.TaskOptionError, match="max_tasks_per_worker"):
             _pools.process_pool(max_tasks_per_worker=bad)
-    assert _pools.check_max_tasks_per_worker(None) is None
-    assert _pools.check_max_tasks_per_worker(3) == 3
+        with pytest.raises(px.TaskOptionError, match=f"max_tasks_per_worker.*{bad!r}"):
+            px.run(wf, max_tasks_per_worker=bad, progress=False)
+        with pytest.raises(px.TaskOptionError, match="max_tasks_per_worker"):
+            px.Workflow("v", max_tasks_per_worker=bad)
+
+
+@pytest.mark.timeout(60)
+def test_run_replaces_a_worker_after_max_tasks_per_worker():
+    """px.run(max_tasks_per_worker=2): six process tasks one at a time use three workers in
+    turn (two tasks each), and the workflow's setting is the run's default."""
+    for run_kw, wf_kw in (({"max_tasks_per_worker": 2}, {}), ({}, {"max_tasks_per_worker": 2})):
+        with px.Workflow("recycle", isolation="process", **wf_kw) as wf:
+            refs = [wf.add(px.task(pid).options(id=f"t{k}", priority=-k)) for k in range(6)]
+        result = px.run(wf, max_workers=1, progress=False, **run_kw)
+        pids = [result[r] for r in refs]
+        assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5], pids
+        assert len(set(pids)) == 3
+        assert _gone(pids[:4])  # the retired ones exited
 
 
 def test_shutdown_stops_workers_and_is_safe_to_repeat():
