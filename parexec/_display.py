@@ -12,18 +12,25 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Any
 
-from ._results import _bytes as _mem
-from ._results import _secs, memory_need_label, worker_label
+from ._format import fmt_bytes as _mem
+from ._format import fmt_secs as _secs
+from ._format import memory_need_label, worker_label
+from ._status import TaskStatus
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # only for annotations: _results imports this module (lazily) to draw
     from ._results import RunResult
     from ._workflow import Workflow
 
 __all__ = ["COLORS", "result_html", "result_plot", "workflow_html"]
 
-COLORS = {"succeeded": "#2e7d32", "cached": "#81c784", "failed": "#c62828",
-          "timed_out": "#ef6c00", "cancelled": "#757575", "skipped": "#bdbdbd",
-          "pending": "#90a4ae"}
+# One colour per task status (every final one, and the states before it). A run's status
+# takes the colour of the task status of the same name ("partial" has none: black).
+COLORS: dict[str, str] = {
+    TaskStatus.SUCCEEDED: "#2e7d32", TaskStatus.CACHED: "#81c784", TaskStatus.FAILED: "#c62828",
+    TaskStatus.TIMED_OUT: "#ef6c00", TaskStatus.CANCELLED: "#757575",
+    TaskStatus.SKIPPED: "#bdbdbd", TaskStatus.PENDING: "#90a4ae", TaskStatus.READY: "#90a4ae",
+    TaskStatus.RUNNING: "#1565c0", TaskStatus.RETRYING: "#f9a825",
+}
 
 
 def result_html(result: RunResult, max_rows: int = 200) -> str:

@@ -27,20 +27,15 @@ from queue import SimpleQueue
 from typing import Any
 
 from ._errors import TaskOptionError
+from ._status import EVENT_KINDS, EventKind
 
-__all__ = ["DRAIN_TIMEOUT", "EVENT_KINDS", "Event", "Emitter", "ProgressBar", "check_kind",
-           "logger"]
+__all__ = ["DRAIN_TIMEOUT", "EVENT_KINDS", "Emitter", "Event", "EventKind", "ProgressBar",
+           "check_kind", "logger"]
 
 DRAIN_TIMEOUT = 5.0  # seconds run() waits for callbacks to take the last events
 MAX_PENDING = 100_000  # events waiting for a slow callback before new ones are dropped
 
 logger = logging.getLogger("parexec")
-
-EVENT_KINDS = (
-    "workflow:started", "task:queued", "task:started", "task:completed", "task:failed",
-    "task:retrying", "task:timeout", "task:skipped", "task:cancelled", "workflow:paused",
-    "workflow:resumed", "workflow:completed", "workflow:failed", "workflow:cancelled",
-)
 
 
 def check_kind(kind: str) -> None:
@@ -66,7 +61,7 @@ class Event:
         error: The exception, for failures, retries and timeouts.
     """
 
-    kind: str
+    kind: EventKind
     workflow: str
     task_id: str | None = None
     time: float = 0.0

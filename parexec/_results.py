@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import Cancelled, ParexecError, TaskTimeout, WorkflowFailed
+from ._format import fmt_bytes, fmt_secs, memory_need_label, printable, worker_label
+from ._status import OK, RunStatus, TaskStatus
 
 if TYPE_CHECKING:
     from ._task import TaskRef
@@ -20,18 +22,15 @@ if TYPE_CHECKING:
 __all__ = ["RunResult", "RunStats", "RunStatus", "TaskRun", "TaskStatus", "build_stats",
            "memory_need_label", "printable", "worker_label"]
 
-TaskStatus = Literal["pending", "succeeded", "failed", "skipped", "cancelled", "timed_out",
-                     "cached"]
-RunStatus = Literal["succeeded", "partial", "failed", "cancelled", "timed_out"]
-
 
 class TaskRun:
     """The record of one task in one run.
 
     Attributes:
         id: The task id.
-        status: ``"succeeded"``, ``"failed"``, ``"skipped"``, ``"cancelled"``,
-            ``"timed_out"`` or ``"cached"`` (``"pending"`` only while the run is going on).
+        status: A ``TaskStatus`` (it equals its text): ``"succeeded"``, ``"failed"``,
+            ``"skipped"``, ``"cancelled"``, ``"timed_out"`` or ``"cached"`` (``"pending"``
+            only while the run is going on).
         value: The return value (succeeded or cached tasks), else None.
         error: The exception of the final failed attempt, else None.
         traceback: That exception's traceback as text (worker-side frames included).
@@ -72,7 +71,9 @@ class TaskRun:
 
     def __init__(self, id: str) -> None:
         self.id = id
-        self.status: TaskStatus = "pending"
+        # The scheduler may still assign the plain text ("succeeded"); a TaskStatus compares
+        # equal to it, so readers need not care which one they get.
+        self.status: TaskStatus = TaskStatus.PENDING
         self.value: Any = None
         self.error: BaseException | None = None
         self.traceback: str | None = None
@@ -121,7 +122,7 @@ class TaskRun:
     @property
     def ok(self) -> bool:
         """Whether the task produced its value (succeeded or cached)."""
-        return self.status in ("succeeded", "cached")
+        return self.status in OK
 
     def __repr__(self) -> str:
         d = self.duration
@@ -221,8 +222,10 @@ class RunResult:
 
     Attributes:
         workflow: The workflow's name.
-        status: ``"succeeded"``, ``"partial"`` (some tasks failed or were skipped under
-            ``on_error="skip"``/``"ignore"``), ``"failed"``, ``"cancelled"`` or ``"timed_out"``.
+        status: A ``RunStatus`` (it equals its text; a plain string given to the
+            constructor is converted): ``"succeeded"``, ``"partial"`` (some tasks failed or
+            were skipped under ``on_error="skip"``/``"ignore"``), ``"failed"``,
+            ``"cancelled"`` or ``"timed_out"``.
         tasks: Task id → ``TaskRun``, in creation order.
         keep: The run's ``keep=`` setting: which values stayed in the result.
         stats: ``RunStats``.
@@ -230,12 +233,17 @@ class RunResult:
         finished_at: Epoch seconds.
     """
 
-    def __init__(self, workflow: str, status: RunStatus, tasks: Mapping[str, TaskRun],
+    def __init__(self, workflow: str, status: RunStatus | str, tasks: Mapping[str, TaskRun],
                  stats: RunStats, started_at: float, finished_at: float,
                  keep: Any = "all") -> None:
         self.workflow = workflow
         self.keep = keep
-        self.status = status
+        try:
+            self.status = RunStatus(status)
+        except ValueError:
+            raise ValueError(f"run of {workflow!r}: status {status!r} is not a run status; "
+                             f"give one of {', '.join(repr(str(s)) for s in RunStatus)}") \
+                from None
         self.tasks = dict(tasks)
         self.stats = stats
         self.started_at = started_at
@@ -320,7 +328,7 @@ class RunResult:
             excs.append(TaskTimeout(f"run of {self.workflow!r} was stopped at its timeout "
                                     f"after {self.stats.makespan:.3g}s"))
         if not excs:
-            excs = [Cancelled(f"run of {self.workflow!r} ended with status {self.status!r}")]
+            excs = [Cancelled(f"run of {self.workflow!r} ended with status {str(self.status)!r}")]
         names = ", ".join(list(errors)[:5]) + ("…" if len(errors) > 5 else "")
         what = f"; failed: {names}" if errors else ""
         return WorkflowFailed(f"workflow {self.workflow!r} {self.status}{what}", excs, self)
@@ -342,9 +350,9 @@ class RunResult:
         for tr in self.tasks.values():
             row: tuple[str, ...] = (
                 printable(tr.id), tr.status, str(tr.attempts),
-                "" if tr.level is None else str(tr.level), _secs(tr.duration),
-                _secs(tr.elapsed), _secs(tr.wait_time), worker_label(tr.worker),
-                _bytes(tr.peak_memory))
+                "" if tr.level is None else str(tr.level), fmt_secs(tr.duration),
+                fmt_secs(tr.elapsed), fmt_secs(tr.wait_time), worker_label(tr.worker),
+                fmt_bytes(tr.peak_memory))
             if needs:
                 row += (memory_need_label(tr),)
             rows.append(row)
@@ -366,8 +374,8 @@ class RunResult:
                      f"{s.parallel_groups} parallel group(s)"
                      + "".join(f", pool {printable(k)} {v:.0%} used"
                                for k, v in s.pool_utilization.items())
-                     + (f"; moved {_bytes(s.shm_bytes)} through shared memory, "
-                        f"{_bytes(s.pipe_bytes)} through pipes"
+                     + (f"; moved {fmt_bytes(s.shm_bytes)} through shared memory, "
+                        f"{fmt_bytes(s.pipe_bytes)} through pipes"
                         if s.shm_bytes or s.pipe_bytes else ""))
         return "\n".join(lines)
 
@@ -437,52 +445,3 @@ class RunResult:
     def __repr__(self) -> str:
         return (f"<RunResult {self.workflow!r} {self.status} tasks={len(self.tasks)} "
                 f"makespan={self.stats.makespan:.3f}s>")
-
-
-def worker_label(worker: int | str | None) -> str:
-    """How summaries, tables and charts name a worker.
-
-    ``process 20596``, ``thread 2``, or a cluster worker's address.
-    """
-    if worker is None:
-        return ""
-    if isinstance(worker, int) or (isinstance(worker, str) and worker.isdigit()):
-        return f"process {worker}"
-    head, sep, number = worker.rpartition("-")
-    if sep and number.isdigit() and head.startswith("parexec"):
-        return f"thread {number}"
-    return printable(worker)
-
-
-def memory_need_label(tr: TaskRun) -> str:
-    """``1.0GiB learned``: the memory a task was admitted with and its source, or ''."""
-    if tr.memory_need is None or tr.memory_source is None:
-        return ""
-    return f"{_bytes(tr.memory_need)} {tr.memory_source}"
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped.
-
-    An id or an error message printed in a table or a terminal cannot forge rows or move
-    the cursor.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _secs(x: float | None) -> str:
-    if x is None:
-        return ""
-    return f"{x * 1000:.1f}ms" if x < 1 else f"{x:.2f}s"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n = n / 1024  # type: ignore[assignment]
-    return str(n)

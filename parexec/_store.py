@@ -54,6 +54,7 @@ from typing import Any, Literal
 
 from ._errors import StoreError, TaskOptionError
 from ._fingerprint import fingerprints
+from ._status import TaskStatus
 
 __all__ = ["Store", "fingerprints"]
 
@@ -227,12 +228,17 @@ class Store:
     def record(self, workflow: str, tr: Any, fingerprint: str | None) -> None:
         """Queue the record of a finished task ``tr`` (a ``TaskRun``).
 
-        The writer commits it within milliseconds. Never raises: a record that cannot be
-        written counts in ``lost``.
+        The writer commits it within milliseconds. A record that cannot be written counts
+        in ``lost``; the status is stored as its text (a ``TaskStatus`` or that text).
+
+        Raises:
+            ValueError: ``tr.status`` is not a task status (a caller's bug, not a store
+                problem).
         """
-        ok = tr.status == "succeeded"
+        status = TaskStatus(tr.status)  # the scheduler may still give the plain text
+        ok = status is TaskStatus.SUCCEEDED
         self._writer.put(_Record(
-            workflow, tr.id, fingerprint or "", ok, tr.status, tr.attempts, tr.started_at,
+            workflow, tr.id, fingerprint or "", ok, status, tr.attempts, tr.started_at,
             tr.finished_at, tr.duration, None if tr.worker is None else str(tr.worker),
             tr.peak_memory, None if tr.error is None
             else f"{type(tr.error).__name__}: {tr.error}", time.time(),
@@ -483,7 +489,7 @@ def _prepare(db: sqlite3.Connection, path: str, timeout: float) -> None:
             raise StoreError(f"store {path!r} is not a parexec store (a SQLite database of "
                              "another program, or of a newer parexec); give another path")
         if version < _VERSION and "records" in tables:
-            _migrate_v1(db)
+            _migrate_v1(db, path)
         if version < _VERSION:
             _create(db)
             db.execute(f"PRAGMA user_version={_VERSION}")
@@ -500,7 +506,7 @@ def _create(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-def _migrate_v1(db: sqlite3.Connection) -> None:
+def _migrate_v1(db: sqlite3.Connection, path: str) -> None:
     """Version 1 kept every record, values inline: keep the latest of each key."""
     db.execute("ALTER TABLE records RENAME TO records_v1")
     db.execute("DROP INDEX IF EXISTS records_lookup")
@@ -511,14 +517,26 @@ def _migrate_v1(db: sqlite3.Connection) -> None:
     for rowid, *head, has_value in rows:
         (workflow, task_id, fp, status, attempts, started, finished, duration, worker, peak,
          error, recorded) = head
-        rec = _Record(workflow, task_id, fp, status == "succeeded", status, attempts, started,
-                      finished, duration, worker, peak, error, recorded, None)
+        state = _read_status(status, path, task_id)
+        rec = _Record(workflow, task_id, fp, state is TaskStatus.SUCCEEDED, state, attempts,
+                      started, finished, duration, worker, peak, error, recorded, None)
         rid = _insert(db, rec, None)
         if has_value:
             db.execute("INSERT INTO vals (record, value) SELECT ?, value FROM records_v1 "
                        "WHERE rowid = ?", (rid, rowid))
             db.execute("UPDATE records SET has_value = 1 WHERE id = ?", (rid,))
     db.execute("DROP TABLE records_v1")
+
+
+def _read_status(text: Any, path: str, task_id: Any) -> TaskStatus:
+    """The ``TaskStatus`` of a record's status column; ``StoreError`` for unknown text."""
+    try:
+        return TaskStatus(text)
+    except ValueError:
+        raise StoreError(
+            f"store {path!r}: the record of task {task_id!r} has status {text!r}, which is "
+            f"not a task status ({', '.join(map(str, TaskStatus))}); the file was not "
+            "written by parexec or is damaged: move it away and give a new path") from None
 
 
 def _begin(db: sqlite3.Connection, timeout: float) -> None:
@@ -579,7 +597,8 @@ class _Record:
     __slots__ = ("workflow", "task_id", "fingerprint", "ok", "status", "attempts", "started",
                  "finished", "duration", "worker", "peak_memory", "error", "recorded", "value")
 
-    def __init__(self, workflow: str, task_id: str, fingerprint: str, ok: bool, status: str,
+    def __init__(self, workflow: str, task_id: str, fingerprint: str, ok: bool,
+                 status: TaskStatus,
                  attempts: Any, started: Any, finished: Any, duration: Any, worker: Any,
                  peak_memory: Any, error: Any, recorded: float, value: Any) -> None:
         self.workflow, self.task_id, self.fingerprint, self.ok = workflow, task_id, \
@@ -609,7 +628,7 @@ def _insert(db: sqlite3.Connection, rec: _Record, blob: bytes | None) -> int:
         "INSERT INTO records (workflow, task_id, fingerprint, ok, status, attempts, started, "
         "finished, duration, worker, peak_memory, has_value, error, recorded) VALUES "
         "(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (*key, rec.status, rec.attempts, rec.started, rec.finished, rec.duration, rec.worker,
+        (*key, rec.status.value, rec.attempts, rec.started, rec.finished, rec.duration, rec.worker,
          rec.peak_memory, int(blob is not None), rec.error, rec.recorded)).lastrowid
     assert rid is not None
     if blob is not None:

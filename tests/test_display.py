@@ -69,3 +69,23 @@ def test_chrome_trace_has_an_event_per_attempt_and_names(result, tmp_path):
     named = {e["tid"] for e in data["traceEvents"] if e["name"] == "thread_name"}
     assert rows <= named
     assert all(e["ts"] >= 0 and e["dur"] >= 0 for e in events)
+
+
+def test_every_final_status_has_its_own_colour():
+    """COLORS is keyed by TaskStatus: each final status has a colour of its own, and a
+    status given as plain text finds the same colour."""
+    from parexec._display import COLORS
+    from parexec._status import FINAL, TaskStatus
+    assert FINAL <= set(COLORS) and all(isinstance(k, TaskStatus) for k in COLORS)
+    assert len({COLORS[s] for s in FINAL}) == len(FINAL)
+    assert all(COLORS[str(s)] == COLORS[s] for s in FINAL)
+
+
+def test_chrome_trace_writes_statuses_as_text(result, tmp_path):
+    """The Chrome trace carries statuses as their text, whatever type the records hold."""
+    path = tmp_path / "t.json"
+    result.to_chrome_trace(path)
+    data = json.loads(path.read_text())
+    assert data["otherData"]["status"] == str(result.status)
+    cats = {e["args"]["task"]: e["cat"] for e in data["traceEvents"] if e["ph"] == "X"}
+    assert cats["a"] == "succeeded" and cats["bad"] == "failed"

@@ -99,3 +99,16 @@ def test_progress_on_a_non_terminal_writes_whole_lines(monkeypatch):
     assert "\r" not in err.getvalue()
     assert any(line.startswith("task 'bad' failed") for line in lines), lines
     assert any(line.startswith("w: 100%|") for line in lines), lines
+
+
+def test_event_kinds_are_named_once():
+    """The event kinds come from _status (one place names them): EVENT_KINDS is the tuple of
+    the EventKind Literal, and Event.kind is typed EventKind."""
+    import typing
+
+    from parexec import _events, _status
+    assert px.EVENT_KINDS is _status.EVENT_KINDS is _events.EVENT_KINDS
+    assert px.EVENT_KINDS == typing.get_args(_status.EventKind)
+    assert typing.get_type_hints(px.Event, vars(_events))["kind"] == _status.EventKind
+    with pytest.raises(px.TaskOptionError, match="did you mean 'task:failed'"):
+        _events.check_kind("task:faild")

@@ -150,3 +150,48 @@ def test_levels_and_parallel_groups():
         a, b = wf.add(noop), wf.add(noop)
         wf.add(noop, a, b)
     assert px.run(wf, parallel=False, progress=False).stats.parallel_groups == 0
+
+
+def test_statuses_are_enums_that_equal_their_text():
+    """RunResult.status is a RunStatus and TaskRun.status a TaskStatus, each equal to its
+    text (issue 14: one TaskStatus); a pickle round trip keeps both."""
+    import pickle
+
+    from parexec._status import RunStatus, TaskStatus
+    result, _, _ = make_result()
+    assert type(result.status) is RunStatus and result.status == "partial"
+    tr = result.tasks["bad"]
+    assert isinstance(tr.status, TaskStatus) and tr.status == "failed"
+    back = pickle.loads(pickle.dumps(result))
+    assert back.status == "partial" and type(back.status) is RunStatus
+    assert {tid: t.status for tid, t in back.tasks.items()} == {
+        "sleep_then": "succeeded", "sleep_then-2": "succeeded", "bad": "failed",
+        "after-bad": "skipped", "<lambda>": "succeeded"}
+    assert all(isinstance(t.status, TaskStatus) for t in back.tasks.values())
+    assert back.counts() == {"succeeded": 3, "failed": 1, "skipped": 1}
+
+
+def test_task_run_starts_pending_and_accepts_plain_text():
+    """A new TaskRun is TaskStatus.PENDING; a status assigned as plain text (as the
+    scheduler still does) counts, prints and reads the same as the enum member."""
+    from parexec._status import TaskStatus
+    fresh = px.TaskRun("t")
+    assert fresh.status is TaskStatus.PENDING and not fresh.ok
+    plain, member = px.TaskRun("a"), px.TaskRun("b")
+    plain.status, member.status = "cached", TaskStatus.CACHED
+    assert plain.ok and member.ok
+    result = px.RunResult("w", "succeeded", {"a": plain, "b": member}, px.RunStats(), 0.0, 1.0)
+    assert result.counts() == {"cached": 2}
+    assert "<TaskRun 'b' cached attempts=0>" == repr(member)
+    assert "2 cached" in result.summary() and "w: succeeded" in result.summary()
+
+
+def test_run_result_converts_a_plain_status_and_rejects_unknown_text():
+    """RunResult(status="failed") holds RunStatus.FAILED; an unknown status is a ValueError
+    naming the value and the valid ones."""
+    from parexec._status import RunStatus
+    result = px.RunResult("w", "failed", {}, px.RunStats(), 0.0, 1.0)
+    assert result.status is RunStatus.FAILED
+    assert "status 'failed'" in str(result._failure({}).exceptions[0])
+    with pytest.raises(ValueError, match=r"'done'.*'succeeded', 'partial'"):
+        px.RunResult("w", "done", {}, px.RunStats(), 0.0, 1.0)

@@ -763,3 +763,26 @@ def test_damaged_store_from_the_command_line_exits_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "damaged" in proc.stderr and str(db) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_statuses_are_written_as_text_and_read_back_as_task_status(tmp_path):
+    """Store.record writes a status (TaskStatus or its plain text) as its text; a
+    version-1 file's statuses are read back as TaskStatus, and one that is no task
+    status is a StoreError naming the file, the task and the value."""
+    from parexec._status import TaskStatus
+    with Store(tmp_path / "s.db") as store:
+        store.record("w", finished("a", status=TaskStatus.FAILED), "fp")
+        store.record("w", finished("b", status="succeeded"), "fp")
+        assert store.flush(timeout=30)
+    rows = sqlite3.connect(tmp_path / "s.db").execute(
+        "SELECT task_id, status, typeof(status), ok FROM records ORDER BY task_id").fetchall()
+    assert rows == [("a", "failed", "text", 0), ("b", "succeeded", "text", 1)]
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    conn.execute("INSERT INTO records (workflow, task_id, status, recorded) VALUES "
+                 "('w', 'x', 'exploded', 1.0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(px.StoreError, match=r"v1\.db.*task 'x'.*status 'exploded'"):
+        Store(path)
