@@ -46,6 +46,8 @@ from ._run import Run as Run
 from ._run import last_result as last_result
 from ._run import run as run
 from ._run import start as start
+from ._status import RunStatus as RunStatus
+from ._status import TaskStatus as TaskStatus
 from ._store import Store as Store
 from ._task import GroupRef as GroupRef
 from ._task import MapRef as MapRef
@@ -68,11 +70,11 @@ __all__ = [
     "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event", "GroupRef",
     "MapRef", "MemoryLimitExceeded", "MissingDependencyError", "Outcome", "ParexecError",
     "PicklingError", "RemoteError", "ResourceError", "Retry", "Run", "RunResult", "RunStats",
-    "ScriptError", "StepOutput", "Store", "StoreError", "TaskContext", "TaskOptionError",
-    "TaskRef", "TaskRun", "TaskSpec", "TaskTemplate", "TaskTimeout", "WaitTimeout",
-    "WorkerCrashed", "Workflow", "WorkflowError", "WorkflowFailed", "current", "group",
-    "last_result", "load", "loads", "parse_size", "run", "shutdown", "start", "task",
-    "worker_cache",
+    "RunStatus", "ScriptError", "StepOutput", "Store", "StoreError", "TaskContext",
+    "TaskOptionError", "TaskRef", "TaskRun", "TaskSpec", "TaskStatus", "TaskTemplate",
+    "TaskTimeout", "WaitTimeout", "WorkerCrashed", "Workflow", "WorkflowError",
+    "WorkflowFailed", "current", "group", "last_result", "load", "loads", "parse_size", "run",
+    "shutdown", "start", "task", "worker_cache",
 ]
 
 # Tracebacks and reprs say ``parexec.TaskTimeout``, not ``parexec._errors.TaskTimeout``.

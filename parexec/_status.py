@@ -17,10 +17,31 @@ __all__ = ["ACTIVE", "EVENT_KINDS", "FINAL", "OK", "WAITS", "EventKind", "RunSta
 
 
 class TaskStatus(enum.StrEnum):
-    """Where a task is in its run; the last six are final (``status.final``).
+    """Where a task is in its run (``TaskRun.status``); the last six are final.
 
-    A ``TaskRun`` shows ``PENDING`` until its task ends; the scheduler also tells apart the
-    non-final states in between.
+    A ``StrEnum``: a status equals its text (``tr.status == "succeeded"``), prints as it and
+    is stored and serialized (JSON, SQLite, traces) as it. A ``TaskRun`` shows ``PENDING``
+    until its task ends; the scheduler also tells apart the non-final states in between.
+
+    Usage::
+
+        result = px.run(wf)
+        failed = [tid for tid, tr in result.tasks.items()
+                  if tr.status is px.TaskStatus.FAILED]
+        tr.status.final, tr.status.ok     # has it ended? does it have a value?
+
+    Attributes:
+        PENDING: ``"pending"``: some dependency is not done yet.
+        READY: ``"ready"``: dependencies done; waiting for its turn or for a gate.
+        RUNNING: ``"running"``: an attempt is in a pool.
+        RETRYING: ``"retrying"``: an attempt failed; the next one starts at its due time.
+        SUCCEEDED: ``"succeeded"`` (final): it returned a value.
+        FAILED: ``"failed"`` (final): its last attempt raised (``tr.error``).
+        SKIPPED: ``"skipped"`` (final): an upstream task failed under ``on_error="skip"``.
+        CANCELLED: ``"cancelled"`` (final): the run stopped, or its group resolved, before
+            it finished.
+        TIMED_OUT: ``"timed_out"`` (final): its last attempt overran its ``timeout``.
+        CACHED: ``"cached"`` (final): served from the store by ``resume=True``.
     """
 
     PENDING = "pending"      # some dependency is not done yet
@@ -55,7 +76,18 @@ ACTIVE = frozenset({TaskStatus.PENDING, TaskStatus.READY})  # not started, not r
 
 
 class RunStatus(enum.StrEnum):
-    """How a run ended."""
+    """How a run ended (``RunResult.status``).
+
+    A ``StrEnum``: a status equals its text (``result.status == "failed"``) and prints as it.
+
+    Attributes:
+        SUCCEEDED: ``"succeeded"``: every task succeeded (or was served from the store).
+        PARTIAL: ``"partial"``: some tasks failed under ``on_error="skip"``/``"ignore"``;
+            the rest ran.
+        FAILED: ``"failed"``: a task failed under ``on_error="fail"`` (or the scheduler did).
+        CANCELLED: ``"cancelled"``: ``run.cancel()`` or Ctrl-C stopped it.
+        TIMED_OUT: ``"timed_out"``: the run's ``timeout`` stopped it.
+    """
 
     SUCCEEDED = "succeeded"  # every task succeeded (or was served from the store)
     PARTIAL = "partial"      # some failed under on_error="skip"/"ignore"; the rest ran

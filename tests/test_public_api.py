@@ -35,6 +35,20 @@ def test_public_names_are_documented():
             assert obj.__module__ == "parexec", name
 
 
+def test_task_and_run_statuses_are_exported():
+    """px.TaskStatus and px.RunStatus are exported; each member equals its text, and each
+    docstring names every value."""
+    assert {"TaskStatus", "RunStatus"} <= set(px.__all__)
+    assert [str(s) for s in px.RunStatus] == [
+        "succeeded", "partial", "failed", "cancelled", "timed_out"]
+    assert {str(s) for s in px.TaskStatus if s.final} == {
+        "succeeded", "failed", "skipped", "cancelled", "timed_out", "cached"}
+    for enum in (px.TaskStatus, px.RunStatus):
+        assert all(s == s.value and f"``{s.value!r}``".replace("'", '"') in enum.__doc__
+                   for s in enum), enum
+    assert px.TaskStatus.CACHED.ok and not px.TaskStatus.SKIPPED.ok
+
+
 def _imports(path, *, lazy: bool = False) -> set[str]:
     """The parexec modules ``path`` imports at run time: when it is executed, and with
     ``lazy=True`` also inside its functions and classes (never under
