@@ -4,7 +4,9 @@ Each page's ``.. code-block:: python`` blocks run in order, in one namespace, in
 interpreter started in a temporary folder (so files a page writes land there and a page
 cannot disturb the test process or another page). A block preceded by the comment
 ``.. doc: skip`` (it needs a Dask cluster, a terminal or files the reader has) is not
-run; the skips are counted and bounded.
+run; the skips are counted and bounded. A block preceded by ``.. doc: requires MODULE``
+(a peer library such as joblib, not a dependency of the test extra) runs only where that
+module is installed.
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ MAX_SKIPS = 12  # blocks that need a cluster, a terminal or the reader's own fil
 
 _BLOCK = re.compile(r"^\.\. code-block:: python[ \t]*\n((?:[ \t]+:[^\n]*\n)*)\n", re.M)
 _SKIP = re.compile(r"^\.\. doc: skip[ \t]*\n\s*\Z", re.M)
+_REQUIRES = re.compile(r"^\.\. doc: requires ([\w.]+)[ \t]*\n\s*\Z", re.M)
 
 # Runs the blocks given as JSON on stdin; a failing block is reported as page:line.
 _RUNNER = r"""
 import json, sys, traceback
+import importlib.util
 blocks = json.load(sys.stdin)
 ns = {"__name__": "__main__"}
-for name, line, source in blocks:
+for name, line, source, needs in blocks:
+    if needs and importlib.util.find_spec(needs) is None:
+        print(f"{name}:{line}: not run, {needs} is not installed")
+        continue
     code = compile("\n" * (line - 1) + source, name, "exec")
     try:
         exec(code, ns)
@@ -42,9 +49,12 @@ for name, line, source in blocks:
 """
 
 
-def code_blocks(text: str) -> tuple[list[tuple[int, str]], int]:
-    """Return the runnable python blocks of an rst page as (first line, source), and the skips."""
-    blocks: list[tuple[int, str]] = []
+def code_blocks(text: str) -> tuple[list[tuple[int, str, str | None]], int]:
+    """Return an rst page's runnable python blocks and how many it skips.
+
+    Each block is (first line, source, module it requires or None).
+    """
+    blocks: list[tuple[int, str, str | None]] = []
     skips = 0
     for match in _BLOCK.finditer(text):
         start = match.end()
@@ -58,19 +68,23 @@ def code_blocks(text: str) -> tuple[list[tuple[int, str]], int]:
             body.pop()
         indent = min(len(b) - len(b.lstrip()) for b in body if b.strip())
         source = "\n".join(b[indent:] for b in body) + "\n"
-        if _SKIP.search(text[:match.start()].rstrip() + "\n"):
+        before = text[:match.start()].rstrip() + "\n"
+        if _SKIP.search(before):
             skips += 1
             continue
-        blocks.append((text.count("\n", 0, start) + 1, source))
+        needs = _REQUIRES.search(before)
+        blocks.append((text.count("\n", 0, start) + 1, source, needs and needs.group(1)))
     return blocks, skips
 
 
 def test_code_blocks_found() -> None:
     """The extractor finds blocks, their first line and the skip marker."""
     page = ("Title\n=====\n\n.. code-block:: python\n\n    x = 1\n\n    y = x\n\ntext\n\n"
-            ".. doc: skip\n\n.. code-block:: python\n\n    raise SystemExit\n")
+            ".. doc: skip\n\n.. code-block:: python\n\n    raise SystemExit\n\n"
+            ".. doc: requires joblib\n\n.. code-block:: python\n    :caption: c\n\n"
+            "    import joblib\n")
     blocks, skips = code_blocks(page)
-    assert blocks == [(6, "x = 1\n\ny = x\n")]
+    assert blocks == [(6, "x = 1\n\ny = x\n", None), (23, "import joblib\n", "joblib")]
     assert skips == 1
 
 
@@ -97,7 +111,8 @@ def test_skips_bounded() -> None:
 def test_page_runs(page: Path, tmp_path: Path) -> None:
     """Every python block of the page runs, in order, in one namespace."""
     blocks, _ = code_blocks(page.read_text())
-    payload = json.dumps([[f"docs/{page.name}", line, src] for line, src in blocks])
+    payload = json.dumps([[f"docs/{page.name}", line, src, needs]
+                          for line, src, needs in blocks])
     runner = tmp_path / "run_blocks.py"
     runner.write_text(_RUNNER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
