@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import Cancelled, ParexecError, TaskTimeout, WorkflowFailed
 from ._format import fmt_bytes, fmt_secs, memory_need_label, printable, worker_label
+from ._graph import critical_path as longest_path
 from ._status import OK, RunStatus, TaskStatus
 
 if TYPE_CHECKING:
+    from ._graph import Graph
     from ._task import TaskRef
 
 __all__ = ["RunResult", "RunStats", "RunStatus", "TaskRun", "TaskStatus", "build_stats",
@@ -172,9 +174,37 @@ class RunStats:
 
 
 def build_stats(tasks: Sequence[TaskRun], is_group: Sequence[bool], *, makespan: float,
-                pool_utilization: dict[str, float], critical_path: list[str],
-                scheduler_overhead: float) -> RunStats:
-    """The figures of a run, from its task records (groups are their members' work)."""
+                pool_utilization: Mapping[str, float] | None = None,
+                critical_path: list[str] | None = None, scheduler_overhead: float = 0.0,
+                graph: Graph | None = None, pools: Iterable[str] = (),
+                cpu_utilization: float | None = None,
+                driver_peak: int | None = None) -> RunStats:
+    """The figures of a run, from its task records (groups are their members' work).
+
+    Everything that can be read off the records is derived here: task time, concurrency,
+    parallel groups, bytes moved, the critical path (from each task's ``elapsed``) and the
+    peak memory. The caller gives what only the run knows.
+
+    Args:
+        tasks: The run's ``TaskRun`` records, in graph index order.
+        is_group: Per record, whether it is a group or map (its members did the work).
+        makespan: Seconds from the run's start to its end.
+        pool_utilization: Per named pool, the time-weighted share of its units in use.
+        critical_path: The critical path, if the caller computed it (older callers); by
+            default it is computed from ``graph`` and the records' ``elapsed`` times.
+        scheduler_overhead: CPU seconds the scheduler thread used.
+        graph: The run's compiled graph, for the critical path (none without it, unless
+            ``critical_path`` is given).
+        pools: Names of the workflow's pools: each appears in ``pool_utilization``, at 0.0
+            when no figure was given for it.
+        cpu_utilization: System CPU use measured during the run, in percent, or None.
+        driver_peak: The peak resident memory the run's monitor measured in the driver, or
+            None when nothing was monitored: then ``peak_memory`` stays None; else it is the
+            highest of it and the tasks' ``peak_memory``.
+
+    Returns:
+        The run's ``RunStats``.
+    """
     spans: list[tuple[float, float]] = []
     by_level: dict[int, list[tuple[float, float]]] = {}
     for tr, group in zip(tasks, is_group, strict=True):
@@ -187,13 +217,23 @@ def build_stats(tasks: Sequence[TaskRun], is_group: Sequence[bool], *, makespan:
         if tr.level is not None:
             by_level.setdefault(tr.level, []).extend(mine)
     total = sum(f - s for s, f in spans)
+    utilization = dict(pool_utilization or {})
+    for pool in pools:
+        utilization.setdefault(pool, 0.0)
+    if critical_path is None:
+        critical_path = [] if graph is None or not tasks else longest_path(
+            graph, [tr.elapsed or 0.0 for tr in tasks])  # every attempt counts
+    peak = None
+    if driver_peak is not None:
+        peak = max([driver_peak, *(tr.peak_memory for tr in tasks if tr.peak_memory)]) or None
     return RunStats(
         makespan=makespan, total_task_time=total,
         speedup=total / makespan if makespan > 0 else 0.0,
         max_concurrency=_peak_overlap(spans),
         mean_concurrency=total / makespan if makespan > 0 else 0.0,
-        pool_utilization=pool_utilization, critical_path=critical_path,
-        scheduler_overhead=scheduler_overhead,
+        pool_utilization=utilization, critical_path=critical_path,
+        scheduler_overhead=scheduler_overhead, peak_memory=peak,
+        cpu_utilization=cpu_utilization,
         parallel_groups=sum(1 for level in by_level.values() if _peak_overlap(level) > 1),
         shm_bytes=sum(tr.shm_bytes for tr in tasks),
         pipe_bytes=sum(tr.pipe_bytes for tr in tasks))

@@ -195,3 +195,37 @@ def test_run_result_converts_a_plain_status_and_rejects_unknown_text():
     assert "status 'failed'" in str(result._failure({}).exceptions[0])
     with pytest.raises(ValueError, match=r"'done'.*'succeeded', 'partial'"):
         px.RunResult("w", "done", {}, px.RunStats(), 0.0, 1.0)
+
+
+def test_build_stats_derives_path_peak_and_pools_from_the_records():
+    """build_stats computes from the task records what the scheduler used to pass in: the
+    critical path weighted by each task's elapsed time (retries included), the peak memory
+    (the driver's or a task's, None when nothing was monitored) and every named pool."""
+    from parexec._graph import Graph
+    from parexec._results import build_stats
+
+    def record(tid, start, end, peak=None, first=None):
+        tr = px.TaskRun(tid)
+        tr.status, tr.attempts = "succeeded", 1
+        tr.started_at, tr.finished_at, tr.peak_memory = start, end, peak
+        tr.first_started_at = start if first is None else first
+        return tr
+
+    # a -> c and b -> c: b's last attempt is short, but its retries make it the longer one
+    runs = [record("a", 0.5, 3.0), record("b", 2.5, 3.0, peak=500, first=0.0),
+            record("c", 3.0, 4.0)]
+    graph = Graph(ids=["a", "b", "c"], deps=[[], [], [0, 1]], dependents=[[2], [2], []],
+                  order=[0, 1, 2], estimates=[1.0] * 3, rank=[0.0] * 3)
+    stats = build_stats(runs, [False] * 3, makespan=4.0, graph=graph, pools=["db"],
+                        pool_utilization={"net": 0.5}, driver_peak=200, cpu_utilization=12.0)
+    assert stats.critical_path == ["b", "c"]
+    assert stats.peak_memory == 500 and stats.cpu_utilization == 12.0
+    assert stats.pool_utilization == {"net": 0.5, "db": 0.0}
+    assert stats.total_task_time == 4.0 and stats.max_concurrency == 2
+    unmonitored = build_stats(runs, [False] * 3, makespan=4.0, graph=graph)
+    assert unmonitored.peak_memory is None and unmonitored.critical_path == ["b", "c"]
+    # what older callers pass still wins
+    old = build_stats(runs, [False] * 3, makespan=4.0, pool_utilization={},
+                      critical_path=["a"], scheduler_overhead=0.1)
+    assert old.critical_path == ["a"] and old.scheduler_overhead == 0.1
+    assert build_stats([], [], makespan=0.0, graph=graph).critical_path == []
