@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import boom, flaky, sleep_then
 
 import parexec as px
-from helpers import boom, flaky, sleep_then
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import io
 import logging
 
 import pytest
+from helpers import boom, noop
 
 import parexec as px
 from parexec._events import ProgressBar
-from helpers import boom, noop
 
 
 def test_event_order_per_task_and_run():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers import boom, noop, sleep_then
 
 import parexec as px
-from helpers import boom, noop, sleep_then
 
 
 def make_result():

@@ -7,12 +7,12 @@ import os
 import re
 import signal
 import sqlite3
-import warnings
 import stat
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 
