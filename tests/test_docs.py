@@ -32,20 +32,24 @@ _REQUIRES = re.compile(r"^\.\. doc: requires ([\w.]+)[ \t]*\n\s*\Z", re.M)
 
 # Runs the blocks given as JSON on stdin; a failing block is reported as page:line.
 _RUNNER = r"""
-import json, sys, traceback
-import importlib.util
-blocks = json.load(sys.stdin)
-ns = {"__name__": "__main__"}
-for name, line, source, needs in blocks:
-    if needs and importlib.util.find_spec(needs) is None:
-        print(f"{name}:{line}: not run, {needs} is not installed")
-        continue
-    code = compile("\n" * (line - 1) + source, name, "exec")
-    try:
-        exec(code, ns)
-    except BaseException:
-        traceback.print_exc()
-        sys.exit(f"the block of {name} at line {line} failed")
+import importlib.util, json, sys, traceback
+
+def main():
+    blocks = json.load(sys.stdin)
+    ns = sys.modules["__main__"].__dict__  # pickle finds the blocks' functions by reference
+    for name, line, source, needs in blocks:
+        if needs and importlib.util.find_spec(needs) is None:
+            print(f"{name}:{line}: not run, {needs} is not installed")
+            continue
+        code = compile("\n" * (line - 1) + source, name, "exec")
+        try:
+            exec(code, ns)
+        except BaseException:
+            traceback.print_exc()
+            sys.exit(f"the block of {name} at line {line} failed")
+
+if __name__ == "__main__":  # a spawned child (dask's process scheduler) imports this file
+    main()
 """
 
 
