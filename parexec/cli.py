@@ -45,14 +45,18 @@ class _Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
+def _stop_on_signals(program: bool = False) -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into ``_Stopped`` inside the block, then restore the old handlers.
 
     Only the first signal raises; later ones are ignored while the block runs (cleanup, the
     partial summary), so the command still exits 128 + the first signal. A library user's
-    own handlers are never replaced for longer than the CLI's run. Outside
-    the main thread (main() called from a thread) Python cannot install handlers, and nothing
-    is changed.
+    own handlers are never replaced for longer than the CLI's run. With ``program`` (the
+    ``parexec`` command itself, whose process ends right after), a stopped run ignores
+    repeats until the process exits: with the default handler back (or a Python handler,
+    which the interpreter resets while it shuts down), a second SIGTERM sent during the
+    interpreter's shutdown killed it with -15 instead of the promised 143. Outside the main
+    thread (main() called from a thread) Python cannot install handlers, and nothing is
+    changed.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -73,7 +77,9 @@ def _stop_on_signals() -> Iterator[None]:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # SIG_IGN, not a Python handler: the interpreter resets Python handlers to the
+            # default while it shuts down, which is when a repeat would then kill us.
+            signal.signal(signum, signal.SIG_IGN if stopped and program else handler)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,7 +166,13 @@ def _store_prune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``parexec`` command; returns the exit status."""
+    """Entry point of the ``parexec`` command; returns the exit status.
+
+    Without ``argv`` (the command itself: arguments from ``sys.argv``), a run stopped by
+    SIGTERM or SIGHUP keeps ignoring those signals until the process exits, so it exits
+    128 + the first signal; with ``argv`` (a library call), the caller's handlers are
+    restored when the run ends.
+    """
     try:
         status = _main(argv)
         sys.stdout.flush()
@@ -222,7 +234,7 @@ def _main(argv: list[str] | None) -> int:
         else:
             print(" -> ".join(wf.critical_path()))
         return EXIT_OK
-    return _run(wf, args)
+    return _run(wf, args, program=argv is None)
 
 
 def _echo() -> Any:
@@ -238,14 +250,14 @@ def _echo() -> Any:
     return echo
 
 
-def _run(wf: Any, args: argparse.Namespace) -> int:
+def _run(wf: Any, args: argparse.Namespace, program: bool = False) -> int:
     import parexec as px
     if args.trace:
         problem = _unwritable(args.trace)
         if problem:
             _error(f"cannot write the trace to {args.trace}: {problem}; nothing ran")
             return EXIT_INVALID
-    with _stop_on_signals():  # also around the summary: a late signal must not kill us
+    with _stop_on_signals(program):  # also around the summary: a late signal must not kill us
         return _run_and_report(wf, args, px)
 
 

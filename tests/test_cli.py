@@ -387,3 +387,27 @@ def test_two_runs_in_one_interpreter_keep_their_own_output_setting(tmp_path, cap
     out = capsys.readouterr().out
     assert "[loud-step] from-loud" in out
     assert "from-quiet" not in out
+
+
+@pytest.mark.parametrize("program", [True, False])
+def test_a_stopped_command_ignores_repeats_until_it_exits(program):
+    """After a stop signal the command leaves SIGTERM/SIGHUP ignored (SIG_IGN, which survives
+    the interpreter's shutdown, unlike a Python handler); a library call restores the caller's."""
+    import os
+
+    from parexec.cli import _stop_on_signals, _Stopped
+
+    def mine(signum, frame):  # pragma: no cover - never called
+        pass
+    before = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(_Stopped), _stop_on_signals(program):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**6):  # the handler runs between bytecodes, at once
+                pass
+        expected = signal.SIG_IGN if program else mine
+        assert signal.getsignal(signal.SIGTERM) is expected
+        assert signal.getsignal(signal.SIGHUP) is expected
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
