@@ -25,7 +25,7 @@ from parexec import _groups, _monitor, _scheduler, _stopping
 from parexec._errors import Cancelled, TaskOptionError, TaskTimeout
 from parexec._events import Emitter, Event
 from parexec._graph import Graph, Readiness
-from parexec._messages import Control, Done
+from parexec._messages import Control, Done, OverLimit, Started
 from parexec._scheduler import Scheduler
 from parexec._state import Attempt
 from parexec._status import TaskStatus
@@ -585,6 +585,83 @@ def test_pause_starts_nothing_until_resume(make):
     assert h.log() == [("task:completed", "first"), ("task:queued", "second"),
                        ("workflow:resumed", None)]
     assert h.dispatch() == ["second"]
+
+
+def test_run_timeout_stops_the_run_as_timed_out(make):
+    """The run's own timeout: at its deadline the run stops as "timed_out", finished tasks
+    keep their values, the running process task is killed and the rest cancelled."""
+    with px.Workflow("w", isolation="process") as wf:
+        quick = task("quick")()
+        task("slow")(quick)
+    h = make(wf, timeout=10)
+    h.dispatch()
+    h.done("quick", "q")
+    h.dispatch()
+    h.advance(9.999)
+    assert h.sched.stopping is None
+    h.advance(0.001)
+    assert h.sched.stopping == "timed_out"
+    assert h.state("quick", "slow") == [S.SUCCEEDED, S.CANCELLED]
+    assert h.procs.killed == [h.attempt("slow")] and h.run("quick").value == "q"
+
+
+def test_a_prefetched_thread_attempt_starts_when_its_started_message_arrives(make):
+    """With short thread tasks, a task beyond the slots is queued ahead (prefetched) with no
+    task:started; its Started message starts its record's clock and emits the event."""
+    with px.Workflow("w") as wf:
+        task("first")()
+        task("second", priority=-1)()
+    h = make(wf, max_workers=1)
+    h.sched.mean_thread_duration = 0.0  # as measured once short tasks ran
+    assert h.dispatch() == ["first", "second"]
+    second = h.attempt("second")
+    assert second.prefetched and h.sched.nprefetched == 1
+    assert [(e.kind, e.task_id) for e in h.events if e.kind == "task:started"] == \
+        [("task:started", "first")]
+    h.done("first")
+    h.clock.now = T0 + 2
+    h.sched.handle(Started(second, T0 + 2, "fake-thread"), h.clock())
+    assert h.kinds("second")[-1] == "task:started"
+    assert h.run("second").started_at == T0 + 2 and h.run("second").worker == "fake-thread"
+    h.done("second")
+    assert h.sched.nprefetched == 0 and h.sched.nholding == 0
+
+
+def test_over_limit_asks_the_pool_to_kill_for_memory(make):
+    """The monitor's OverLimit about a running attempt: the scheduler has its pool kill it
+    (the pool then reports MemoryLimitExceeded); a report about a decided attempt is
+    ignored."""
+    with px.Workflow("w", isolation="process") as wf:
+        task("hog", memory="1KB", timeout=1, on_error="ignore")()
+    h = make(wf)
+    h.dispatch()
+    attempt = h.attempt("hog")
+    h.sched.handle(OverLimit(attempt, 5000, 1000), h.clock())
+    assert h.procs.memory_kills == [(attempt, 5000, 1000)]
+    h.advance(1)  # timed out: decided
+    h.sched.handle(OverLimit(attempt, 6000, 1000), h.clock())
+    assert len(h.procs.memory_kills) == 1
+
+
+@pytest.mark.parametrize(("on_error", "status", "final_event"), [
+    ("skip", "partial", "workflow:completed"), ("fail", "failed", "workflow:failed")])
+def test_finish_builds_the_result_and_the_final_event(make, on_error, status, final_event):
+    """The end of a run: RunResult status from the tasks, the records in it, the pools shut
+    down, and the workflow's final event."""
+    with px.Workflow("w") as wf:
+        task("ok")()
+        task("bad", on_error=on_error)()
+    h = make(wf)
+    h.dispatch()
+    h.clock.now = T0 + 1
+    h.done("ok", 1)
+    h.fail("bad")
+    h.clock.now = T0 + 2
+    h.sched.finish()
+    result = h.sched.result
+    assert result.status == status and result.tasks["ok"].value == 1
+    assert result.tasks["bad"].status == "failed" and result.stats.makespan == 2
+    assert h.threads.shut and h.kinds()[-1] == final_event
 
 
 # Groups --------------------------------------------------------------------------------------
