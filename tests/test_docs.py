@@ -138,3 +138,16 @@ def test_every_public_name_documented() -> None:
     undocumented = [n for n in px.__all__ if n != "EVENT_KINDS"
                     and not (getattr(px, n).__doc__ or "").strip()]
     assert not undocumented, f"public names without a docstring: {undocumented}"
+
+
+@pytest.mark.timeout(120)
+def test_sphinx_build_has_no_warnings(tmp_path: Path) -> None:
+    """The guide builds with warnings as errors (as .ci/run does), where sphinx is installed."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("furo")
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q",
+                           "-b", "html", "-d", str(tmp_path / "doctrees"), str(DOCS),
+                           str(tmp_path / "html")],
+                          capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert (tmp_path / "html" / "api.html").is_file()
