@@ -36,6 +36,7 @@ from ._errors import WorkflowError as WorkflowError
 from ._errors import WorkflowFailed as WorkflowFailed
 from ._events import EVENT_KINDS as EVENT_KINDS
 from ._events import Event as Event
+from ._executor import Executor as Executor
 from ._options import Retry as Retry
 from ._options import parse_size as parse_size
 from ._pools import shutdown as shutdown
@@ -67,7 +68,8 @@ from ._yaml import loads as loads
 __version__ = "0.1.0"
 
 __all__ = [
-    "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event", "GroupRef",
+    "EVENT_KINDS", "Cancelled", "CycleError", "DuplicateTaskError", "Event", "Executor",
+    "GroupRef",
     "MapRef", "MemoryLimitExceeded", "MissingDependencyError", "Outcome", "ParexecError",
     "PicklingError", "RemoteError", "ResourceError", "Retry", "Run", "RunResult", "RunStats",
     "RunStatus", "ScriptError", "StepOutput", "Store", "StoreError", "TaskContext",

@@ -208,8 +208,12 @@ class Groups(RunState):
             if self.em:
                 self.emit("task:queued", m)
 
-    def add_task(self, spec: TaskSpec, group: int) -> int:
-        """Append a task created at run time (a map item) to every per-task array."""
+    def add_task(self, spec: TaskSpec, group: int = -1) -> int:
+        """Append a task created at run time to every per-task array.
+
+        ``group`` is the map it is an item of; -1 for a task of no group (a ``px.Executor``
+        submission, issue 20: ``_submit`` wires its dependencies).
+        """
         i = len(self.specs)
         wf = self.wf
         iso = spec.isolation or wf.isolation
@@ -218,7 +222,7 @@ class Groups(RunState):
         self.state.append(TaskStatus.PENDING)
         self.readiness.add()  # its npending, dependents and is_group entries
         self.values.append(None)
-        self.keys.append((-spec.priority, -self.graph.rank[group] if group < len(
+        self.keys.append((-spec.priority, -self.graph.rank[group] if 0 <= group < len(
             self.graph.rank) else 0.0, i))
         if iso == "thread":
             self.pools.append(self.threads)
@@ -229,13 +233,17 @@ class Groups(RunState):
             self.pools.append(self.procs)
         else:
             self.pools.append(self.cluster)
-        exclusive = spec.exclusive = self.specs[group].exclusive
+        exclusive = spec.exclusive = self.specs[group].exclusive if group >= 0 \
+            else spec.exclusive
         self.plain.append(self.only_threads and iso == "thread" and spec.timeout is None
                           and not spec.pools and not spec.memory and spec.sizers is None
                           and not exclusive)
         self.sizers.append(spec.sizers)
-        self.member_of.append([group])
-        self.runs[i].level = self.level[group]  # the map's own level: its items run there
+        # A submission is in no group, but [] (not None) still sends it through
+        # member_done, where the executor settles its future.
+        self.member_of.append([group] if group >= 0 else [])
+        if group >= 0:
+            self.runs[i].level = self.level[group]  # the map's own level: its items run there
         if self.releasing:
             self.nconsumers.append(1)  # the map collects it
             self.kept.append(False)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from ._state import Attempt
 
-__all__ = ["Command", "Control", "Done", "Message", "OverBudget", "OverLimit", "Started"]
+__all__ = ["CancelAll", "CancelTask", "Close", "Command", "Control", "Done", "Message",
+           "OverBudget", "OverLimit", "Started", "Submit"]
 
 
 @dataclass(slots=True)
@@ -82,4 +83,45 @@ class OverBudget:
     used: int
 
 
-Message = Done | Started | Control | OverLimit | OverBudget
+# px.Executor (issue 20): what its scheduler hears from the caller's side (``_submit``).
+
+@dataclass(slots=True)
+class Submit:
+    """``ex.submit()``: add ``spec`` as a task whose outcome settles ``future``.
+
+    Attributes:
+        future: The ``px.Executor`` future (its ``index`` is set when the task is added).
+        spec: The task, its futures still in its arguments (they stand for their values).
+        deps: The futures of this executor found in the arguments, without repeats.
+    """
+
+    future: Any
+    spec: Any
+    deps: list[Any]
+
+
+@dataclass(slots=True)
+class CancelTask:
+    """``future.cancel()`` on a future not settled yet: stop its task, running or not."""
+
+    future: Any
+
+
+@dataclass(slots=True)
+class CancelAll:
+    """Ctrl-C or ``shutdown(cancel_futures=True)``: stop every unfinished task.
+
+    Attributes:
+        done: A ``threading.Event`` set once the tasks were stopped (workers killed), or None.
+    """
+
+    done: Any = None
+
+
+@dataclass(slots=True)
+class Close:
+    """``shutdown()``: nothing more will be submitted; end once every task is final."""
+
+
+Message = Done | Started | Control | OverLimit | OverBudget | Submit | CancelTask | CancelAll \
+    | Close

@@ -75,6 +75,10 @@ heappush = heapq.heappush
 class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
     """The run state and the loop; see the module docstring."""
 
+    # px.Executor (issue 20, ``_submit``): an open run does not end when its tasks are all
+    # final; it waits for more until its executor is shut down.
+    open_ended = False
+
     def __init__(self, wf: Workflow, *, max_workers: int, cpu_budget: float,
                  memory_budget: int, timeout: float | None,
                  subscribers: list[tuple[str, Callable[[Event], Any]]],
@@ -298,7 +302,7 @@ class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
         while True:
             if self.ready or self.nholding == 0:
                 self.dispatch()
-            if self.nfinal == self.n:
+            if self.nfinal == self.n and not self.open_ended:
                 if self.nholding == 0 or self.grace_ended:
                     return
                 self.start_grace()  # only timed-out thread tasks are left: wait, briefly
