@@ -155,6 +155,19 @@ def _no_leftover_workers():
         for pid in sorted(alive))
 
 
+ISOLATIONS = ("thread", "process")
+
+
+@pytest.fixture(params=ISOLATIONS)
+def isolation(request: pytest.FixtureRequest) -> str:
+    """Each pool kind a behaviour must not depend on: a test using it runs once per kind.
+
+    As CPython's ``create_executor_tests`` does for its executors. Cluster runs need a Dask
+    cluster and live in tests/test_cluster.py.
+    """
+    return str(request.param)
+
+
 @pytest.fixture
 def run_script(tmp_path):
     """Run a Python script in a fresh interpreter; return the CompletedProcess."""

@@ -14,11 +14,9 @@ import time
 
 import psutil
 import pytest
+from helpers import boom, cooperative, flaky, ignore_cancel, noop, sleep_pid, sleep_then
 
 import parexec as px
-from helpers import (boom, cooperative, flaky, ignore_cancel, noop, sleep_pid, sleep_then)
-
-ISOLATIONS = ["thread", "process"]
 
 
 def record_starts():
@@ -26,9 +24,9 @@ def record_starts():
     return order, (lambda e: order.append(e.task_id) if e.kind == "task:started" else None)
 
 
-def test_priority_then_critical_path_then_creation_order():
+def test_priority_then_critical_path_then_creation_order(isolation):
     """With one slot, ready tasks start by priority, then remaining path, then creation."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         wf.add(px.task(noop).options(id="plain"))
         wf.add(px.task(noop).options(id="urgent", priority=5))
         head = wf.add(px.task(noop).options(id="long-head"))
@@ -41,10 +39,10 @@ def test_priority_then_critical_path_then_creation_order():
     assert order == ["urgent", "long-head", "long-tail", "plain", "plain-2"]
 
 
-def test_parallel_false_is_deterministic_and_sequential():
+def test_parallel_false_is_deterministic_and_sequential(isolation):
     """parallel=False runs one task at a time in the same topological order every time."""
     rng = random.Random(3)
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         refs = []
         for i in range(40):
             deps = rng.sample(refs, min(len(refs), 2))
@@ -58,7 +56,6 @@ def test_parallel_false_is_deterministic_and_sequential():
     assert orders[0] == orders[1] == orders[2]
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_max_workers_bounds_concurrency(isolation):
     """No more than max_workers tasks run at once, on threads and processes."""
     with px.Workflow("w", isolation=isolation) as wf:
@@ -69,16 +66,15 @@ def test_max_workers_bounds_concurrency(isolation):
     assert result.stats.makespan >= 0.85  # three waves of 0.3 s
 
 
-def test_results_flow_along_edges():
+def test_results_flow_along_edges(isolation):
     """Values of upstream tasks arrive as arguments, positional and keyword."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         a = wf.add(sleep_then, 0.0, 2)
         b = wf.add(sleep_then, 0.0, 3)
         c = wf.add(lambda x, y=0: x * y, a, y=b)
     assert px.run(wf, progress=False)[c] == 6
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_on_error_fail_stops_the_run(isolation):
     """on_error='fail': the run fails, pending tasks are cancelled, results so far kept."""
     with px.Workflow("w", isolation=isolation) as wf:
@@ -97,9 +93,9 @@ def test_on_error_fail_stops_the_run(isolation):
     assert isinstance(info.value.exceptions[0], ValueError)
 
 
-def test_on_error_skip_and_ignore():
+def test_on_error_skip_and_ignore(isolation):
     """skip: dependents skipped, independent work goes on; ignore: dependents get default."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         bad = wf.add(px.task(boom).options(id="bad", on_error="skip"))
         child = wf.add(px.task(noop).options(id="child"), bad)
         wf.add(px.task(noop).options(id="grandchild"), child)
@@ -116,7 +112,6 @@ def test_on_error_skip_and_ignore():
     assert [k for k, t in events if t == "child"] == ["task:skipped"]
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_retry_with_backoff(isolation, tmp_path):
     """A flaky task is retried with the policy's delays; waiting holds no slot."""
     counter = tmp_path / "count"
@@ -137,9 +132,9 @@ def test_retry_with_backoff(isolation, tmp_path):
     assert result.tasks["sleep_then"].finished_at <= result.tasks["flaky"].finished_at
 
 
-def test_retry_only_matching_exceptions():
+def test_retry_only_matching_exceptions(isolation):
     """An exception outside Retry.on fails at once."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         wf.add(px.task(boom).options(retry=px.Retry(3, initial_delay=0, on=(OSError,))))
     result = px.run(wf, check=False, progress=False)
     assert result.tasks["boom"].attempts == 1 and result.status == "failed"
@@ -250,9 +245,9 @@ def test_grace_period_warns_about_thread_tasks_ignoring_the_flag(monkeypatch):
     assert result.tasks["deaf"].status == "cancelled"
 
 
-def test_start_wait_timeout_and_done():
+def test_start_wait_timeout_and_done(isolation):
     """wait(timeout) raises WaitTimeout while running; done() tells the state."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         wf.add(sleep_then, 0.5, "v")
     handle = px.start(wf, progress=False)
     with pytest.raises(px.WaitTimeout):
@@ -315,7 +310,6 @@ def test_current_outside_a_task_is_an_error():
         px.current()
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_current_gives_task_id_and_attempt(isolation):
     """Inside a task, px.current() tells the id and attempt number."""
     from helpers import context_info
@@ -388,10 +382,10 @@ def test_layered_graph_of_100000_tiny_thread_tasks():
 
 # Trust under faults and hostile input (issues 12, 13 and 21) ---------------------------------
 
-def test_runs_never_change_the_workflows_compiled_graph():
+def test_runs_never_change_the_workflows_compiled_graph(isolation):
     """A map expanded at run time lives in the run's own arrays: the compiled graph is the
     same after three runs, and two runs at once each get the right values."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         src = px.task(lambda: [1, 2, 3], id="src")()
         squares = px.task(lambda x: x * x, id="sq").map(src)
         total = px.task(sum, id="total")(squares)
@@ -443,7 +437,6 @@ def sys_exit_3():
     sys.exit(3)
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
 def test_sys_exit_in_a_task_is_reported_as_such(isolation):
     """A task calling sys.exit(3) fails; WorkflowFailed says SystemExit(3), not 'cancelled'."""
     with px.Workflow("w") as wf:
@@ -475,9 +468,9 @@ def test_a_run_timeout_is_a_timeout_error_and_workflow_failed_pickles_with_its_r
 
 
 @pytest.mark.timeout(60)
-def test_cancel_during_a_retry_backoff_keeps_the_last_error(tmp_path):
+def test_cancel_during_a_retry_backoff_keeps_the_last_error(isolation, tmp_path):
     """A task cancelled while it waits to retry says why it was going to be retried."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         wf.add(px.task(flaky).options(id="flaky", retry=px.Retry(3, initial_delay=30)),
                str(tmp_path / "count"), 5)
     retrying = threading.Event()
@@ -698,10 +691,10 @@ def test_a_map_over_an_empty_list_resolves_at_once(parallel):
 
 
 @pytest.mark.timeout(60)
-def test_cancel_during_backoff_counts_the_failed_attempt_once():
+def test_cancel_during_backoff_counts_the_failed_attempt_once(isolation):
     """A task cancelled while waiting for its retry keeps its attempt as its record, not
     also in history: stats never count it twice (max_concurrency stays within the slots)."""
-    with px.Workflow("w") as wf:
+    with px.Workflow("w", isolation=isolation) as wf:
         px.task(boom, id="t", retry=px.Retry(1, initial_delay=30))()
     retrying = threading.Event()
     run = px.start(wf, max_workers=1, progress=False, check=False,
