@@ -14,6 +14,7 @@ fake ``Members``) and ``_graph.Readiness`` (also as a hypothesis property).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -246,6 +247,7 @@ class Harness:
 def make(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Build a Harness for a workflow: ``make(wf, max_workers=..., timeout=..., grace=...)``."""
     made: list[Harness] = []
+    threads = set(threading.enumerate())
 
     def build(wf: px.Workflow, **kwargs: Any) -> Harness:
         h = Harness(wf, monkeypatch, **kwargs)
@@ -253,8 +255,10 @@ def make(monkeypatch: pytest.MonkeyPatch) -> Any:
         return h
 
     yield build
-    for h in made:  # nothing real was started but the emitter, which has no thread here
+    for h in made:
         h.sched.emitter.close()
+    # No pool, monitor or event thread was started: the test drove everything itself.
+    assert set(threading.enumerate()) <= threads
 
 
 def task(tid: str, **options: Any) -> Any:
