@@ -410,6 +410,19 @@ def test_failure_under_ignore_passes_the_default_to_dependents(make):
     assert h.sched.partial and h.sched.stopping is None
 
 
+def test_a_crashed_worker_fails_only_its_task(make):
+    """A Done carrying WorkerCrashed (the pool's report of a dead worker) fails that task
+    under its on_error; the other running task is untouched."""
+    with px.Workflow("w", isolation="process") as wf:
+        task("crashes", on_error="skip")()
+        task("sibling")()
+    h = make(wf)
+    h.dispatch()
+    h.fail("crashes", px.WorkerCrashed("crashes", -9))
+    assert h.state("crashes", "sibling") == [S.FAILED, S.RUNNING] and h.procs.killed == []
+    assert isinstance(h.run("crashes").error, px.WorkerCrashed)
+
+
 # Retries -------------------------------------------------------------------------------------
 
 def test_retry_waits_for_its_due_time_holding_no_slot(make):
@@ -782,6 +795,16 @@ def test_group_timeout_fails_the_group_and_cancels_its_members(make):
     assert isinstance(error, TaskTimeout) and "'g' did not resolve within its timeout of 2s" \
         in str(error)
     assert h.procs.killed == [h.attempt("m1")] and h.attempt("m2").cancel_requested
+
+
+def test_group_max_concurrent_admits_one_member_at_a_time(make):
+    """max_concurrent=1: with free slots, a second member starts only when the first ends."""
+    h = make(group_wf("all", ("thread", "thread", "thread"), max_concurrent=1), max_workers=3)
+    assert h.dispatch() == ["m0"]
+    h.done("m0", 0)
+    assert h.dispatch() == ["m1"]
+    h.fail("m1")  # the group fails: m2, never started, is cancelled
+    assert h.state("m2", "g") == [S.CANCELLED, S.FAILED] and h.dispatch() == []
 
 
 # Maps ----------------------------------------------------------------------------------------
