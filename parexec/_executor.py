@@ -356,9 +356,16 @@ class Executor(concurrent.futures.Executor):
         subscribers = list(self._subscribers)
         if self._progress:
             subscribers.append(("*", ProgressBar(0, self._wf.name)))
-        if not _atexit_registered:  # before any process pool: atexit runs last-in first
+        if not _atexit_registered:
             _atexit_registered = True
-            atexit.register(_shutdown_all)
+            # As concurrent.futures does: at exit, before threads are joined, while modules
+            # may still be imported and pools started (atexit would be too late for that).
+            register = getattr(threading, "_register_atexit", atexit.register)
+            register(_shutdown_all)
+        if self._isolation == "process":
+            # Its import registers an exit hook, refused once the interpreter is exiting:
+            # import it now, not when the first process task comes (maybe at exit).
+            import loky.backend.context  # noqa: F401
         scheduler = ExecutorScheduler(
             self._wf, max_workers=self._max_workers, cpu_budget=self._cpu_budget,
             memory_budget=mem_budget, explicit_memory=self._memory_budget is not None,
@@ -373,13 +380,18 @@ class Executor(concurrent.futures.Executor):
     def _main(self) -> None:
         scheduler = self._scheduler
         assert scheduler is not None
-        scheduler.main()
-        # Only after an internal error can futures be left: they get that error.
-        error = scheduler.crash or RuntimeError("the px.Executor's run ended")
-        for future in list(scheduler.futures.values()):
-            future._settle(False, error)
-        for future in self._futures.copy():
-            future._settle(False, error)
+        crash: BaseException | None = None
+        try:
+            scheduler.main()
+        except BaseException as exc:  # noqa: BLE001 - handed to the futures left
+            crash = exc
+        finally:
+            # Only after an internal error can futures be left: they get that error.
+            error = scheduler.crash or crash or RuntimeError("the px.Executor's run ended")
+            with self._lock:
+                self._closed = True  # nothing runs its submissions any more
+            for future in list(scheduler.futures.values()) + list(self._futures.copy()):
+                future._settle(False, error)
 
     # Maps -----------------------------------------------------------------------------
 
