@@ -240,6 +240,7 @@ class Executor(concurrent.futures.Executor):
         self._feeders: weakref.WeakSet[_Feeder] = weakref.WeakSet()
         self._futures: set[Future[Any]] = set()  # unsettled futures (cancel_futures, Ctrl-C)
         self._names: dict[str, int] = {}
+        self._checked: Any = None  # the last plain function check_callable accepted
         self._seq = itertools.count(1)
 
     # Subscribing ----------------------------------------------------------------------
@@ -290,7 +291,9 @@ class Executor(concurrent.futures.Executor):
             options = fn._options
             fn = fn.fn
         else:
-            check_callable(fn)
+            if fn is not self._checked:  # the same function submitted again: checked once
+                check_callable(fn)
+                self._checked = fn
             options = {}
         refs: list[TaskRef] = []
         if args:
