@@ -361,10 +361,22 @@ CTRL_C = textwrap.dedent("""
         time.sleep(seconds)
 
     if __name__ == "__main__":
-        with px.Executor(max_workers=2) as ex:
-            f = ex.submit(pid_then_sleep, sys.argv[1], 120)
-            print("waiting", flush=True)
-            f.result()
+        try:
+            with px.Executor(max_workers=2) as ex:
+                f = ex.submit(pid_then_sleep, sys.argv[1], 120)
+                f.result()
+        except KeyboardInterrupt:
+            # Still inside the interpreter: the worker must already be stopped, not only
+            # by the exit hooks.
+            import psutil
+            try:
+                psutil.Process(int(Path(sys.argv[1]).read_text())).wait(10)
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.TimeoutExpired:
+                print("worker still running", flush=True)
+            print("cancelled:", f.cancelled(), flush=True)
+            raise
 """)
 
 
@@ -383,12 +395,13 @@ def test_ctrl_c_stops_running_process_tasks(tmp_path, twice):
         if twice:
             time.sleep(0.05)
             proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert "KeyboardInterrupt" in err
+    assert "cancelled: True" in out and "still running" not in out
     assert gone(worker, 10)
 
 
