@@ -310,6 +310,7 @@ def test_values_are_dropped_once_settled():
         sched = ex._scheduler
         assert sched.values[big.index] is None and sched.values[use.index] is None
         assert sched.specs[use.index].args == ()
+        assert sched.runs[big.index] is sched.runs[use.index]  # one shared settled record
         assert big.result() == bytes(10_000)  # the future keeps it
 
 
