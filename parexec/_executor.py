@@ -449,6 +449,9 @@ class Executor(concurrent.futures.Executor):
             except KeyboardInterrupt:
                 self._interrupted()
                 raise
+            scheduler = self._scheduler
+            if scheduler is not None:  # events still on their way to callbacks (and a bar)
+                scheduler.emitter.drain()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         """Wait for the submissions, or cancel them after Ctrl-C in the block."""

@@ -430,3 +430,53 @@ def test_exit_without_shutdown_finishes_work_and_leaves_no_worker(tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=90)
     assert gone(int(out.read_text()), 10)
+
+
+def test_pools_and_cpus_gate_submissions():
+    """Named pool units and cpus within cpu_budget limit how many submissions run at once."""
+    lock = threading.Lock()
+    running = {"db": [0, 0], "cpu": [0, 0]}
+
+    def hold(kind):
+        with lock:
+            running[kind][0] += 1
+            running[kind][1] = max(running[kind][1], running[kind][0])
+        time.sleep(0.05)
+        with lock:
+            running[kind][0] -= 1
+
+    db = px.task(hold, pools="db")
+    heavy = px.task(hold, cpus=2)
+    with px.Executor(max_workers=4, isolation="thread", cpu_budget=4, pools={"db": 1}) as ex:
+        fs = [ex.submit(db, "db") for _ in range(4)]
+        cf.wait(fs, timeout=60)
+        fs += [ex.submit(heavy, "cpu") for _ in range(4)]
+        cf.wait(fs, timeout=60)
+        assert [f.exception() for f in fs] == [None] * 8
+        with pytest.raises(px.ResourceError, match="'gpu'"):
+            ex.submit(px.task(hold, pools="gpu"), "db")
+    assert running["db"][1] == 1 and running["cpu"][1] == 2
+
+
+def test_max_tasks_per_worker_recycles_workers():
+    """max_tasks_per_worker=1 gives each process task a fresh worker."""
+    with px.Executor(max_workers=1, max_tasks_per_worker=1) as ex:
+        pids = [ex.submit(os.getpid).result(60) for _ in range(3)]
+    assert len(set(pids)) == 3
+
+
+def test_template_isolation_and_on_after_start():
+    """A template's isolation wins over the executor's; on() after the start is refused."""
+    with px.Executor(max_workers=1, isolation="process") as ex:
+        here = ex.submit(px.task(os.getpid, isolation="thread")).result(60)
+        there = ex.submit(os.getpid).result(60)
+        with pytest.raises(RuntimeError, match="before the first submit"):
+            ex.on("*", print)
+    assert here == os.getpid() != there
+
+
+def test_progress_bar_counts_submissions(capsys):
+    """progress=True shows a bar whose total grows with the submissions."""
+    with px.Executor(max_workers=1, isolation="thread", progress=True) as ex:
+        assert [f.result(30) for f in [ex.submit(add, i) for i in range(3)]] == [0, 1, 2]
+    assert "3/3" in capsys.readouterr().err
