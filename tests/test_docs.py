@@ -96,7 +96,7 @@ def test_pages_exist() -> None:
     """The guide has its pages, and the index lists each of them."""
     names = {p.stem for p in PAGES}
     assert {"index", "getting-started", "concepts", "failures", "data", "observing",
-            "resuming", "yaml", "cluster", "recipes", "coming-from", "api",
+            "resuming", "yaml", "cluster", "executor", "recipes", "coming-from", "api",
             "performance"} <= names
     index = (DOCS / "index.rst").read_text()
     for name in names - {"index"}:
