@@ -235,6 +235,7 @@ class Executor(concurrent.futures.Executor):
         self._scheduler: ExecutorScheduler | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._ended = False  # the scheduler thread has returned
         self._close_sent = False
         self._nfeeders = 0  # maps still submitting chunks (shutdown waits for them)
         self._feeders: weakref.WeakSet[_Feeder] = weakref.WeakSet()
@@ -310,6 +311,9 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             if self._closed and not internal:
                 raise RuntimeError("cannot submit to a px.Executor after shutdown()")
+            if self._ended:
+                raise RuntimeError("this px.Executor's scheduler has stopped (see the "
+                                   "'parexec' log for why); create a new executor")
             if self._scheduler is None:
                 self._start()
             name = options.get("id") or _fn_name(fn)
@@ -392,7 +396,7 @@ class Executor(concurrent.futures.Executor):
             # Only after an internal error can futures be left: they get that error.
             error = scheduler.crash or crash or RuntimeError("the px.Executor's run ended")
             with self._lock:
-                self._closed = True  # nothing runs its submissions any more
+                self._closed = self._ended = True  # nothing runs submissions any more
             for future in list(scheduler.futures.values()) + list(self._futures.copy()):
                 future._settle(False, error)
 
@@ -521,7 +525,12 @@ def _one_by_one(futures: list[Future[Any]], end: float | None) -> Iterator[Any]:
         futures.reverse()  # pop from the end: each result is released once yielded
         while futures:
             future = futures.pop()
-            yield future.result(None if end is None else end - time.monotonic())
+            try:
+                value = future.result(None if end is None else end - time.monotonic())
+            except BaseException:
+                future.cancel()  # timed out or interrupted: as the stdlib's map does
+                raise
+            yield value
     finally:
         for future in futures:
             future.cancel()
@@ -568,6 +577,7 @@ class _Feeder:
         self.inflight = 0
         self.stopped = False
         self.submitting = True  # until every item went out in a chunk (or stop())
+        self.error: Exception | None = None
         self.chunks: list[tuple[int, Future[Any]]] = []
         self.cond = threading.Condition(threading.RLock())
         with executor._lock:
@@ -589,7 +599,13 @@ class _Feeder:
                 chunk = self.items[self.pos:self.pos + size]
                 start = self.pos
                 self.pos += len(chunk)
-                future = self.executor._submit(self.target, (self.fn, chunk), {}, internal=True)
+                try:
+                    future = self.executor._submit(self.target, (self.fn, chunk), {},
+                                                   internal=True)
+                except Exception as exc:  # noqa: BLE001 - the executor's run ended
+                    self.error = exc  # raised by results() after the chunks it has
+                    self.stopped = True
+                    break
                 self.chunks.append((start, future))
                 self.inflight += 1
                 self.cond.notify_all()
@@ -622,6 +638,7 @@ class _Feeder:
     def results(self, end: float | None) -> Iterator[Any]:
         from ._worker import decode_outcome
         k = 0
+        future: Future[Any] | None = None
         try:
             while True:
                 with self.cond:
@@ -632,12 +649,15 @@ class _Feeder:
                                                "its timeout")
                         self.cond.wait(wait)
                     if k >= len(self.chunks):
+                        if self.error is not None:
+                            raise self.error
                         return
                     _, future = self.chunks[k]
                     self.chunks[k] = (0, None)  # type: ignore[assignment] # drop it once read
                 k += 1
+                assert future is not None
                 _, out = future.result(None if end is None else end - time.monotonic())
-                del future
+                future = None
                 for ok, value in out:
                     if ok:
                         yield value
@@ -647,6 +667,8 @@ class _Feeder:
             self.stop()
             with self.cond:
                 rest = [f for _, f in self.chunks[k:] if f is not None]
+            if future is not None:  # its wait timed out or was interrupted
+                rest.append(future)
             for f in rest:
                 f.cancel()
 

@@ -480,3 +480,15 @@ def test_progress_bar_counts_submissions(capsys):
     with px.Executor(max_workers=1, isolation="thread", progress=True) as ex:
         assert [f.result(30) for f in [ex.submit(add, i) for i in range(3)]] == [0, 1, 2]
     assert "3/3" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("chunksize", [None, 1])
+def test_map_timeout_stops_the_late_item(tmp_path, chunksize):
+    """A map's TimeoutError cancels the item it waited for: its process worker is killed."""
+    with px.Executor(max_workers=1) as ex:
+        it = ex.map(pid_then_sleep, [str(tmp_path / "pid")], [60], timeout=1.0,
+                    chunksize=chunksize)
+        with pytest.raises(TimeoutError):
+            next(it)
+        assert gone(int(wait_file(tmp_path / "pid")))
