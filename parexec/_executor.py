@@ -194,6 +194,10 @@ class Executor(concurrent.futures.Executor):
     one worker, ``grace`` and worker recycling. Options come from a ``px.task`` template
     passed as the function; a plain function gets the executor's defaults.
 
+    A future's done-callbacks run on the executor's scheduler thread (or, for ``cancel()``,
+    on the thread that called it): keep them short, since no task starts meanwhile, and do
+    not wait on other futures there. ``ex.on`` callbacks run on the run's event thread.
+
     Args:
         max_workers: Task slots (default: the CPU count).
         isolation: Where plain functions run: ``"process"`` (default) or ``"thread"``.

@@ -492,3 +492,34 @@ def test_map_timeout_stops_the_late_item(tmp_path, chunksize):
         with pytest.raises(TimeoutError):
             next(it)
         assert gone(int(wait_file(tmp_path / "pid")))
+
+
+def cleanup_on_cancel(path, seconds):
+    """Write the pid, sleep in short steps; on px.Cancelled, write 'cleaned' first."""
+    Path(path).write_text(str(os.getpid()))
+    try:
+        spin(seconds)
+    finally:
+        Path(path + ".done").write_text("cleaned")
+
+
+@pytest.mark.timeout(90)
+def test_cancel_with_grace_lets_a_process_task_clean_up(tmp_path):
+    """With grace, cancel() raises px.Cancelled inside a process task, so its finally runs."""
+    path = str(tmp_path / "pid")
+    with px.Executor(max_workers=1) as ex:
+        f = ex.submit(px.task(cleanup_on_cancel, grace=10), path, 60)
+        wait_file(Path(path))
+        assert f.cancel() and f.cancelled()
+        assert wait_file(Path(path + ".done"), 30) == "cleaned"
+
+
+@pytest.mark.timeout(90)
+def test_memory_limit_stops_a_process_task():
+    """A process task above its declared memory fails with px.MemoryLimitExceeded."""
+    from helpers import leak_memory
+    with px.Executor(max_workers=1) as ex:
+        f = ex.submit(px.task(leak_memory, memory="200MB"), 50, 2000)
+        with pytest.raises(px.MemoryLimitExceeded):
+            f.result(60)
+        assert ex.submit(add, 1).result(30) == 1
