@@ -170,8 +170,9 @@ def main() -> None:
             case = row.case
             ref = next(r for r in rows if r.case == case and r.ref)
             print(f"\n{case}: microseconds per task (per item for maps)")
-        ratio = row.stat(statistics.median) / ref.stat(statistics.median)
-        print(f"  {row.engine:<40}{'*' if row.ref else ' '} median {row.stat(statistics.median):9.1f}"
+        median = row.stat(statistics.median)
+        ratio = median / ref.stat(statistics.median)
+        print(f"  {row.engine:<40}{'*' if row.ref else ' '} median {median:9.1f}"
               f"  min {row.stat(min):9.1f}  max {row.stat(max):9.1f}  x{ratio:5.2f}")
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
     for name, ex, _ in engs:
