@@ -329,6 +329,10 @@ class Executor(concurrent.futures.Executor):
                     raise TaskOptionError(
                         f"task {tid!r}: after= does not apply to px.Executor.submit; pass the "
                         "futures it must wait for as arguments")
+                if options.get("isolation") == "cluster":
+                    raise TaskOptionError(
+                        f"task {tid!r}: isolation='cluster' does not apply to px.Executor; "
+                        "use 'process' or 'thread', or pass dask's Client as the executor")
             spec = TaskSpec(tid, fn, args, kwargs, (), bool(refs), options)
             future: Future[Any] = Future(self, tid)
             self._futures.add(future)

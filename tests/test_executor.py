@@ -523,3 +523,15 @@ def test_memory_limit_stops_a_process_task():
         with pytest.raises(px.MemoryLimitExceeded):
             f.result(60)
         assert ex.submit(add, 1).result(30) == 1
+
+
+def test_options_that_cannot_apply_are_refused():
+    """after= and isolation='cluster' in a template are refused at submit, naming the task."""
+    with px.Executor(max_workers=1, isolation="thread") as ex:
+        with pytest.raises(px.TaskOptionError, match="'add'.*after="):
+            ex.submit(px.task(add, after=["x"]), 1)
+        with pytest.raises(px.TaskOptionError, match="cluster"):
+            ex.submit(px.task(add, isolation="cluster"), 1)
+        with pytest.raises(px.TaskOptionError, match="callable"):
+            ex.submit(42)
+        assert ex.submit(add, 2).result(30) == 2
