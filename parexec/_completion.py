@@ -31,6 +31,9 @@ class Completion(RunState):
     def attempt_done(self, msg: Done, now: float) -> None:
         """An attempt ended: record it, then succeed, retry or fail its task."""
         attempt = msg.attempt
+        if attempt.items is not None:
+            self.batch_done(msg, now)
+            return
         t_start, t_end = msg.t_start, msg.t_end
         if msg.peak_memory is not None:
             attempt.peak_memory = msg.peak_memory  # the memory gate learns from it
@@ -76,7 +79,16 @@ class Completion(RunState):
             tr.shm_bytes += msg.shm_bytes
             tr.pipe_bytes += msg.pipe_bytes
         tr.worker = worker
+        m = self.batch_map[i]
+        if m >= 0 and t_end:  # an item of a batched map: its duration sizes the batches
+            self.note_item_time(m, t_end - t_start)
+        self.settle(i, attempt, ok, value, tb_text)
+
+    def settle(self, i: int, attempt: Attempt, ok: bool, value: Any,
+               tb_text: str | None) -> None:
+        """Attempt ``attempt`` of task ``i`` returned ``value`` (``ok``) or raised it."""
         if ok:
+            tr = self.runs[i]
             self.values[i] = value
             tr.value = value
             self.state[i] = TaskStatus.SUCCEEDED

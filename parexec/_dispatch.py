@@ -40,13 +40,17 @@ class Dispatch(RunState):
         if self.paused or self.stopping:
             return
         ready, gates = self.ready, self.gates
-        if not ready and self.nholding == 0:
-            # Nothing runs and nothing is ready: whatever waits on a gate must get its turn.
-            for g in gates:
-                while g.parked:
-                    heapq.heappush(ready, heapq.heappop(g.parked))
         state, sizers = self.state, self.sizers
-        while ready:
+        while True:
+            if not ready:
+                if self.nholding or not any(g.parked for g in gates):
+                    return
+                # Nothing runs and nothing is ready: whatever waits on a gate gets its turn.
+                # (Checked again once the ready heap is empty: it may have held only tasks
+                # cancelled while they waited, found by the property suite.)
+                for g in gates:
+                    while g.parked:
+                        heapq.heappush(ready, heapq.heappop(g.parked))
             key = ready[0]
             i = key[2]
             if state[i] is not _READY:  # cancelled while it waited (a group resolved early)
@@ -93,8 +97,14 @@ class Dispatch(RunState):
                     self.add_deadline(self.clock() + MEMORY_RECHECK, Deadline.RECHECK, g)
 
     def start_reserved(self, i: int) -> None:
-        """Launch ``i``, ending the reservations it held (see ``_gates``: Reservations)."""
-        self.launch(i)
+        """Launch ``i``, ending the reservations it held (see ``_gates``: Reservations).
+
+        A map item that may batch takes the items of its map queued behind it along.
+        """
+        if self.batch_map[i] >= 0:
+            self.launch_batch(i)
+        else:
+            self.launch(i)
         for g in self.gates:
             if g.holder == i:
                 g.unreserve()

@@ -160,6 +160,10 @@ class Groups(RunState):
                 stack.append(m)  # its own members are cancelled next
                 self.runs[m].finished_at = self.clock() + self.offset
                 self.finalize(m, TaskStatus.CANCELLED, "task:cancelled")
+            elif self.state[m] is _RUNNING and m in self.batch_of:
+                batch = self.batch_of[m]  # its batch's worker is killed: all its items stop
+                self.kill_or_flag(batch)
+                self.cancel_batch(batch)
             elif self.state[m] is _RUNNING:
                 attempt = next((a for a in self.running if a.index == m), None)
                 if attempt is not None:
@@ -235,6 +239,8 @@ class Groups(RunState):
             self.pools.append(self.cluster)
         exclusive = spec.exclusive = self.specs[group].exclusive if group >= 0 \
             else spec.exclusive
+        self.batch_map.append(group if group in self.map_stats
+                              and self.batchable(spec, iso, self.specs[group]) else -1)
         self.plain.append(self.only_threads and iso == "thread" and spec.timeout is None
                           and not spec.pools and not spec.memory and spec.sizers is None
                           and not exclusive)

@@ -185,6 +185,16 @@ def check_max_tasks_per_worker(value: Any, where: str) -> int | None:
     return _check_count(value, where, "max_tasks_per_worker")
 
 
+def check_batch(value: Any, where: str) -> int | str:
+    """Validate a map's ``batch``: ``"auto"`` or an integer >= 1 (items per message)."""
+    if value == "auto" and isinstance(value, str):
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _refuse(where, "batch", value, "'auto' or an integer >= 1 (items sent to a worker "
+                      "at once; 1 sends one item per message)")
+    return value
+
+
 def check_max_concurrent(value: Any, where: str) -> int | None:
     """Validate the ``max_concurrent`` of a group or map (an integer >= 1, or None)."""
     return _check_count(value, where, "max_concurrent")

@@ -153,6 +153,9 @@ class RunStats:
         parallel_groups: Dependency levels in which more than one task ran at the same time.
         shm_bytes: Bytes moved between the driver and process workers through shared memory.
         pipe_bytes: Bytes moved between the driver and process workers through pipes.
+        maps: Per process map whose items went in batches (``template.map(batch=...)``),
+            by the map's id: ``items`` sent, ``batches`` (batch size -> how many batches of
+            that size), ``mean_item_time`` (seconds one item ran in its worker).
     """
 
     makespan: float = 0.0
@@ -168,6 +171,7 @@ class RunStats:
     parallel_groups: int = 0
     shm_bytes: int = 0
     pipe_bytes: int = 0
+    maps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:  # stats["makespan"] reads like the API table
         return getattr(self, key)

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any
 
+from ._batches import Batches, MapStats
 from ._completion import Completion
 from ._dispatch import Dispatch
 from ._errors import (
@@ -49,15 +50,15 @@ from ._errors import (
 )
 from ._events import Emitter, Event, logger
 from ._gates import GroupGate, MemoryGate, PoolGate, build_gates
-from ._graph import Readiness, critical_path
+from ._graph import Readiness
 from ._graph import depths as graph_levels
 from ._groups import Groups
 from ._messages import Control, Done, Message, OverLimit, Started
 from ._pools import ThreadPool, process_pool
-from ._results import RunResult, RunStats, TaskRun, build_stats
+from ._results import RunResult, TaskRun, build_stats
 from ._sizing import Sizing
 from ._state import Attempt, Deadline
-from ._status import FINAL, EventKind, TaskStatus
+from ._status import FINAL, EventKind, RunStatus, TaskStatus
 from ._stopping import GRACE, Stopping
 from ._waits import Group
 from ._workflow import Workflow
@@ -72,7 +73,7 @@ heappush = heapq.heappush
 
 
 
-class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
+class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
     """The run state and the loop; see the module docstring."""
 
     # px.Executor (issue 20, ``_submit``): an open run does not end when its tasks are all
@@ -156,6 +157,9 @@ class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
         self.is_group = self.readiness.group
         self.dependents = self.readiness.dependents
         self.maps_of: dict[int, list[int]] = {}  # task -> maps over its result
+        self.batch_map = [-1] * n  # the map whose batches task i may join (see _batches)
+        self.batch_of: dict[int, Attempt] = {}  # running map item -> its batch
+        self.map_stats: dict[int, MapStats] = {}
         for g, spec in enumerate(specs):
             info = spec.group
             if info is None:
@@ -169,6 +173,11 @@ class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
             else:
                 members = []
                 self.maps_of.setdefault(graph.deps[g][0], []).append(g)
+            if info.output == "list" and info.batch != 1:  # a map: which items batch
+                self.map_stats[g] = MapStats()
+                for m in members:
+                    if self.batchable(specs[m], isolation[m], spec):
+                        self.batch_map[m] = g
             if info.max_concurrent is not None:
                 needs = [0.0] * n
                 for m in members:
@@ -416,13 +425,16 @@ class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
             if self.state[i] not in FINAL:
                 self.state[i] = TaskStatus.CANCELLED
                 self.runs[i].status = TaskStatus.CANCELLED
-        status = self.stopping or ("partial" if self.partial else "succeeded")
-        stats = self.stats(end)
-        if monitor is not None:
-            stats.cpu_utilization = cpu
-            peaks = [tr.peak_memory for tr in self.runs if tr.peak_memory]
-            stats.peak_memory = max([monitor.peak, *peaks]) or None
-        self.result = RunResult(self.name, status, {tr.id: tr for tr in self.runs},  # type: ignore[arg-type]
+        status = RunStatus(self.stopping or ("partial" if self.partial else "succeeded"))
+        stats = build_stats(
+            self.runs, self.is_group, makespan=end - self.t0, graph=self.graph if self.n else None,
+            pool_utilization={g.pool: g.utilization() for g in self.gates
+                              if isinstance(g, PoolGate)},
+            pools=self.wf.pools, scheduler_overhead=getattr(self, "cpu_time", 0.0),
+            cpu_utilization=cpu, driver_peak=monitor.peak if monitor is not None else None)
+        stats.maps = {self.specs[g].id: m.as_dict() for g, m in self.map_stats.items()
+                      if m.items}
+        self.result = RunResult(self.name, status, {tr.id: tr for tr in self.runs},
                                 stats, self.t0 + self.offset, end + self.offset, self.keep)
         kind: EventKind = ("workflow:completed" if status in ("succeeded", "partial") else
                            "workflow:cancelled" if status == "cancelled" else "workflow:failed")
@@ -431,13 +443,3 @@ class Scheduler(Completion, Dispatch, Sizing, Stopping, Groups):
                                     None))
         self.emitter.close()
         logger.info("run of %r %s in %.3fs", self.name, status, stats.makespan)
-
-    def stats(self, end: float) -> RunStats:
-        durations = [tr.elapsed or 0.0 for tr in self.runs]  # every attempt counts
-        pools = {g.pool: g.utilization() for g in self.gates if isinstance(g, PoolGate)}
-        for pool in self.wf.pools:
-            pools.setdefault(pool, 0.0)
-        return build_stats(self.runs, self.is_group, makespan=end - self.t0,
-                           pool_utilization=pools,
-                           critical_path=critical_path(self.graph, durations) if self.n else [],
-                           scheduler_overhead=getattr(self, "cpu_time", 0.0))

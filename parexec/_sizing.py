@@ -161,7 +161,8 @@ class Sizing(RunState):
         from ._errors import format_size
         monitor = self.monitor
         monitor.budget_reported = False  # the monitor may report again
-        mine = [a for a in self.running if a.monitor is not None and not a.final]
+        mine = [a for a in self.running  # batches are not evicted: their items would restart
+                if a.monitor is not None and not a.final and a.items is None]
         if self.stopping or len(mine) < 2:
             return  # stopping a lone task frees nothing it would not need again
         mine = [a for a in mine if self.evictions.get(a.index, 0) < MAX_EVICTIONS]

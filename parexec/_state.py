@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 from ._events import Event, logger
 
 if TYPE_CHECKING:
+    from ._batches import MapStats
     from ._events import Emitter
     from ._gates import Gate, MemoryGate
     from ._graph import Graph, Readiness
+    from ._messages import Done
     from ._monitor import Monitor
     from ._pools import ProcessPool, ThreadPool
     from ._results import RunResult, TaskRun
@@ -73,7 +75,7 @@ class Attempt:
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
                  "cancel_requested", "final", "holding", "prefetched", "monitor",
                  "memory_limit", "peak_memory", "on_cancel", "worker", "shm_bytes",
-                 "pipe_bytes", "sampler")
+                 "pipe_bytes", "sampler", "items")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Any, cpus: float) -> None:
@@ -100,6 +102,8 @@ class Attempt:
         # The run's Monitor, for a thread task that starts processes of its own (a script
         # step): ``sampler.watch(attempt, pid)`` makes their memory the task's peak memory.
         self.sampler: Any = None
+        # A batch of map items (see _batches): their own attempts, in the order they run.
+        self.items: list[Attempt] | None = None
 
     def request_cancel(self) -> None:
         """Set the cancel flag (``px.current().cancelled()``) and call ``on_cancel``.
@@ -149,6 +153,9 @@ class RunState:
     readiness: Readiness          # missing dependencies of each task (graphlib's protocol)
     dependents: list[list[int]]   # tasks that consume i (readiness's run-owned lists)
     maps_of: dict[int, list[int]]  # task -> the maps over its result (expanded when done)
+    batch_map: list[int]          # the map whose batches task i may join, else -1
+    batch_of: dict[int, Attempt]  # running map item -> the batch it travels in
+    map_stats: dict[int, MapStats]  # batched map -> what its batching did
     runs: list[TaskRun]           # task i's record, returned in the result
     values: list[Any]             # task i's value while something may still need it
     keys: list[tuple[Any, ...]]   # ready-heap key (-priority, -rank, i): best first
@@ -257,3 +264,11 @@ class RunState:
         def expand_map(self, g: int) -> None: ...
         def grow_memory(self, i: int, factor: float) -> None: ...
         def unpark(self, g: Gate) -> None: ...
+        def launch(self, i: int, prefetch: bool = False) -> None: ...
+        def launch_batch(self, i: int) -> None: ...
+        def settle(self, i: int, attempt: Attempt, ok: bool, value: Any,
+                   tb_text: str | None) -> None: ...
+        def batch_done(self, msg: Done, now: float) -> None: ...
+        def note_item_time(self, g: int, seconds: float) -> None: ...
+        def batchable(self, spec: TaskSpec, iso: str, map_spec: TaskSpec) -> bool: ...
+        def cancel_batch(self, batch: Attempt) -> None: ...

@@ -59,6 +59,9 @@ class Stopping(RunState):
             g.parked.clear()
         for attempt in list(self.running):
             if self.kill_or_flag(attempt):
+                if attempt.items is not None:  # a batch of map items: each is cancelled
+                    self.cancel_batch(attempt)
+                    continue
                 i = attempt.index
                 self.runs[i].finished_at = self.clock() + self.offset
                 self.finalize(i, TaskStatus.CANCELLED, "task:cancelled", number=attempt.number)

@@ -107,6 +107,7 @@ class GroupInfo:
 
     ``dynamic`` is set for a map over a task's result: ``(fn, options, fixed_kwargs, base)``,
     expanded into member tasks ``base[0]``, ``base[1]``, ... once the source is done.
+    ``batch`` (maps) is how many process items go to a worker at once: ``"auto"`` or a count.
     """
 
     wait: str
@@ -115,6 +116,7 @@ class GroupInfo:
     timeout: float | None = None
     output: str = "dict"  # "dict" (group) or "list" (map)
     dynamic: tuple[Any, ...] | None = None
+    batch: int | str = "auto"
 
 
 _NO_POOLS: dict[str, int] = {}  # shared by every task without pools; never mutated
@@ -389,19 +391,21 @@ class TaskTemplate(Generic[P, R]):
         return wf._add(self.fn, args, kwargs, self._options)
 
     def map(self, items: Any, *, max_concurrent: int | None = None, id: str | None = None,
-            **kwargs: Any) -> MapRef:
+            batch: int | str = "auto", **kwargs: Any) -> MapRef:
         """Add one task per item (``fn(item, **kwargs)``) to the current workflow.
 
         ``items`` may be an iterable, or a ``TaskRef`` whose result is one: the tasks are
         then created at run time, when that result is known. The ``MapRef``'s value is the
-        list of results in item order. See ``Workflow.map``.
+        list of results in item order. ``batch`` sends process items to a worker in batches
+        (``"auto"``: sized from measured item durations; ``N``: N at a time; ``1``: one per
+        message). See ``Workflow.map``.
         """
         wf = current_workflow()
         if wf is None:
             raise TaskOptionError(
                 f"{_fn_name(self.fn)}.map(...) must be called inside `with px.Workflow(...)`; "
                 "outside a workflow, call the function in a loop")
-        return wf.map(self, items, max_concurrent=max_concurrent, id=id, **kwargs)
+        return wf.map(self, items, max_concurrent=max_concurrent, id=id, batch=batch, **kwargs)
 
     def __repr__(self) -> str:
         return f"<TaskTemplate {_fn_name(self.fn)} {self._options}>"

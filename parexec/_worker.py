@@ -687,6 +687,38 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
 Meta = tuple[int | None, float | None, float | None]  # peak bytes, start, end (monotonic)
 
 
+def run_batch(fn: Any, items: list[tuple[str, int, tuple[Any, ...]]],
+              kwargs: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Run the items of a batched map one after the other, in this worker; never raises.
+
+    ``items`` are ``(task id, attempt, args)``. Returns one outcome per item, in order:
+    ``(True, value, t0, t1)`` or ``(False, error bytes, t0, t1)`` (``_error_outcome``, which
+    keeps the type and the worker-side traceback; the driver decodes it with
+    ``decode_outcome``). Each item has its own ``px.current()`` and its own clock readings.
+    """
+    out: list[tuple[Any, ...]] = []
+    context = _local.context
+    try:
+        for task_id, attempt, args in items:
+            _local.context = TaskContext(task_id, attempt)
+            t0 = monotonic()
+            try:
+                value = fn(*args, **kwargs)
+                if iscoroutine(value):
+                    value = run_coroutine(value)
+            except BaseException as exc:  # noqa: BLE001 - this item's outcome; the batch goes on
+                t1 = monotonic()
+                exc.__traceback__ = user_frames(exc.__traceback__)
+                out.append((False, _error_outcome(task_id, exc), t0, t1))
+                del exc
+                continue
+            out.append((True, value, t0, monotonic()))
+    finally:
+        _local.context = context
+    return out
+
+
+
 def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",
                    meta: Meta = (None, None, None)) -> bytes:
     """Pickle an error with its traceback (tblib), keeping its text as a fallback.

@@ -17,6 +17,7 @@ from ._events import check_kind
 from ._gates import check_resources
 from ._graph import Graph, compile_graph, critical_path, levels, to_dot
 from ._options import (
+    check_batch,
     check_capacities,
     check_cpu_budget,
     check_grace,
@@ -185,7 +186,7 @@ class Workflow:
 
     def map(self, fn: Callable[..., Any] | TaskTemplate[Any, Any], items: Any, *,
             max_concurrent: int | None = None, id: str | None = None,
-            **kwargs: Any) -> MapRef:
+            batch: int | str = "auto", **kwargs: Any) -> MapRef:
         """Add one task per item, ``fn(item, **kwargs)``, and return a ``MapRef``.
 
         Task ids are ``name[0]``, ``name[1]``, ... where ``name`` is ``id`` or the function's
@@ -198,6 +199,13 @@ class Workflow:
                 then created at run time).
             max_concurrent: Most items running at once.
             id: Name of the map (and prefix of its tasks' ids).
+            batch: How many items of a process map go to a worker in one message.
+                ``"auto"`` (default) sizes batches from the items' measured durations so
+                one batch runs for tens of milliseconds, which hides the round trip of
+                tiny items; ``N`` fixes the size; ``1`` sends one item per message.
+                Batching is invisible otherwise: each item keeps its own record, value,
+                error, retries, events and progress. Items with a ``timeout``, ``memory``,
+                ``grace`` or a callable option are sent one by one, as are thread items.
             **kwargs: Fixed keyword arguments given to every call.
         """
         template = fn if isinstance(fn, TaskTemplate) else TaskTemplate(fn)
@@ -210,11 +218,12 @@ class Workflow:
                 "another id=")
         base = id if id is not None else self._auto_id(options.get("id") or _fn_name(template.fn))
         limit = check_max_concurrent(max_concurrent, f"map {base!r}")
+        batch = check_batch(batch, f"map {base!r}")
         item_options = {k: v for k, v in options.items() if k not in ("id", "after")}
         if isinstance(items, TaskRef):
             self._check_ref(base, items)
             info = GroupInfo("all", (items.id,), limit, None, "list",
-                             dynamic=(template.fn, item_options, kwargs, base))
+                             dynamic=(template.fn, item_options, kwargs, base), batch=batch)
             return self._add_group(info, base, "map", options.get("on_error", "fail"),
                                    options.get("default"), MapRef)  # type: ignore[return-value]
         try:
@@ -224,7 +233,7 @@ class Workflow:
                 f"map {base!r}: items={items!r} must be an iterable or a task ref") from None
         refs = [self._add(template.fn, (item,), kwargs, {**item_options, "id": f"{base}[{k}]"})
                 for k, item in enumerate(values)]
-        info = GroupInfo("all", tuple(r.id for r in refs), limit, None, "list")
+        info = GroupInfo("all", tuple(r.id for r in refs), limit, None, "list", batch=batch)
         # The map fails like its items (as a map over a task's result does).
         return self._add_group(info, base, "map", options.get("on_error", "fail"),
                                options.get("default"), MapRef)  # type: ignore[return-value]

@@ -155,16 +155,18 @@ def test_memory_gate_probes_then_uses_the_learned_peak(monkeypatch):
     specs = [SimpleNamespace(fn=work)] * 3 + [SimpleNamespace(fn=other)]
     g = _gates.MemoryGate(1000, [0.0] * 4, specs)
     g.measured = lambda i: True
-    g.monitor = SimpleNamespace(total=0, held=0)
+    peaks = {}  # what the monitor sampled, per attempt (by identity, as attempts hash)
+
+    g.monitor = SimpleNamespace(total=0, held=0, peak_of=lambda a: peaks.get(id(a)))
     clock = [100.0]
     monkeypatch.setattr(_gates.time, "monotonic", lambda: clock[0])
     probe = SimpleNamespace(peak_memory=None)
     assert g.admits(0)
     g.acquire(0)
     g.started(0, probe)
-    assert not g.admits(1) and g.measured_refusal  # the probe runs: wait for its peak
+    assert g.admits(1) is _gates.RECHECK           # the probe runs: wait for its peak
     assert g.admits(3)                             # another function probes on its own
-    probe.peak_memory = 400
+    peaks[id(probe)] = 400
     clock[0] += 2 * _gates.PROBE_SECONDS
     assert not g.admits(1)                         # the peak was new: is it still growing?
     clock[0] += _gates.PROBE_STABLE
@@ -181,6 +183,7 @@ def test_memory_gate_probes_then_uses_the_learned_peak(monkeypatch):
     g.monitor.held = 500                           # values in shared memory count too
     assert not g.admits(2)
     g.monitor.held = 0
+    probe.peak_memory = 400  # the scheduler sets it from the probe's Done, then releases
     g.release(0)
     assert g.used == 0 and g.learned[work] == 400
 

@@ -861,3 +861,21 @@ def test_prefetch_never_runs_a_thread_task_beside_process_tasks_holding_every_sl
     result = px.run(wf, max_workers=2, progress=False)
     assert result.stats.max_concurrency <= 2
     assert os.getpid() not in {result[f"proc{k}"] for k in range(2)}
+
+
+@pytest.mark.timeout(60)
+def test_a_task_parked_behind_a_member_cancelled_in_the_ready_heap_still_runs():
+    """The ready heap may hold only a task cancelled while it waited (the other member of
+    an "any" group that just resolved): the tasks parked on a gate must then get their turn
+    (found by the property suite: the run waited forever)."""
+    with px.Workflow("w", cpu_budget=2.0) as wf:
+        first = wf.add(px.task(sleep_then).options(id="m0", priority=3, cpus=1),
+                       0.2, "m0")
+        second = wf.add(px.task(sleep_then).options(id="m1", priority=2, cpus=1.5),
+                        0.2, "m1")
+        either = px.group([first, second], wait="any", id="either")
+        wf.add(px.task(sleep_then).options(id="whole", priority=1, cpus=2), 0, "h")
+    result = px.start(wf, max_workers=2, progress=False).wait(30)
+    assert result[either] == "m0"
+    assert result.tasks["whole"].status == "succeeded"
+    assert result.tasks["m1"].status == "cancelled"

@@ -1,0 +1,216 @@
+"""Batches: the items of a process map go to a worker several at a time (issue 16).
+
+Part of the scheduler (see ``_state``). Sending a tiny item costs a round trip through the
+scheduler, a pipe and the worker (about 100 us), far more than ``x * x`` itself. So when an
+item of a map with ``batch="auto"`` (the default) or ``batch=N`` is admitted, the items of
+the same map waiting right behind it in the ready heap go with it, in one message, to one
+worker, which runs them one after the other (``_worker.run_batch``) and answers once.
+
+The batch holds one item's resources (its slot, cpus, memory, pool units): its items run
+one at a time. Everything else stays per item: each is RUNNING from the batch's start, has
+its own attempt number, worker-side start and end times, value or error (type and
+worker traceback kept), retries, events, progress, ``on_error`` and ``default``; the
+worker's peak memory during the batch is each item's peak.
+
+``"auto"`` sizes batches from the items' measured durations (``note_item_time``): the first
+items go one by one until one has been timed, then batches aim at ``TARGET_SECONDS``, long
+enough to hide the round trip and short enough for responsive progress, cancellation and
+fair sharing, as joblib's auto-batching does. A batch never takes more than its share of
+what is left (``1 / (2 * slots)``), so the end of a map keeps every worker busy.
+
+Sent one by one (a batch of one is an ordinary attempt): thread items (prefetch already
+hides their round trip), and items with a ``timeout``, ``memory``, ``grace`` or a callable
+option, whose limits and stops are per attempt. A worker that dies during a batch fails
+each of its items with ``WorkerCrashed`` (each retried as its policy says); cancelling the
+run, or the map resolving early, kills the batch's worker and cancels its items.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+from ._messages import Done
+from ._state import Attempt, RunState
+from ._status import TaskStatus
+from ._task import resolve_args, resolve_refs
+from ._worker import decode_outcome, run_batch
+
+TARGET_SECONDS = 0.02  # what one auto-sized batch should take to run
+MAX_BATCH = 1000  # items in one message, at most (bounds its size and the lost work)
+
+_READY, _RUNNING = TaskStatus.READY, TaskStatus.RUNNING
+
+
+class MapStats:
+    """What one map's batching did, for ``RunStats.maps`` and ``summary()``."""
+
+    __slots__ = ("items", "sizes", "total_time", "timed")
+
+    def __init__(self) -> None:
+        self.items = 0        # items sent (attempts, retries included)
+        self.sizes: dict[int, int] = {}  # batch size -> how many batches of that size
+        self.total_time = 0.0  # worker-side seconds of the timed items
+        self.timed = 0        # items timed
+
+    @property
+    def mean_item_time(self) -> float | None:
+        """Mean worker-side duration of one item (seconds), None before any ended."""
+        return self.total_time / self.timed if self.timed else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as plain data."""
+        return {"items": self.items, "batches": dict(sorted(self.sizes.items())),
+                "mean_item_time": self.mean_item_time}
+
+
+class Batches(RunState):
+    """Sizing, sending and answering batches of map items."""
+
+    def batchable(self, spec: Any, iso: str, map_spec: Any) -> bool:
+        """Whether items like ``spec`` (of map ``map_spec``) may travel in batches."""
+        info = map_spec.group
+        return (iso == "process" and info is not None and info.output == "list"
+                and info.batch != 1 and spec.timeout is None and not spec.memory
+                and spec.sizers is None and not (spec.grace or (spec.grace is None
+                                                                and self.grace)))
+
+    def note_item_time(self, g: int, seconds: float) -> None:
+        """An item of map ``g`` ran ``seconds`` in its worker."""
+        stats = self.map_stats.get(g)
+        if stats is not None:
+            stats.total_time += seconds
+            stats.timed += 1
+
+    def batch_size(self, g: int) -> int:
+        """How many items of map ``g`` the next batch takes."""
+        info = self.specs[g].group
+        assert info is not None
+        stats = self.map_stats[g]
+        group = self.groups.get(g)
+        left = group.pending if group is not None else 1
+        share = max(1, left // (2 * self.threads.max_threads))
+        if info.batch != "auto":
+            return min(int(info.batch), MAX_BATCH)
+        mean = stats.mean_item_time
+        if mean is None:
+            return 1  # time one first
+        return max(1, min(int(TARGET_SECONDS / max(mean, 1e-7)), share, MAX_BATCH))
+
+    def launch_batch(self, i: int) -> None:
+        """Start map item ``i`` (admitted, popped) with the items of its map queued behind it."""
+        g = self.batch_map[i]
+        size = self.batch_size(g)
+        stats = self.map_stats[g]
+        items = [i]
+        ready, state, batch_map = self.ready, self.state, self.batch_map
+        while len(items) < size and ready:
+            j = ready[0][2]
+            if batch_map[j] != g or state[j] is not _READY:
+                break
+            heapq.heappop(ready)
+            items.append(j)
+        stats.items += len(items)
+        stats.sizes[len(items)] = stats.sizes.get(len(items), 0) + 1
+        if len(items) == 1:
+            self.launch(i)
+            return
+        spec0, pool = self.specs[i], self.pools[i]
+        batch = Attempt(i, f"{self.specs[g].id}[batch of {len(items)}]", 1, self.queue, pool,
+                        spec0.cpus)
+        batch.monitor = self.monitor
+        batch.items = []
+        if self.mem_gate is not None:
+            self.mem_gate.started(i, batch)
+        for gate in self.gates:
+            gate.acquire(i)
+        self.nholding += 1
+        self.running[batch] = None
+        now = self.clock()
+        started = now + self.offset
+        values, runs, specs = self.values, self.runs, self.specs
+        parts = []
+        for j in items:
+            spec, tr = specs[j], runs[j]
+            number = tr.attempts = tr.attempts + 1
+            batch.items.append(Attempt(j, spec.id, number, self.queue, pool, spec.cpus))
+            state[j] = _RUNNING
+            tr.started_at = started
+            if number == 1:
+                tr.first_started_at = started
+            self.batch_of[j] = batch
+            if self.em:
+                self.emit("task:started", j, number)
+            parts.append((spec.id, number,
+                          resolve_args(spec.args, values) if spec.has_refs else spec.args))
+        self.group_started(i, now)
+        try:
+            kwargs = spec0.kwargs
+            if kwargs and spec0.has_refs:
+                kwargs = resolve_refs(kwargs, values.__getitem__)
+            pool.submit(batch, run_batch, (spec0.fn, parts, kwargs), {})
+        except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails these items only
+            batch.final = True
+            self.release(batch)
+            for a in self.unbatch(batch):
+                runs[a.index].finished_at = self.clock() + self.offset
+                self.attempt_failed(a.index, a, exc, None, retryable=False)
+
+    def unbatch(self, batch: Attempt) -> list[Attempt]:
+        """The attempts of ``batch``'s items still running; they no longer belong to it."""
+        out = []
+        for a in batch.items or ():
+            if self.batch_of.get(a.index) is batch:
+                del self.batch_of[a.index]
+                if self.state[a.index] is _RUNNING:
+                    out.append(a)
+        return out
+
+    def cancel_batch(self, batch: Attempt) -> None:
+        """Cancel the running items of ``batch``, whose worker was just killed."""
+        now = self.clock() + self.offset
+        for a in self.unbatch(batch):
+            self.runs[a.index].finished_at = now
+            self.finalize(a.index, TaskStatus.CANCELLED, "task:cancelled", number=a.number)
+            if not self.stopping:
+                self.skip_downstream(a.index, TaskStatus.CANCELLED)
+
+    def batch_done(self, msg: Done, now: float) -> None:
+        """A batch ended: settle each item with its own outcome (or the batch's error)."""
+        batch = msg.attempt
+        if batch.final:  # killed (cancelled): its items were settled then
+            if batch.holding:
+                self.release(batch)
+            return
+        if msg.peak_memory is not None:
+            batch.peak_memory = msg.peak_memory
+        self.release(batch)
+        items = self.unbatch(batch)
+        runs, offset = self.runs, self.offset
+        g = self.batch_map[batch.index]
+        n = len(batch.items or ()) or 1
+        outcomes = msg.value if msg.ok else None
+        for k, a in enumerate(items if outcomes is None else batch.items or ()):
+            j = a.index
+            if self.state[j] is not _RUNNING:
+                continue  # cancelled meanwhile (its group resolved)
+            tr = runs[j]
+            tr.worker = msg.worker
+            tr.peak_memory = msg.peak_memory
+            tr.shm_bytes += msg.shm_bytes // n
+            tr.pipe_bytes += msg.pipe_bytes // n
+            if outcomes is None:  # the batch failed as a whole (its worker died, ...)
+                tr.finished_at = now + offset
+                self.settle(j, a, False, msg.value, msg.traceback)
+                continue
+            ok, value, t0, t1 = outcomes[k]
+            tr.started_at = t0 + offset
+            tr.finished_at = t1 + offset
+            if a.number == 1:
+                tr.first_started_at = tr.started_at
+            self.note_item_time(g, t1 - t0)
+            if ok:
+                self.settle(j, a, True, value, None)
+            else:
+                _, error, tb_text, _ = decode_outcome(a.task_id, value)
+                self.settle(j, a, False, error, tb_text)
