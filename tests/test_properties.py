@@ -613,11 +613,21 @@ CANCELLED_IN_BACKOFF = _plan(
     [NodePlan("group0", "group", ["group0-m0", "group0-m1"], wait="any")],
     ["group0-m0", "group0-m1", "group0"])
 
+# A task parked on the CPU gate waited forever when the ready heap held only a group member
+# cancelled while it waited (the other member of an "any" group had just won); found by the
+# long profile (example 1,709) and the CI profile, fixed in 97847ec. Hand-shrunk.
+PARKED_BEHIND_CANCELLED = dataclasses.replace(_plan(
+    [_task("group0-m0", priority=2, group="group0"),
+     _task("group0-m1", priority=1, cpus=2.0, group="group0"),
+     _task("t0", cpus=2.0)],
+    [NodePlan("group0", "group", ["group0-m0", "group0-m1"], wait="any")],
+    ["group0-m0", "group0-m1", "group0", "t0"]), max_workers=2, cpu_budget=2.0)
 
 @pytest.mark.timeout(120 + 15 * settings().max_examples)  # the active profile's
 @given(plan=plans())
 @example(plan=EMPTY_MAP)
 @example(plan=CANCELLED_IN_BACKOFF)
+@example(plan=PARKED_BEHIND_CANCELLED)
 def test_random_workflows_keep_every_invariant(plan, tmp_path_factory):
     """Random workflows with random faults and run-level actions keep every invariant."""
     run_plan(plan, tmp_path_factory.mktemp("prop"))
