@@ -421,6 +421,13 @@ class RunResult:
                      + (f"; moved {fmt_bytes(s.shm_bytes)} through shared memory, "
                         f"{fmt_bytes(s.pipe_bytes)} through pipes"
                         if s.shm_bytes or s.pipe_bytes else ""))
+        for name, m in getattr(s, "maps", {}).items():  # batched maps (issue 16)
+            sizes = m["batches"]
+            mean = m["mean_item_time"]
+            lines.append(f"map {printable(name)}: {m['items']} item(s) in "
+                         f"{sum(sizes.values())} batch(es) of {min(sizes)}-{max(sizes)}"
+                         + ("" if mean is None else f", {mean * 1e6:.1f}us per item"
+                            if mean < 0.001 else f", {fmt_secs(mean)} per item"))
         return "\n".join(lines)
 
     def to_chrome_trace(self, path: str | os.PathLike[str]) -> None:

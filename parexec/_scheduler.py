@@ -146,8 +146,9 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
         self.mem_limits: dict[int, int | None] = {}
         if self.mem_gate is not None:
             level = user_stacklevel()  # a capped learned need warns at the caller's line
-            for i, s in enumerate(specs):
-                if s.group is None and isolation[i] != "cluster":
+            learned = bool(self.learned_peaks)
+            for i, s in enumerate(specs):  # only declared or learned needs are recorded
+                if (s.memory or learned) and s.group is None and isolation[i] != "cluster":
                     self.init_memory(i, stacklevel=level)
         # Groups and maps: member_of[i] lists the groups task i belongs to.
         self.member_of: list[list[int] | None] = [None] * n
@@ -175,9 +176,10 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
                 self.maps_of.setdefault(graph.deps[g][0], []).append(g)
             if info.output == "list" and info.batch != 1:  # a map: which items batch
                 self.map_stats[g] = MapStats()
-                for m in members:
-                    if self.batchable(specs[m], isolation[m], spec):
-                        self.batch_map[m] = g
+                batch_map, batchable = self.batch_map, self.batchable
+                for m in members:  # items share their options: ask once per kind
+                    if batchable(specs[m], isolation[m], spec):
+                        batch_map[m] = g
             if info.max_concurrent is not None:
                 needs = [0.0] * n
                 for m in members:

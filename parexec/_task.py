@@ -195,6 +195,7 @@ def check_options(task: str, options: Mapping[str, Any]) -> dict[str, Any]:
 # themselves (a tree with parent links). Both walks below are iterative, with a visited set.
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex})  # hold no refs
 
 
 def _children(obj: Any) -> Iterable[Any]:
@@ -211,6 +212,8 @@ def find_refs(obj: Any, found: list[TaskRef]) -> None:
         return
     if not isinstance(obj, _CONTAINERS):
         return
+    if type(obj) is tuple and all(type(a) in _SCALARS for a in obj):
+        return  # the common case, a map item's ``(item,)``: nothing to walk
     seen = {id(obj)}
     stack = [iter(_children(obj))]
     while stack:

@@ -65,6 +65,7 @@ def test_auto_batches_tiny_items_and_keeps_each_items_record():
     assert max(stats["batches"]) > 1, stats  # batched
     assert stats["batches"].get(1, 0) < 50
     assert 0 < stats["mean_item_time"] < 0.01
+    assert "map square: 500 item(s) in " in result.summary()
     for k in range(500):
         tr = result.tasks[f"square[{k}]"]
         assert tr.status == "succeeded" and tr.attempts == 1
