@@ -236,6 +236,7 @@ class Groups(RunState):
                                           max_tasks_per_worker=self.max_tasks_per_worker)
             self.pools.append(self.procs)
         else:
+            assert self.cluster is not None  # start() checked that a cluster was given
             self.pools.append(self.cluster)
         exclusive = spec.exclusive = self.specs[group].exclusive if group >= 0 \
             else spec.exclusive

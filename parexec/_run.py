@@ -158,7 +158,7 @@ class Run:
             warnings.warn(s.late_warning, RuntimeWarning, stacklevel=level)
         store = s.store
         lost = getattr(store, "lost", 0) - s.store_lost0 if store is not None else 0
-        if lost and s.crash is None:
+        if lost and s.crash is None and store is not None:
             from ._errors import StoreError
             msg = (f"store {store.path!r}: {lost} record(s) of run {self.workflow!r} could not "
                    f"be written ({store.write_error}); a resume will run those tasks again")

@@ -57,7 +57,7 @@ from ._messages import Control, Done, Message, OverLimit, Started
 from ._pools import ThreadPool, process_pool
 from ._results import RunResult, TaskRun, build_stats
 from ._sizing import Sizing
-from ._state import Attempt, Deadline
+from ._state import Attempt, Deadline, Pool
 from ._status import FINAL, EventKind, RunStatus, TaskStatus
 from ._stopping import GRACE, Stopping
 from ._waits import Group
@@ -124,8 +124,10 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
 
             from ._cluster import ClusterPool
             self.cluster = ClusterPool(cluster, f"parexec-{wf.name}-{uuid.uuid4().hex[:8]}")
-        self.pools = [self.threads if iso == "thread" else procs if iso == "process"
-                      else self.cluster for iso in isolation]
+        pool_of: dict[str, Pool | None] = {"thread": self.threads, "process": procs,
+                                           "cluster": self.cluster}
+        # Every task's pool exists: a process task made procs, start() checked cluster=.
+        self.pools = [pool_of[iso] for iso in isolation]  # type: ignore[misc]
         # Issue 17: peaks of the tasks' last successes (learned needs), and the per-run values
         # of callable options and of needs grown by Retry(memory_factor=...).
         self.learned_peaks: dict[str, int] = store.peak_memory(wf.name) if store is not None \

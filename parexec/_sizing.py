@@ -198,6 +198,6 @@ class Sizing(RunState):
         Its pool then reports ``MemoryLimitExceeded`` like any failure (retried as its policy
         says).
         """
-        attempt = msg.attempt
-        if not attempt.final and attempt in self.running:
-            attempt.pool.kill_for_memory(attempt, msg.used, msg.limit)
+        attempt, procs = msg.attempt, self.procs
+        if not attempt.final and attempt in self.running and procs is not None:
+            procs.kill_for_memory(attempt, msg.used, msg.limit)  # only process tasks are watched

@@ -25,12 +25,13 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._events import Event, logger
 
 if TYPE_CHECKING:
     from ._batches import MapStats
+    from ._cluster import ClusterPool
     from ._events import Emitter
     from ._gates import Gate, MemoryGate
     from ._graph import Graph, Readiness
@@ -39,11 +40,31 @@ if TYPE_CHECKING:
     from ._pools import ProcessPool, ThreadPool
     from ._results import RunResult, TaskRun
     from ._status import EventKind, TaskStatus
+    from ._store import Store
     from ._task import TaskSpec
     from ._waits import Group
     from ._workflow import Workflow
 
-__all__ = ["Attempt", "Deadline", "RunState"]
+__all__ = ["Attempt", "Deadline", "Pool", "RunState"]
+
+
+class Pool(Protocol):
+    """What the scheduler asks of any pool: threads, processes or a Dask cluster.
+
+    A pool reports each attempt it was given on ``attempt.queue``: a ``Done`` once, maybe a
+    ``Started`` first (``_messages``). Graceful interrupts and memory kills are asked of the
+    thread and process pools by name (``RunState.threads``, ``RunState.procs``).
+    """
+
+    def submit(self, attempt: Any, fn: Any, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> None:
+        """Run ``fn(*args, **kwargs)`` for ``attempt``."""
+
+    def kill(self, attempt: Any) -> bool:
+        """Stop ``attempt`` now if it can (its worker is killed); whether it could."""
+
+    def shutdown(self) -> None:
+        """Stop taking work (the run ended)."""
 
 
 class Deadline(enum.IntEnum):
@@ -78,7 +99,7 @@ class Attempt:
                  "pipe_bytes", "sampler", "items")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
-                 pool: Any, cpus: float) -> None:
+                 pool: Pool, cpus: float) -> None:
         self.index = index
         self.task_id = task_id
         self.number = number
@@ -141,7 +162,7 @@ class RunState:
     cpu_budget: float             # cores the running tasks' cpus may add up to
     memory_budget: int            # bytes their memory may add up to
     explicit_memory: bool         # the budget was set by the user (memory probing is on)
-    store: Any                    # the Store recording finished tasks, or None
+    store: Store | None           # the Store recording finished tasks
     own_store: bool               # the run opened the store (and closes it at its end)
     store_lost0: int              # records the store had lost before this run
     fps: list[str | None]         # fingerprint of task i (with a store), else empty
@@ -160,7 +181,7 @@ class RunState:
     values: list[Any]             # task i's value while something may still need it
     keys: list[tuple[Any, ...]]   # ready-heap key (-priority, -rank, i): best first
     level: list[int]              # depth of i in the graph (for the display)
-    pools: list[Any]              # the pool that runs i (threads, processes, cluster)
+    pools: list[Pool]             # the pool that runs i (threads, processes, cluster)
     sizers: list[Any]             # callable cpus/memory/timeout of i, or None
     plain: list[bool]             # i may be prefetched (see _dispatch.PREFETCH_BELOW)
     member_of: list[list[int] | None]  # the groups i is a member of
@@ -183,7 +204,7 @@ class RunState:
     threads: ThreadPool           # the run's own threads
     procs: ProcessPool | None     # the reusable process workers (when a task needs them)
     max_tasks_per_worker: int | None  # replace a process worker after that many tasks
-    cluster: Any                  # the ClusterPool (isolation="cluster"), or None
+    cluster: ClusterPool | None   # the pool of isolation="cluster" tasks
     monitor: Monitor              # samples process workers' memory and the CPU
     gates: list[Gate]             # admission: slots first, then cpus, memory, pools...
     mem_gate: MemoryGate | None   # the memory gate among them, if any
