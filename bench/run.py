@@ -82,7 +82,7 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def alternate(rows: list[Row], runners: list[Callable[[], Any]], reps: int) -> None:
     for _ in range(reps):
-        for row, runner in zip(rows, runners):
+        for row, runner in zip(rows, runners, strict=True):
             row.samples.append(timed(runner))
 
 
@@ -442,6 +442,7 @@ class MemorySampler:
 
     def __init__(self) -> None:
         import threading
+
         import psutil
         self._psutil = psutil
         self.base = psutil.virtual_memory().used
@@ -713,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     missing = [m for m in ("dask", "distributed", "joblib") if not have(m)]
     if missing:
-        print(f"not installed, left out: {', '.join(missing)} (pip install -r bench/requirements.txt)\n")
+        print(f"not installed, left out: {', '.join(missing)} "
+              "(pip install -r bench/requirements.txt)\n")
     for name in args.only or list(BENCHES):
         t = time.perf_counter()
         new = BENCHES[name](args.quick)

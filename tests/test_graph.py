@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import noop
 
 import parexec as px
-from helpers import noop
 
 
 def chain(wf, names, extra_edges=()):
@@ -85,7 +85,8 @@ def test_order_does_not_depend_on_hash_seed(tmp_path):
         "wf = px.Workflow('w')\n"
         "refs = [wf.add(px.task(len).options(id=f'n{i}'), 'x') for i in range(30)]\n"
         "for i in range(30, 80):\n"
-        "    wf.add(px.task(len).options(id=f'n{i}', after=[refs[i % 7], refs[(i * 3) % 30]]), 'x')\n"
+        "    wf.add(px.task(len).options(id=f'n{i}',\n"
+        "                                after=[refs[i % 7], refs[(i * 3) % 30]]), 'x')\n"
         "print(wf.levels(), wf.critical_path())\n")
     outs = set()
     for seed in ("1", "12345"):

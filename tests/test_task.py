@@ -127,7 +127,7 @@ def test_ids_with_brackets_or_control_characters_are_refused(bad, fragment):
     """Ids that could collide with map items or forge terminal output are refused."""
     with pytest.raises(px.TaskOptionError, match=fragment):
         px.task(print, id=bad)
-    with px.Workflow("w") as wf:
+    with px.Workflow("w"):
         a = px.task(lambda: [1], id="a")()
         with pytest.raises(px.TaskOptionError, match=fragment):
             px.task(lambda x: x).map(a, id=bad)

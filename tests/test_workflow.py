@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import add, noop
 
 import parexec as px
-from helpers import add, noop
 
 
 @px.task
@@ -280,7 +280,8 @@ def test_dynamic_map_expands_at_run_time_with_max_concurrent():
         total = px.task(sum)(m)
     events = []
     result = px.run(wf, max_workers=4, progress=False, on_event=events.append)
-    assert result[m] == [x * x for x in range(50)] and result[total] == sum(x * x for x in range(50))
+    assert result[m] == [x * x for x in range(50)]
+    assert result[total] == sum(x * x for x in range(50))
     assert "sq[49]" in result.tasks and result.tasks["sq[0]"].status == "succeeded"
     running = peak = 0
     for e in events:
