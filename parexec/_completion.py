@@ -19,7 +19,7 @@ from ._errors import Cancelled, MemoryLimitExceeded, TaskTimeout, WorkerCrashed
 from ._events import logger
 from ._messages import Done
 from ._state import Attempt, Deadline, RunState
-from ._status import EventKind, TaskStatus
+from ._status import AttemptRecord, EventKind, TaskStatus
 
 _WAITING, _READY = TaskStatus.PENDING, TaskStatus.READY
 heappush = heapq.heappush
@@ -248,8 +248,9 @@ class Completion(RunState):
                 and attempt.number <= policy.max_retries and policy.retries(error)):
             if tr.history is None:
                 tr.history = []
-            tr.history.append((attempt.number, tr.started_at or 0.0, tr.finished_at or 0.0,
-                               tr.worker, "timed_out" if timed_out else "failed"))
+            tr.history.append(AttemptRecord(attempt.number, tr.started_at or 0.0,
+                                            tr.finished_at or 0.0, tr.worker,
+                                            "timed_out" if timed_out else "failed"))
             self.state[i] = TaskStatus.RETRYING
             self.retry_errors[i] = error
             if policy.memory_factor is not None and isinstance(error, MemoryLimitExceeded):

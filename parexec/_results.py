@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._errors import Cancelled, ParexecError, TaskTimeout, WorkflowFailed
 from ._format import fmt_bytes, fmt_secs, memory_need_label, printable, worker_label
 from ._graph import critical_path as longest_path
-from ._status import OK, RunStatus, TaskStatus
+from ._status import OK, AttemptRecord, RunStatus, TaskStatus
 
 if TYPE_CHECKING:
     from ._graph import Graph
@@ -60,10 +60,10 @@ class TaskRun:
         memory_source: Where ``memory_need`` came from: ``"declared"`` (``memory=``),
             ``"inputs"`` (a ``memory=`` callable of the task's arguments), ``"learned"``
             (the peak of its last success in the run's store), or None.
-        history: The attempts before the last one, oldest first, as ``(number, started_at,
-            finished_at, worker, outcome)`` tuples (``outcome`` is ``"failed"`` or
-            ``"timed_out"``); None when the task ran once. ``duration`` covers only the last
-            attempt; ``elapsed`` covers them all.
+        history: The attempts before the last one, oldest first, as ``AttemptRecord``
+            named tuples ``(number, started_at, finished_at, worker, outcome)``
+            (``outcome`` is ``"failed"`` or ``"timed_out"``); None when the task ran once.
+            ``duration`` covers only the last attempt; ``elapsed`` covers them all.
     """
 
     __slots__ = ("id", "status", "value", "error", "traceback", "attempts", "queued_at",
@@ -88,7 +88,7 @@ class TaskRun:
         self.first_started_at: float | None = None
         # Earlier attempts, (number, started_at, finished_at, worker, outcome); None until a
         # retry happens (most tasks never retry, and an empty list per task costs 56 bytes).
-        self.history: list[tuple[int, float, float, int | str | None, str]] | None = None
+        self.history: list[AttemptRecord] | None = None
         self.released = False  # its value was dropped once consumed (run(keep=...))
         self.level: int | None = None  # its dependency level (parallel group), 0 = no deps
         self.result_bytes: int | None = None  # size of its pickled result (process tasks)

@@ -10,10 +10,10 @@ module imports nothing of parexec.
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Literal, NamedTuple
 
-__all__ = ["ACTIVE", "EVENT_KINDS", "FINAL", "OK", "WAITS", "EventKind", "RunStatus",
-           "TaskStatus", "WaitMode"]
+__all__ = ["ACTIVE", "EVENT_KINDS", "FINAL", "OK", "WAITS", "AttemptRecord", "EventKind",
+           "RunStatus", "TaskStatus", "WaitMode"]
 
 
 class TaskStatus(enum.StrEnum):
@@ -108,3 +108,13 @@ EVENT_KINDS: tuple[EventKind, ...] = EventKind.__args__  # type: ignore[attr-def
 
 WaitMode = Literal["all", "any", "all_settled", "race"]
 WAITS: tuple[WaitMode, ...] = WaitMode.__args__  # type: ignore[attr-defined]
+
+
+class AttemptRecord(NamedTuple):
+    """One attempt before a task's last, in ``TaskRun.history`` (a tuple, as it always was)."""
+
+    number: int                # 1 for the first attempt
+    started_at: float          # wall-clock start (seconds since the epoch)
+    finished_at: float         # wall-clock end
+    worker: int | str | None   # where it ran: a pid, a thread name, a cluster address
+    outcome: str               # "failed" or "timed_out"
