@@ -27,7 +27,6 @@ prints the median, min and max, and the ratio of the median to joblib's and mpir
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import os
 import statistics
@@ -39,6 +38,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import parexec as px  # noqa: E402
+from bench.run import alternate  # noqa: E402
 from bench.tasks import burn  # noqa: E402
 
 WORKERS = 2
@@ -85,19 +85,6 @@ class Row:
     @property
     def median(self) -> float:
         return statistics.median(self.samples) * self.scale
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    gc.collect()
-    t = time.perf_counter()
-    own = fn()
-    return own if isinstance(own, float) else time.perf_counter() - t
-
-
-def alternate(rows: list[Row], runners: list[Callable[[], Any]], reps: int) -> None:
-    for _ in range(reps):
-        for row, runner in zip(rows, runners, strict=True):
-            row.samples.append(timed(runner))
 
 
 def calibrate(seconds: float) -> int:

@@ -510,3 +510,15 @@ def fail_once_written(path, seconds=20):
     while time.monotonic() < end and not (os.path.exists(path) and os.path.getsize(path)):
         time.sleep(0.01)
     raise RuntimeError(f"failing once {path} was written")
+
+
+def gone(pid, timeout=10.0):
+    """Wait until process ``pid`` (one the test recorded) is gone; True if it is."""
+    import psutil
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True

@@ -11,7 +11,7 @@ import time
 import helpers
 import psutil
 import pytest
-from helpers import add, flaky, raise_custom, sleep_pid, sleep_then
+from helpers import add, flaky, gone, raise_custom, sleep_pid, sleep_then
 
 import parexec as px
 
@@ -48,17 +48,6 @@ def size(value):
 
 def make_lock():
     return threading.Lock()
-
-
-def pid_gone(pid, timeout):
-    """Wait until process ``pid`` (one the test recorded) is gone; True if it is."""
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.TimeoutExpired:
-        return False
-    return True
 
 
 def warm_up(client):
@@ -242,7 +231,7 @@ def test_timeout_kills_the_processes_a_cluster_task_started(client, tmp_path):
     assert result.tasks["sleeper"].status == "timed_out"
     pid = wait_for_file(pidfile)
     try:
-        assert pid_gone(pid, 20), "the task's `sleep 45` survived its timeout"
+        assert gone(pid, 20), "the task's `sleep 45` survived its timeout"
     finally:
         try:
             psutil.Process(pid).kill()
@@ -267,7 +256,7 @@ def test_a_group_decision_stops_the_losing_cluster_task_alone(client, tmp_path):
     pid = result[g]  # the winner returns once the loser's `sleep` is running
     assert result.tasks["loser"].status == "cancelled"
     try:
-        assert pid_gone(pid, 20), "the losing task's `sleep 45` survived"
+        assert gone(pid, 20), "the losing task's `sleep 45` survived"
     finally:
         try:
             psutil.Process(pid).kill()
@@ -296,7 +285,7 @@ def test_workers_without_a_nanny_get_their_task_stopped(tmp_path):
         assert result.tasks["sleeper"].status == "timed_out" and result["other"] == 3
         pid = wait_for_file(pidfile)
         try:
-            assert pid_gone(pid, 20), "the task's `sleep 45` survived its timeout"
+            assert gone(pid, 20), "the task's `sleep 45` survived its timeout"
         finally:
             try:
                 psutil.Process(pid).kill()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import gone
 
 import parexec as px
 
@@ -53,16 +54,6 @@ def wait_file(path: Path, timeout: float = 30.0) -> str:
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.01)
     return path.read_text()
-
-
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.TimeoutExpired:
-        return False
-    return True
 
 
 @pytest.fixture(params=["thread", "process"])
