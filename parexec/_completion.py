@@ -79,9 +79,10 @@ class Completion(RunState):
             tr.shm_bytes += msg.shm_bytes
             tr.pipe_bytes += msg.pipe_bytes
         tr.worker = worker
-        m = self.batch_map[i]
-        if m >= 0 and t_end:  # an item of a batched map: its duration sizes the batches
-            self.note_item_time(m, t_end - t_start)
+        if self.map_stats:
+            m = self.batch_map[i]
+            if m >= 0 and t_end:  # an item of a batched map: its duration sizes the batches
+                self.note_item_time(m, t_end - t_start)
         self.settle(i, attempt, ok, value, tb_text)
 
     def settle(self, i: int, attempt: Attempt, ok: bool, value: Any,
@@ -221,6 +222,8 @@ class Completion(RunState):
 
     def release_dependents(self, i: int) -> None:
         """Task ``i`` is done (its value is set): queue what it was the last dependency of."""
+        if not self.dependents[i]:
+            return  # a leaf (most tasks of a wide run): nothing to count
         state = self.state
         now: float | None = None
         for j in self.readiness.done(i):

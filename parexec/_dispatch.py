@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 
 from ._events import logger
-from ._gates import RECHECK, Gate
+from ._gates import RECHECK, YES, Gate
 from ._state import Attempt, Deadline, RunState
 from ._status import TaskStatus
 from ._task import resolve_args, resolve_refs
@@ -64,7 +64,7 @@ class Dispatch(RunState):
             short = True  # refused for lack of units (not for another task's reservation)
             for g in gates:
                 verdict = g.admits(i)
-                if not verdict:
+                if verdict is not YES:  # identity: no __bool__ call on the hot path
                     break
                 if g.holder >= 0 and g.holder != i and key > g.holder_key and g.need(i) \
                         and not self.may_backfill(g, i):

@@ -311,7 +311,7 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
 
     def loop(self) -> None:
         queue, deadlines, clock = self.queue, self.deadlines, self.clock
-        handle = self.handle
+        handle, done = self.handle, self.attempt_done
         while True:
             if self.ready or self.nholding == 0:
                 self.dispatch()
@@ -329,9 +329,14 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
                 msg = queue.get()
             if msg is not None:
                 now = clock()
-                handle(msg, now)
-                while not queue.empty():
-                    handle(queue.get_nowait(), now)
+                while True:  # an attempt's Done (the common message) goes straight on
+                    if type(msg) is Done:
+                        done(msg, now)
+                    else:
+                        handle(msg, now)
+                    if queue.empty():
+                        break
+                    msg = queue.get_nowait()
             if deadlines and deadlines[0][0] <= clock():
                 self.fire_deadlines()
 
