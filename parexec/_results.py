@@ -244,12 +244,21 @@ def build_stats(tasks: Sequence[TaskRun], is_group: Sequence[bool], *, makespan:
 
 
 def _peak_overlap(spans: Sequence[tuple[float, float]]) -> int:
-    """Most intervals open at once (an interval ending when another starts does not count)."""
-    points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
-    cur = peak = 0
-    for _, d in points:
-        cur += d
-        peak = max(peak, cur)
+    """Most intervals open at once (an interval ending when another starts does not count).
+
+    Two sorted lists of floats and one merge: a run of 100,000 tasks takes milliseconds.
+    """
+    starts = sorted([s for s, _ in spans])
+    ends = sorted([f for _, f in spans])
+    peak = cur = k = 0
+    nends = len(ends)
+    for s in starts:
+        while k < nends and ends[k] <= s:  # ends first at a tie: touching is not overlapping
+            k += 1
+            cur -= 1
+        cur += 1
+        if cur > peak:
+            peak = cur
     return peak
 
 

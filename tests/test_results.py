@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from helpers import boom, noop, sleep_then
+from hypothesis import given
+from hypothesis import strategies as st
 
 import parexec as px
 
@@ -229,3 +231,23 @@ def test_build_stats_derives_path_peak_and_pools_from_the_records():
                       critical_path=["a"], scheduler_overhead=0.1)
     assert old.critical_path == ["a"] and old.scheduler_overhead == 0.1
     assert build_stats([], [], makespan=0.0, graph=graph).critical_path == []
+
+
+def _overlap_by_events(spans):
+    """The plain definition: sweep the start and end events (an end first at a tie)."""
+    points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
+    cur = peak = 0
+    for _, d in points:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 1.5]) | st.floats(0, 10),
+                          st.sampled_from([0.0, 0.5]) | st.floats(0, 5)), max_size=40))
+def test_peak_overlap_counts_the_most_open_intervals(raw):
+    """max_concurrency's counter (sorted starts merged with sorted ends) equals the event
+    sweep for any intervals, ties and empty ones included."""
+    from parexec._results import _peak_overlap
+    spans = [(s, s + d) for s, d in raw]
+    assert _peak_overlap(spans) == _overlap_by_events(spans)
