@@ -75,20 +75,14 @@ problem of a file is collected and reported together, each with its ``file:line:
 
 from __future__ import annotations
 
-import atexit
 import difflib
 import heapq
 import importlib
 import os
 import re
-import selectors
-import shlex
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from ._errors import ParexecError, ScriptError, TaskOptionError, WorkflowError
 from ._options import (
@@ -101,6 +95,17 @@ from ._options import (
 )
 from ._task import TaskRef, task
 from ._workflow import Workflow
+from ._yaml_steps import (
+    Echo,
+    StepOutput,
+    _lines,
+    call_agent,
+    call_python,
+    foreach_items,
+    run_item,
+    run_script,
+)
+from ._yaml_template import _shell_line, _Template
 
 __all__ = ["Echo", "ScriptError", "StepOutput", "load", "loads"]  # ScriptError: from _errors
 
@@ -126,31 +131,7 @@ MAX_PROBLEMS_SHOWN = 50
 MAX_SUGGESTIONS = 20
 MAX_COMPARISONS = 20_000  # about 1 s of difflib at worst
 _SIZE_CAP = 1 << 62  # sizes stop growing here, so a deep bomb never builds huge integers
-_ITEM, _INDEX = "[item]", "[index]"  # keys of a foreach item's values (never step ids)
 _FOREACH_REF = re.compile(r"\$\{\s*(?:steps\.[^}]*\.output|inputs\.[^}]*)\s*\}")
-
-
-class StepOutput(str):
-    """The output of a script step: its stdout text, without the final newline.
-
-    What it wrote to stderr and its exit status are kept alongside.
-
-    Attributes:
-        stderr: Everything the step wrote to stderr.
-        returncode: Its exit status (0 for a step that succeeded).
-    """
-
-    stderr: str
-    returncode: int
-
-    def __new__(cls, stdout: str, stderr: str = "", returncode: int = 0) -> StepOutput:
-        self = super().__new__(cls, stdout)
-        self.stderr = stderr
-        self.returncode = returncode
-        return self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (StepOutput, (str(self), self.stderr, self.returncode))
 
 
 def _SafeLoader(text: str) -> Any:  # noqa: N802 - stands for the class it picks
@@ -921,44 +902,6 @@ class _Loader:
                       payload=payload)
 
 
-def _lines(text: str) -> list[str]:
-    """The non-empty lines of ``text`` (lines of only spaces count as empty)."""
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def foreach_items(step: str, source: tuple[str, Any],
-                  outputs: Mapping[str, Any]) -> list[tuple[int, Any, Mapping[str, Any]]]:
-    """The items of a foreach step, each as ``(index, item, upstream outputs)``."""
-    kind, value = source
-    if kind == "step":
-        value = outputs.get(value)
-        if value is None:  # an upstream failure let through (continueOnError): no items
-            value = []
-        elif isinstance(value, str):
-            value = _lines(value)
-        elif not isinstance(value, (list, tuple)):
-            raise ParexecError(
-                f"foreach of step {step!r}: the output of step {source[1]!r} is a "
-                f"{type(value).__name__}, not a list or text; make that step return a list, "
-                "or print one item per line")
-    else:
-        value = _fill(value, outputs)
-    return [(k, item, outputs) for k, item in enumerate(value)]
-
-
-def run_item(entry: tuple[int, Any, Mapping[str, Any]], *, step: str, kind: str,
-             payload: tuple[Any, ...]) -> Any:
-    """Run one item of a foreach step, with ``${item}`` and ``${index}`` set."""
-    index, item, outputs = entry
-    values = {**outputs, _ITEM: item, _INDEX: index}
-    if kind == "script":
-        argv, shell, env, cwd, echo = payload
-        return run_script(f"{step}[{index}]", argv, shell, env, cwd, values, echo)
-    fn, first, second = payload
-    if kind == "agent":
-        return call_agent(fn, first, second, values)
-    return call_python(fn, first, second, values)
-
 
 def _import_target(target: str) -> tuple[Any, str | None]:
     """Import ``package.module:function``: ``(obj, None)``, or ``(None, why not)``."""
@@ -1010,331 +953,3 @@ def _topo(ids: list[str], deps: Mapping[str, list[str]]) -> list[str]:
         placed = set(out)
         out.extend(sid for sid in ids if sid not in placed)
     return out
-
-
-class _Template(NamedTuple):
-    """A string of the file with its substitutions, kept apart until the step runs.
-
-    Each part is ``(kind, text, context)``: ``"text"`` is written in the file, ``"value"`` a
-    value known at load time (an input, an environment variable), ``"step"`` the id of an
-    upstream step whose output goes there. Values are inserted once, when rendered, so a
-    value that looks like ``${...}`` is never substituted again. ``context`` is where a value
-    stands in a shell command line (see ``_shell_line``); empty when no shell is involved.
-    """
-
-    parts: tuple[tuple[str, str, str], ...]
-
-    def render(self, outputs: Mapping[str, Any]) -> str:
-        """The text with every value (quoted for its shell context, if any) in its place."""
-        out: list[str] = []
-        for kind, text, context in self.parts:
-            if kind == "text":
-                out.append(text)
-                continue
-            if kind != "value":
-                key = text if kind == "step" else f"[{kind}]"
-                if key not in outputs:  # only in messages of a file already refused
-                    out.append(f"${{steps.{text}.output}}" if kind == "step" else f"${{{kind}}}")
-                    continue
-                value = outputs[key]
-                text = "" if value is None else str(value)
-            out.append(_shell_quote(text, context) if context else text)
-        return "".join(out)
-
-    def value(self, outputs: Mapping[str, Any]) -> Any:
-        """Typed substitution: exactly one reference gives the value itself, else the text."""
-        if len(self.parts) == 1:
-            kind, text, _ = self.parts[0]
-            key = text if kind == "step" else f"[{kind}]"
-            if kind != "text" and kind != "value" and key in outputs:
-                return outputs[key]
-        return self.render(outputs)
-
-
-def _fill(value: Any, outputs: Mapping[str, Any]) -> Any:
-    """``value`` with its ``_Template`` strings (also in lists and dicts) substituted, typed."""
-    if isinstance(value, _Template):
-        return value.value(outputs)
-    if isinstance(value, list):
-        return [_fill(v, outputs) for v in value]
-    if isinstance(value, dict):
-        return {k: _fill(v, outputs) for k, v in value.items()}
-    return value
-
-
-def _shell_quote(value: str, context: str) -> str:
-    r"""Quote ``value`` so that a POSIX shell reads it as data where it stands.
-
-    Unquoted, it becomes one word (``shlex.quote``); inside the user's single quotes, each
-    ``'`` closes, escapes and reopens them; inside double quotes, ``\ " $ ` `` are escaped; in
-    a comment, line breaks (which would end the comment) become spaces. A backslash written
-    just before the substitution would escape the quoting's first character, so a
-    line continuation (backslash-newline, removed by the shell) absorbs it first.
-    """
-    state, escaped = context[0], context.endswith("\\")
-    prefix = "\n" if escaped else ""
-    if state == "'":
-        return value.replace("'", "'\\''")
-    if state == '"':
-        return prefix + re.sub(r'([\\"$`])', r"\\\1", value)
-    if state == "#":
-        return value.replace("\n", " ").replace("\r", " ")
-    return prefix + shlex.quote(value)
-
-
-def _shell_line(argv: list[_Template]) -> _Template | None:
-    r"""Join a shell step's command and args into one line, marking each value's context.
-
-    The context is where the file's text puts the value: ``-`` unquoted, ``'`` or ``"``
-    inside those quotes, ``#`` in a comment, plus ``\`` right after a backslash.
-
-    Returns None when a value stands where quoting cannot be tracked without a full shell
-    parser (inside ``$(...)``, backquotes, ``$'...'``, or after ``<<``): the loader refuses
-    that file rather than guess.
-    """
-    joined: list[tuple[str, str, str]] = []
-    for k, t in enumerate(argv):
-        if k:
-            joined.append(("text", " ", ""))
-        joined.extend(t.parts)
-    state, escaped, opaque, prev = "-", False, False, " "
-    out: list[tuple[str, str, str]] = []
-    for kind, text, _ in joined:
-        if kind != "text":
-            if opaque:
-                return None
-            out.append((kind, text, state + ("\\" if escaped else "")))
-            escaped, prev = False, "x"
-            continue
-        out.append((kind, text, ""))
-        for ch in text:
-            if escaped:
-                escaped = False
-            elif state == "'":
-                if ch == "'":
-                    state = "-"
-            elif state == "#":
-                if ch == "\n":
-                    state = "-"
-            elif ch == "\\":
-                escaped = True
-            elif ch == "`" or (prev == "$" and ch == "("):
-                opaque = True
-            elif state == '"':
-                if ch == '"':
-                    state = "-"
-            elif prev == "$" and ch == "'" or prev == "<" and ch == "<":
-                opaque = True
-            elif ch in "'\"":
-                state = ch
-            elif ch == "#" and prev in " \t\n;&|()<>":
-                state = "#"
-            prev = ch
-    return _Template(tuple(out))
-
-
-def call_python(fn: Any, args: list[Any], kwargs: dict[str, Any],
-                outputs: Mapping[str, Any]) -> Any:
-    """Run a python step: substitute upstream outputs into its arguments (typed), call."""
-    return fn(*_fill(args, outputs), **_fill(kwargs, outputs))
-
-
-def call_agent(fn: Any, prompt: _Template, input: Any, outputs: Mapping[str, Any]) -> Any:
-    """Run an agent step: ``fn(prompt, input)``, the prompt as text, the input typed."""
-    return fn(prompt.render(outputs), _fill(input, outputs))
-
-
-class Echo:
-    """Where the lines script steps write go while they run (``parexec run --verbose``).
-
-    ``Echo(write)`` calls ``write(step_id, line)`` for each line of stdout and stderr;
-    ``Echo()`` shows nothing. ``load(..., echo=write)`` gives one to every script step of the
-    workflow it builds, as an argument: the setting belongs to that workflow, so two loads
-    (two CLI runs in one interpreter) with different settings never affect each other.
-
-    It is how a step's output is shown, not an input of the step: it pickles as ``Echo()``,
-    so whether output is shown never changes a step's fingerprint (``--verbose`` still
-    resumes from a store) and nothing of the driver's terminal crosses into a process.
-    """
-
-    __slots__ = ("write",)
-
-    def __init__(self, write: Callable[[str, str], Any] | None = None) -> None:
-        self.write = write
-
-    def __bool__(self) -> bool:
-        return self.write is not None
-
-    def __call__(self, step: str, line: str) -> None:
-        if self.write is not None:
-            self.write(step, line)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Echo, ())
-
-
-def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[str, str],
-               cwd: str, outputs: Mapping[str, Any], echo: Echo | None = None) -> StepOutput:
-    """Run a script step in its own process group and return its stdout as a ``StepOutput``.
-
-    The ``StepOutput``'s ``.stderr`` keeps what the step wrote there.
-
-    The step's cancel flag (set on timeout, cancellation or Ctrl-C) kills the whole process
-    group, so no grandchild survives. A non-zero exit raises ``ScriptError`` with the last
-    lines of stderr.
-
-    The step's ``peak_memory`` is its own: the process's memory once started, then the run's
-    monitor samples the process and its children while it runs (``attempt.sampler``), and
-    at its end its exact high-water mark (see ``_wait_peak``).
-    """
-    from ._worker import _local, current
-    ctx = current()
-    attempt = getattr(_local, "attempt", None)
-    sampler = getattr(attempt, "sampler", None)
-    argv = [t.render(outputs) for t in template]  # a shell step has one: its command line
-    full_env = {**os.environ, **env}
-    try:
-        proc = subprocess.Popen(argv[0] if shell else argv, shell=shell, cwd=cwd,
-                                env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    except OSError as exc:
-        hint = ""
-        if not shell and len(argv[0].split()) > 1:
-            hint = ("; config.command names one program and runs without a shell: put its "
-                    "arguments in config.args, or set config.shell: true to run it as a "
-                    "shell command line")
-        raise ScriptError(step, 127, f"cannot start {argv[0]!r}: {exc.strerror}{hint}"
-                          ) from None
-    _live_steps.add(proc)
-    if attempt is not None:
-        _note_peak(attempt, _rss(proc.pid))
-    if sampler is not None:
-        sampler.watch(attempt, proc.pid)
-    out: list[bytes] = []
-    err: list[bytes] = []
-    partial = {"stdout": b"", "stderr": b""}
-    sel = selectors.DefaultSelector()
-    assert proc.stdout is not None and proc.stderr is not None
-    sel.register(proc.stdout, selectors.EVENT_READ, ("stdout", out))
-    sel.register(proc.stderr, selectors.EVENT_READ, ("stderr", err))
-    try:
-        while sel.get_map():
-            # Wake up at least every 0.1 s to honour the cancel flag: a thread task cannot be
-            # interrupted, so this loop is what stops the step's processes.
-            for key, _ in sel.select(timeout=0.1):
-                chunk = os.read(key.fd, 65536)
-                name, sink = key.data
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    if echo and partial[name]:
-                        echo(step, partial[name].decode(errors="replace"))
-                    continue
-                sink.append(chunk)
-                if echo:
-                    lines = (partial[name] + chunk).split(b"\n")
-                    partial[name] = lines.pop()
-                    for line in lines:
-                        echo(step, line.decode(errors="replace"))
-            if ctx.cancelled():
-                _kill_group(proc)
-                ctx.check()
-        peak = _wait_peak(proc)
-        if attempt is not None:
-            _note_peak(attempt, peak)
-    except BaseException:
-        _kill_group(proc)
-        raise
-    finally:
-        _live_steps.discard(proc)
-        if sampler is not None:
-            sampler.unwatch(attempt, keep_peak=True)
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
-    stdout = b"".join(out).decode(errors="replace")
-    stderr = b"".join(err).decode(errors="replace")
-    if proc.returncode != 0:
-        raise ScriptError(step, proc.returncode, _tail(stderr), _tail(stdout))
-    return StepOutput(stdout[:-1] if stdout.endswith("\n") else stdout, stderr, 0)
-
-
-def _tail(text: str, n: int = 10) -> str:
-    """The last ``n`` lines of ``text``, split at line feeds only.
-
-    A carriage return is not a line break: it stays in the text, and printing escapes it.
-    """
-    lines = text.rstrip("\n").split("\n")[-n:]
-    return "\n".join(line.removesuffix("\r") for line in lines)
-
-
-def _note_peak(attempt: Any, peak: int) -> None:
-    """Raise the step's peak memory to ``peak`` bytes (kept by the run's monitor)."""
-    sampler = getattr(attempt, "sampler", None)
-    if sampler is not None:
-        sampler.note_peak(attempt, peak)
-
-
-def _rss(pid: int) -> int:
-    """The resident memory of process ``pid`` now, in bytes (0 if it is gone)."""
-    import psutil
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return 0
-
-
-def _wait_peak(proc: subprocess.Popen[bytes]) -> int:
-    """Wait for ``proc`` to end; set its ``returncode`` and return its peak RSS in bytes.
-
-    ``os.wait4`` reports the process's ``ru_maxrss``: the largest of its own and of the
-    children it waited for (kilobytes on Linux, bytes on macOS). That figure also counts
-    this process's memory at the moment the child was started (the kernel keeps the
-    high-water mark of the memory the child had before ``exec``, which was ours), so it is
-    the step's own only when it exceeds this process's own high-water mark; otherwise 0
-    is returned and the monitor's samples stand.
-    """
-    wait4 = getattr(os, "wait4", None)
-    if wait4 is None:
-        proc.wait()
-        return 0
-    while True:
-        try:
-            _, status, usage = wait4(proc.pid, 0)
-            break
-        except InterruptedError:
-            continue
-        except ChildProcessError:  # reaped elsewhere; Popen knows its status
-            proc.wait()
-            return 0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    import resource
-    unit = 1 if sys.platform == "darwin" else 1024
-    peak = int(usage.ru_maxrss) * unit
-    return peak if peak > resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit else 0
-
-
-# Script steps still running, so that none outlives the interpreter: when it exits before
-# their thread task saw the cancel flag (a second Ctrl-C or SIGTERM during cleanup, an
-# exception in the caller), this exit hook kills their process groups.
-_live_steps: set[subprocess.Popen[bytes]] = set()
-
-
-@atexit.register
-def _kill_live_steps() -> None:
-    for proc in list(_live_steps):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-

@@ -221,7 +221,7 @@ def _main(argv: list[str] | None) -> int:
         _error(str(exc))
         return EXIT_INVALID
     if args.command == "validate":
-        from ._yaml import foreach_items
+        from ._yaml_steps import foreach_items
         steps = sum(1 for spec in wf.tasks.values() if spec.fn is not foreach_items)
         print(f"{_printable(args.file)}: ok ({steps} steps in {len(wf.levels())} levels)")
         return EXIT_OK
