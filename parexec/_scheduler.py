@@ -245,7 +245,7 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
         self.deciding = False
         self.tainted: set[int] = set()  # tasks whose value is, or was built from, a default
         if store is not None:
-            from ._store import fingerprints
+            from ._fingerprint import fingerprints
             self.fps = fingerprints(specs, graph.order, graph.deps)
             if resume:
                 fp_of = {s.id: fp for s, fp in zip(specs, self.fps, strict=True)

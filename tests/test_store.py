@@ -397,7 +397,7 @@ def counted_workflow(version):
 def test_resume_loads_only_the_values_it_serves(tmp_path):
     """History of one task (three versions, the last recorded three times) keeps one record
     per version; cached() loads nothing, and a resume loads each served value once."""
-    from parexec._store import fingerprints
+    from parexec._fingerprint import fingerprints
     db = tmp_path / "s.db"
     for version in ("a", "b", "c", "c", "c"):
         px.run(counted_workflow(version), store=db, progress=False)
@@ -421,7 +421,7 @@ def test_resume_loads_only_the_values_it_serves(tmp_path):
 def test_store_lookups_use_indexes(tmp_path):
     """Every statement that durations(), peak_memory(), cached() and a served value run
     reads the store through an index (no full scan of records, vals or latest)."""
-    from parexec._store import fingerprints
+    from parexec._fingerprint import fingerprints
     db = tmp_path / "s.db"
     for version in ("a", "b"):
         px.run(counted_workflow(version), store=db, progress=False)
