@@ -17,6 +17,8 @@ Usage::
 """
 
 from ._cache import worker_cache as worker_cache
+from ._context import TaskContext as TaskContext
+from ._context import current as current
 from ._errors import Cancelled as Cancelled
 from ._errors import CycleError as CycleError
 from ._errors import DuplicateTaskError as DuplicateTaskError
@@ -57,8 +59,6 @@ from ._task import TaskRef as TaskRef
 from ._task import TaskSpec as TaskSpec
 from ._task import TaskTemplate as TaskTemplate
 from ._task import task as task
-from ._worker import TaskContext as TaskContext
-from ._worker import current as current
 from ._workflow import Workflow as Workflow
 from ._workflow import group as group
 from ._yaml import StepOutput as StepOutput

@@ -22,7 +22,7 @@ one unhandled at a time). The scheduler kills.
 Sampling every 0.1 s caught a task leaking memory long before it reached 4 GB on the test
 machine. The exact peak of a process task that ended between two samples comes from the
 worker itself (``VmHWM`` after resetting it with ``/proc/self/clear_refs``, see
-``_worker.PeakMeter``); the task's peak is the larger of the two.
+``_limits.PeakMeter``); the task's peak is the larger of the two.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Threads
     Daemon threads, started on demand, one run each. A thread task that ignores its cancel
     flag keeps its thread but never blocks interpreter exit. An ``async def`` task runs on an
     event loop of its own in its thread; a timeout or cancel cancels its coroutine (see
-    ``_worker.run_coroutine``), so it does stop.
+    ``_context.run_coroutine``), so it does stop.
 
 Processes
     One pool per interpreter, reused across runs. Each worker is a process started by loky's
@@ -32,11 +32,11 @@ Processes
 
     Killing one worker (timeout, memory limit, cancellation) affects no other task: the
     reader sees its sentinel, drops it, and a fresh worker is started on the next submit.
-    Workers exit when their parent does (see ``_worker._watch_parent``) and at interpreter
+    Workers exit when their parent does (see ``_proctree._watch_parent``) and at interpreter
     exit (``atexit``). Whatever a task started goes with its worker: a worker is the child
     subreaper of its descendants (so double-forked daemons stay in its tree), kills them when
     its parent dies or its pipe closes, and the driver's kill of one worker freezes and kills
-    its whole tree (``_worker.kill_tree``). See issue 12 item 2.
+    its whole tree (``_proctree.kill_tree``). See issue 12 item 2.
 
     Buffers of 1 MiB or more (arguments and results) do not cross the pipe: they go through
     shared-memory segments mapped copy-on-write (``_shm``). A worker's payload pins the
@@ -58,17 +58,12 @@ from queue import SimpleQueue
 from typing import Any
 
 from . import _shm
+from ._context import _local, run_coroutine, user_frames
 from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
+from ._limits import BlasCap
 from ._messages import Done, Started
-from ._worker import (
-    BlasCap,
-    _local,
-    decode_outcome,
-    kill_tree,
-    run_coroutine,
-    user_frames,
-    worker_main,
-)
+from ._proctree import kill_tree
+from ._worker import decode_outcome, worker_main
 
 __all__ = ["ProcessPool", "ThreadPool", "process_pool", "shutdown", "shutdown_process_pool"]
 

@@ -312,7 +312,7 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
 
 def _link_to_enclosing_task(handle: Run) -> None:
     """A run started inside a thread task stops when that task is asked to stop."""
-    from ._worker import _local
+    from ._context import _local
     attempt = getattr(_local, "attempt", None)
     if attempt is None or not hasattr(attempt, "request_cancel"):
         return

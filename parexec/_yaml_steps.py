@@ -141,7 +141,7 @@ def run_script(step: str, template: list[_Template], shell: bool, env: Mapping[s
     monitor samples the process and its children while it runs (``attempt.sampler``), and
     at its end its exact high-water mark (see ``_wait_peak``).
     """
-    from ._worker import _local, current
+    from ._context import _local, current
     ctx = current()
     attempt = getattr(_local, "attempt", None)
     sampler = getattr(attempt, "sampler", None)

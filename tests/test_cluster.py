@@ -358,7 +358,7 @@ def test_unpicklable_argument_of_a_cluster_task_names_it(client, caplog):
 def test_values_not_wanted_stay_on_the_cluster(client):
     """Four 60 MiB results passed between cluster tasks, not kept (keep="leaves") and
     consumed only on the cluster, never grow the driver by their size (peak RSS, VmHWM)."""
-    from parexec._worker import PeakMeter
+    from parexec._limits import PeakMeter
     with px.Workflow("big", isolation="cluster") as wf:
         prev = wf.add(px.task(big).options(id="big-0"), 60)
         for k in range(1, 4):
