@@ -13,7 +13,7 @@ import pytest
 from helpers import pid, sleep_pid
 
 import parexec as px
-from parexec import _pools
+from parexec import _pools, _processpool
 
 
 def run_one(fn, *args, **options):
@@ -470,7 +470,7 @@ def test_overlapping_runs_give_back_the_blas_environment(monkeypatch, first_done
 
 def test_memory_limit_error_says_what_the_limit_covers():
     """The MemoryLimitExceeded message: readable units, what the limit covers, what to do."""
-    text = str(_pools.memory_limit_error("leak", 170 * 2**20, 100 * 2**20))
+    text = str(_processpool.memory_limit_error("leak", 170 * 2**20, 100 * 2**20))
     assert "'leak' used 170 MiB" in text and "memory=100 MiB" in text
     assert "whole resident memory" in text and "interpreter" in text and "Raise memory=" in text
 
