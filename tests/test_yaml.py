@@ -465,13 +465,13 @@ def test_failing_step_without_stderr_reports_its_stdout_tail():
 def test_every_key_the_loader_accepts_is_documented_in_the_readme():
     """README's "Pipelines in YAML" section names every key and step type the loader knows;
     the module docstring stands on its own."""
-    from parexec import _yaml
+    from parexec import _yaml, _yaml_read
     readme = (Path(__file__).parent.parent / "README.rst").read_text()
     section = readme.split("Pipelines in YAML\n=================\n", 1)[1]
     section = section.split("\nA first workflow\n", 1)[0]
-    keys = {*_yaml.TOP_KEYS, *_yaml.PARALLEL_KEYS, *_yaml.STEP_KEYS, *_yaml.STEP_PARALLEL_KEYS,
-            *_yaml.RETRY_KEYS, *_yaml.STEP_TYPES}
-    for config_keys in _yaml.STEP_TYPES.values():
+    keys = {*_yaml_read.TOP_KEYS, *_yaml_read.PARALLEL_KEYS, *_yaml_read.STEP_KEYS,
+            *_yaml_read.STEP_PARALLEL_KEYS, *_yaml_read.RETRY_KEYS, *_yaml_read.STEP_TYPES}
+    for config_keys in _yaml_read.STEP_TYPES.values():
         keys.update(config_keys)
     missing = sorted(k for k in keys if f"``{k}``" not in section and f"``config.{k}``"
                      not in section and f"{k}:" not in section)
