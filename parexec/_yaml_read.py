@@ -18,11 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ParexecError, TaskOptionError, WorkflowError
-from ._options import (
-    Retry,
-    check_grace,
-    check_timeout,
-)
+from ._options import Retry, check_grace, check_timeout
 from ._yaml_template import _Template
 
 TOP_KEYS = ("name", "version", "description", "parallel", "steps", "timeout", "retry", "env",
