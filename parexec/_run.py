@@ -263,7 +263,8 @@ def run(wf: Workflow, *, max_workers: int | None = None, parallel: bool = True,
             (default: 90% of the memory available at the start).
         timeout: Seconds the whole run may take; then it stops with status ``"timed_out"``.
         progress: ``"auto"`` (a bar on terminals and notebooks), True or False.
-        on_event: Called with every ``Event``, on the scheduler thread.
+        on_event: Called with every ``Event``, on the run's event thread (never the
+            scheduler's: a slow callback does not hold up the run).
         store: Path of a SQLite file recording finished tasks.
         resume: Serve tasks recorded as succeeded in ``store`` instead of running them.
         cluster: A Dask ``Client`` (or scheduler address) for ``"cluster"`` tasks.

@@ -65,7 +65,7 @@ class TaskStatus(enum.StrEnum):
 
     @property
     def ok(self) -> bool:
-        """Whether the task has a value of its own: succeeded, or served from the store."""
+        """True when the task has a value of its own (it succeeded, or the store served it)."""
         return self in OK
 
 

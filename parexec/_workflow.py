@@ -364,7 +364,7 @@ class Workflow:
 
         Args:
             kind: An event kind such as ``"task:failed"``, or ``"*"`` for all.
-            callback: Called on the scheduler thread; exceptions are logged, never raised.
+            callback: Called on the run's event thread; exceptions are logged, never raised.
 
         Returns:
             The callback, so ``on`` can be used as a decorator helper.
