@@ -632,6 +632,7 @@ def test_run_replaces_a_worker_after_max_tasks_per_worker():
     """px.run(max_tasks_per_worker=2): six process tasks one at a time use three workers in
     turn (two tasks each), and the workflow's setting is the run's default."""
     for run_kw, wf_kw in (({"max_tasks_per_worker": 2}, {}), ({}, {"max_tasks_per_worker": 2})):
+        px.shutdown()  # fresh workers: a worker that ran earlier tests' tasks counts them too
         with px.Workflow("recycle", isolation="process", **wf_kw) as wf:
             refs = [wf.add(px.task(pid).options(id=f"t{k}", priority=-k)) for k in range(6)]
         result = px.run(wf, max_workers=1, progress=False, **run_kw)
