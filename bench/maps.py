@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import parexec as px  # noqa: E402
-from bench.run import alternate  # noqa: E402
+from bench.run import alternate, calibrate  # noqa: E402
 from bench.tasks import burn  # noqa: E402
 
 WORKERS = 2
@@ -85,18 +85,6 @@ class Row:
     @property
     def median(self) -> float:
         return statistics.median(self.samples) * self.scale
-
-
-def calibrate(seconds: float) -> int:
-    """The ``burn`` argument that takes ``seconds`` of CPU here."""
-    n = 20_000
-    while True:
-        t = time.perf_counter()
-        burn(n)
-        d = time.perf_counter() - t
-        if d > 0.05:
-            return int(n * seconds / d)
-        n *= 2
 
 
 def have_ray() -> bool:

@@ -522,3 +522,13 @@ def gone(pid, timeout=10.0):
     except psutil.TimeoutExpired:
         return False
     return True
+
+
+def overlap_by_events(spans):
+    """Most intervals open at once, by sweeping start and end events (an end first at a tie)."""
+    points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
+    cur = peak = 0
+    for _, d in points:
+        cur += d
+        peak = max(peak, cur)
+    return peak

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import boom, noop, sleep_then
+from helpers import boom, noop, overlap_by_events, sleep_then
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -233,16 +233,6 @@ def test_build_stats_derives_path_peak_and_pools_from_the_records():
     assert build_stats([], [], makespan=0.0, graph=graph).critical_path == []
 
 
-def _overlap_by_events(spans):
-    """The plain definition: sweep the start and end events (an end first at a tie)."""
-    points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
-    cur = peak = 0
-    for _, d in points:
-        cur += d
-        peak = max(peak, cur)
-    return peak
-
-
 @given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 1.5]) | st.floats(0, 10),
                           st.sampled_from([0.0, 0.5]) | st.floats(0, 5)), max_size=40))
 def test_peak_overlap_counts_the_most_open_intervals(raw):
@@ -250,4 +240,4 @@ def test_peak_overlap_counts_the_most_open_intervals(raw):
     sweep for any intervals, ties and empty ones included."""
     from parexec._results import _peak_overlap
     spans = [(s, s + d) for s, d in raw]
-    assert _peak_overlap(spans) == _overlap_by_events(spans)
+    assert _peak_overlap(spans) == overlap_by_events(spans)

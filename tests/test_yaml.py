@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import overlap_by_events
 
 import parexec as px
 
@@ -172,15 +173,6 @@ def test_parallel_disabled_runs_alone():
 PIPELINES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 
 
-def overlap(spans):
-    points = sorted([(s, 1) for s, _ in spans] + [(f, -1) for _, f in spans])
-    cur = peak = 0
-    for _, d in points:
-        cur += d
-        peak = max(peak, cur)
-    return peak
-
-
 @pytest.mark.parametrize("name", PIPELINES)
 def test_example_pipelines_keep_order_overlap_and_pools(name, monkeypatch):
     """Each example pipeline runs; every step starts after its dependencies end; no pool holds
@@ -198,14 +190,14 @@ def test_example_pipelines_keep_order_overlap_and_pools(name, monkeypatch):
     spans = {k: (v.started_at, v.finished_at) for k, v in t.items() if v.started_at}
     for pool, capacity in (raw.get("parallel", {}).get("resources") or {}).items():
         users = [s["id"] for s in raw["steps"] if s.get("parallel", {}).get("resource") == pool]
-        assert overlap([spans[u] for u in users]) <= capacity, pool
+        assert overlap_by_events([spans[u] for u in users]) <= capacity, pool
     if raw.get("parallel", {}).get("enabled") is False:
-        assert overlap(list(spans.values())) == 1
+        assert overlap_by_events(list(spans.values())) == 1
     elif name == "auto-parallel.yaml":
-        assert overlap([spans["lint"], spans["type-check"]]) == 2
+        assert overlap_by_events([spans["lint"], spans["type-check"]]) == 2
     if name == "resources.yaml":
         db = [spans[f"db-migration-{k}"] for k in (1, 2, 3)]
-        assert overlap(db) == 2  # the database pool is full, never over
+        assert overlap_by_events(db) == 2  # the database pool is full, never over
     if name == "error-handling.yaml":
         assert result.status == "partial"
         assert result["report"] == "report: critical done | no optional data"
@@ -719,7 +711,7 @@ def test_foreach_max_concurrency_caps_the_items_running():
     result = px.run(wf, progress=False)
     spans = [(result.tasks[f"s[{k}]"].started_at, result.tasks[f"s[{k}]"].finished_at)
              for k in range(5)]
-    assert overlap(spans) == 2
+    assert overlap_by_events(spans) == 2
 
 
 def test_foreach_items_are_quoted_for_the_shell(tmp_path):
