@@ -338,17 +338,16 @@ class MemoryGate(CapacityGate):
     See "Measured memory" in the module docstring. The scheduler wires ``monitor`` (the
     run's ``Monitor``) and ``measured`` (whether task ``i`` runs in a process worker the
     monitor measures) when the run begins. A task refused by a measurement, not by the
-    accounting, sets ``measured_refusal``: the scheduler then re-checks it
+    accounting, is answered ``RECHECK``: the scheduler then re-checks it
     ``MEMORY_RECHECK`` seconds later, since no release may come to wake it.
     """
 
-    __slots__ = ("measured_refusal", "specs", "monitor", "measured", "learned", "probing",
+    __slots__ = ("specs", "monitor", "measured", "learned", "probing",
                  "held", "attempts", "high_water", "probe")
 
     def __init__(self, capacity: float, needs: list[float],
                  specs: Sequence[TaskSpec] = ()) -> None:
         super().__init__("memory", capacity, needs, track=False)
-        self.measured_refusal = False
         self.specs = specs  # the run's list (map items are appended to it)
         self.monitor: Any = None
         self.measured: Callable[[int], bool] = _never
@@ -380,20 +379,17 @@ class MemoryGate(CapacityGate):
             fn = _fn_key(self.specs[i].fn)
             need = self.learned.get(fn, 0.0)
             if not need and self.probe and fn in self.probing and not self._end_probe(fn):
-                self.measured_refusal = True  # its first task still runs: wait for its peak
-                return RECHECK
+                return RECHECK  # its first task still runs: wait for its peak
         if self.used + need > self.capacity:
             return NO
         monitor = self.monitor
         if measured and monitor is not None:
             total = monitor.total + monitor.held
             if total > self.high_water or total + need > self.capacity:
-                self.measured_refusal = True
                 return RECHECK
         if declared:
             import psutil
             if psutil.virtual_memory().available < declared:
-                self.measured_refusal = True
                 return RECHECK
         return YES
 

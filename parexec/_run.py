@@ -360,7 +360,7 @@ def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
 
     class _Checker(cloudpickle.CloudPickler):  # type: ignore[misc]
         def persistent_id(self, obj: Any) -> Any:
-            return obj.index if type(obj) is TaskRef or isinstance(obj, TaskRef) else None
+            return obj.index if isinstance(obj, TaskRef) else None
 
     class _Nowhere:
         def write(self, data: Any) -> int:
