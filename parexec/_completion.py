@@ -43,6 +43,9 @@ class Completion(RunState):
             if t_start and t_end:
                 avg = self.mean_thread_duration
                 self.mean_thread_duration = avg + 0.2 * (t_end - t_start - avg)
+        elif t_end and pool is self.procs:
+            avg = self.mean_process_duration
+            self.mean_process_duration = avg + 0.2 * (t_end - t_start - avg)
         if attempt.final:
             if attempt.holding:
                 self.zombies.discard(attempt)
@@ -55,11 +58,8 @@ class Completion(RunState):
         self.nholding -= 1
         del self.running[attempt]
         i = attempt.index
-        if attempt.prefetched:
-            self.nprefetched -= 1
-            gates = self.unslotted
-        else:
-            gates = self.gates
+        gates = self.gates if attempt.follower is None and not attempt.prefetched \
+            else self.unlink(attempt)
         for g in gates:
             g.release(i)
             if g.parked:

@@ -242,9 +242,9 @@ class Groups(RunState):
             else spec.exclusive
         self.batch_map.append(group if group in self.map_stats
                               and self.batchable(spec, iso, self.specs[group]) else -1)
-        self.plain.append(self.only_threads and iso == "thread" and spec.timeout is None
-                          and not spec.pools and not spec.memory and spec.sizers is None
-                          and not exclusive)
+        self.plain.append((iso == "process" or self.only_threads and iso == "thread")
+                          and spec.timeout is None and not spec.pools and not spec.memory
+                          and spec.sizers is None and not exclusive)
         self.sizers.append(spec.sizers)
         # A submission is in no group, but [] (not None) still sends it through
         # member_done, where the executor settles its future.

@@ -30,6 +30,11 @@ Processes
                                                                 ▼
                           run queue ◄── reader thread (connection.wait on pipes + sentinels)
 
+    A run whose process tasks are short keeps one task queued behind each running one
+    (pipelining, see ``_dispatch.PIPELINE_BELOW``): the reader sends it to the worker as
+    soon as it has read that worker's reply, as ``ProcessPoolExecutor``'s call queue keeps
+    its workers busy, so a worker does not idle for a round trip through the scheduler.
+
     Killing one worker (timeout, memory limit, cancellation) affects no other task: the
     reader sees its sentinel, drops it, and a fresh worker is started on the next submit.
     Workers exit when their parent does (see ``_proctree._watch_parent``) and at interpreter
@@ -91,6 +96,10 @@ class RecyclingPool(ProcessPool):
     def kill(self, attempt: Any) -> bool:
         """See ``ProcessPool.kill``."""
         return self.pool.kill(attempt)
+
+    def runs(self, attempt: Any) -> bool:
+        """See ``ProcessPool.runs``."""
+        return self.pool.runs(attempt)
 
     def interrupt(self, attempt: Any, cancel: bool) -> bool:
         """See ``ProcessPool.interrupt``."""

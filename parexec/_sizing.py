@@ -162,10 +162,13 @@ class Sizing(RunState):
         monitor = self.monitor
         monitor.budget_reported = False  # the monitor may report again
         mine = [a for a in self.running  # batches are not evicted: their items would restart
-                if a.monitor is not None and not a.final and a.items is None]
+                if a.monitor is not None and not a.final and a.items is None
+                and not a.prefetched]  # nor queued attempts: they hold no memory yet
         if self.stopping or len(mine) < 2:
             return  # stopping a lone task frees nothing it would not need again
-        mine = [a for a in mine if self.evictions.get(a.index, 0) < MAX_EVICTIONS]
+        procs = self.procs
+        mine = [a for a in mine if self.evictions.get(a.index, 0) < MAX_EVICTIONS
+                and procs is not None and procs.runs(a)]  # not one still queued
         if not mine:
             return
         attempt = max(mine, key=lambda a: self.runs[a.index].started_at or 0.0)

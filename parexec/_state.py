@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._events import Event, logger
 
 if TYPE_CHECKING:
+    from collections import deque
+
     from ._batches import MapStats
     from ._cluster import ClusterPool
     from ._events import Emitter
@@ -96,7 +98,7 @@ class Attempt:
     __slots__ = ("index", "task_id", "number", "queue", "pool", "handle", "cpus",
                  "cancel_requested", "final", "holding", "prefetched", "monitor",
                  "memory_limit", "peak_memory", "on_cancel", "worker", "shm_bytes",
-                 "pipe_bytes", "sampler", "items")
+                 "pipe_bytes", "sampler", "items", "leader", "follower")
 
     def __init__(self, index: int, task_id: str, number: int, queue: SimpleQueue[Any],
                  pool: Pool, cpus: float) -> None:
@@ -125,6 +127,11 @@ class Attempt:
         self.sampler: Any = None
         # A batch of map items (see _batches): their own attempts, in the order they run.
         self.items: list[Attempt] | None = None
+        # Pipelining (see _dispatch.PIPELINE_BELOW): a process attempt queued on the worker
+        # of a running one (its ``leader``, whose ``follower`` it is) holds no slot; it takes
+        # its leader's when the leader ends. The process pool reads ``leader`` in submit.
+        self.leader: Attempt | None = None
+        self.follower: Attempt | None = None
 
     def request_cancel(self) -> None:
         """Set the cancel flag (``px.current().cancelled()``) and call ``on_cancel``.
@@ -183,7 +190,8 @@ class RunState:
     level: list[int]              # depth of i in the graph (for the display)
     pools: list[Pool]             # the pool that runs i (threads, processes, cluster)
     sizers: list[Any]             # callable cpus/memory/timeout of i, or None
-    plain: list[bool]             # i may be prefetched (see _dispatch.PREFETCH_BELOW)
+    plain: list[bool]             # i may be prefetched or queued behind a leader
+                                  # (see _dispatch.PREFETCH_BELOW, PIPELINE_BELOW)
     member_of: list[list[int] | None]  # the groups i is a member of
     is_group: list[bool]          # i is a group or a map (it never runs; readiness's list)
     kept: list[bool]              # keep=: i's value stays in the result
@@ -220,9 +228,12 @@ class RunState:
     zombies: set[Attempt]         # decided thread attempts still holding their resources
     interrupted: set[Attempt]     # process attempts in their grace period before a kill
     nholding: int                 # attempts holding resources (running or zombie)
-    nprefetched: int              # thread attempts queued beyond the slots
+    nprefetched: int              # attempts queued beyond the slots (prefetched, followers)
     only_threads: bool            # every local task runs on threads (prefetch allowed)
     mean_thread_duration: float   # running average of thread tasks' durations (seconds)
+    mean_process_duration: float  # the same for process tasks (pipelining, PIPELINE_BELOW)
+    leaders: deque[Attempt]       # process attempts that may take a follower, oldest first
+                                  # (entries no longer running are dropped lazily)
 
     # Groups and maps ------------------------------------------------------------------
     groups: dict[int, Group]      # group or map index -> its members and decision
@@ -273,6 +284,7 @@ class RunState:
         def skip_downstream(self, i: int, status: TaskStatus = ...) -> None: ...
         def release_dependents(self, i: int) -> None: ...
         def release(self, attempt: Attempt) -> None: ...
+        def unlink(self, attempt: Attempt) -> list[Gate]: ...
         def size(self, i: int) -> bool: ...
         def timeout_of(self, i: int) -> float | None: ...
         def init_memory(self, i: int, stacklevel: int = 1) -> None: ...

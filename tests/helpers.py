@@ -532,3 +532,28 @@ def overlap_by_events(spans):
         cur += d
         peak = max(peak, cur)
     return peak
+
+
+def hold_until(release, started):
+    """Write ``started``, then wait (30 s at most) for the file ``release``; return the pid."""
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.getpid()
+
+
+def stamp(path):
+    """Write this process's pid to ``path``; return it (proves the task ran, and where)."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    return os.getpid()
+
+
+def wait_file(path, timeout=30.0):
+    """Wait until ``path`` exists (written by a task in a worker process)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)

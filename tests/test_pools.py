@@ -523,9 +523,12 @@ def test_adopted_orphans_are_reaped_between_tasks():
     result = px.run(wf, progress=False)
     workers = {result[f"o{i}"] for i in range(5)}
     assert len(workers) == 1
+    # The last orphan may exit just after the reap that followed its task: it is reaped
+    # after the next task, so the task after that sees none.
     with px.Workflow("w", isolation="process", max_workers=1) as wf:
-        wf.add(px.task(helpers.zombie_children).options(id="z"))
-    assert px.run(wf, progress=False)["z"] == (workers.pop(), [])  # the same worker
+        first = wf.add(px.task(helpers.zombie_children).options(id="z1"))
+        wf.add(px.task(helpers.zombie_children).options(id="z2", after=[first]))
+    assert px.run(wf, progress=False)["z2"] == (workers.pop(), [])  # the same worker
 
 
 def test_reaping_leaves_a_tasks_own_popen_to_it():
@@ -683,3 +686,151 @@ def test_shutdown_reports_a_running_attempt_as_crashed(tmp_path):
     assert done.attempt is attempt and not done.ok
     assert isinstance(done.value, px.WorkerCrashed) and "'sleeper'" in str(done.value)
     assert _gone([worker, int(pidfile.read_text())])
+
+
+# Pipelining: an attempt queued behind a running one (its leader) on the leader's worker.
+
+def _pipeline_pool():
+    from queue import SimpleQueue
+
+    from parexec._state import Attempt as _Attempt
+    pool = _pools.ProcessPool()  # its own workers: the test knows every one of them
+    queue = SimpleQueue()
+
+    def attempt(i, leader=None):
+        a = _Attempt(i, f"t{i}", 1, queue, pool, 1.0)
+        a.leader = leader
+        return a
+    return pool, queue, attempt
+
+
+@pytest.mark.timeout(60)
+def test_a_follower_runs_on_its_leaders_worker_right_after_it(tmp_path):
+    """An attempt submitted behind a running one waits on that worker, unsent, and runs
+    there once the leader returned; the leader's Done comes first."""
+    pool, queue, attempt = _pipeline_pool()
+    release, started = tmp_path / "release", tmp_path / "started"
+    try:
+        leader = attempt(0)
+        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
+        helpers.wait_file(started)
+        follower = attempt(1, leader)
+        pool.submit(follower, helpers.pid, (), {})
+        assert follower.handle is leader.handle and follower.worker == leader.worker
+        assert leader.handle.next.attempt is follower  # queued, not sent
+        assert len(pool.pids) == 1  # no worker was started for it
+        release.touch()
+        first, second = queue.get(timeout=30), queue.get(timeout=30)
+        assert (first.attempt, first.ok) == (leader, True), first
+        assert (second.attempt, second.ok) == (follower, True), second
+        assert second.value == first.value == leader.worker
+        assert second.t_start >= first.t_end
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_kill_withdraws_a_follower_that_has_not_started(tmp_path):
+    """kill() of a queued attempt withdraws it: it never runs, reports nothing, and its
+    leader and the worker go on."""
+    pool, queue, attempt = _pipeline_pool()
+    release, started, ran = tmp_path / "release", tmp_path / "started", tmp_path / "ran"
+    try:
+        leader = attempt(0)
+        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
+        helpers.wait_file(started)
+        follower = attempt(1, leader)
+        pool.submit(follower, helpers.stamp, (str(ran),), {})
+        assert leader.handle.next.attempt is follower
+        assert pool.kill(follower) is True
+        assert leader.handle.next is None and not leader.handle.killed
+        release.touch()
+        done = queue.get(timeout=30)
+        assert (done.attempt, done.ok) == (leader, True), done
+        after = attempt(2)  # the same, now idle, worker: it would have run the follower first
+        pool.submit(after, helpers.pid, (), {})
+        done = queue.get(timeout=30)
+        assert (done.attempt, done.value) == (after, leader.worker), done
+        assert not ran.exists() and queue.empty()
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_follower_moves_when_its_leaders_worker_is_killed(tmp_path):
+    """Killing the leader (timeout, cancel) kills its worker alone; the attempt queued
+    behind it runs on another worker, and reports once."""
+    pool, queue, attempt = _pipeline_pool()
+    release, started = tmp_path / "release", tmp_path / "started"
+    try:
+        leader = attempt(0)
+        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
+        helpers.wait_file(started)
+        first_worker = leader.worker
+        follower = attempt(1, leader)
+        pool.submit(follower, helpers.pid, (), {})
+        assert pool.kill(leader) is True
+        done = queue.get(timeout=30)
+        assert (done.attempt, done.ok) == (follower, True), done  # nothing for the leader
+        assert done.value != first_worker and done.value == follower.worker
+        assert helpers.gone(first_worker)
+        assert queue.empty()
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_follower_of_a_leader_that_returned_starts_at_once():
+    """A leader whose reply was read no longer runs: its follower starts like any attempt."""
+    pool, queue, attempt = _pipeline_pool()
+    try:
+        leader = attempt(0)
+        pool.submit(leader, helpers.pid, (), {})
+        assert queue.get(timeout=30).attempt is leader
+        follower = attempt(1, leader)
+        pool.submit(follower, helpers.pid, (), {})
+        done = queue.get(timeout=30)
+        assert (done.attempt, done.ok, done.value) == (follower, True, leader.worker), done
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_follower_of_a_queued_leader_runs_after_it(tmp_path):
+    """Behind a leader that is itself still queued, a follower waits for it to be sent,
+    then runs after it on the same worker, in order."""
+    pool, queue, attempt = _pipeline_pool()
+    release, started = tmp_path / "release", tmp_path / "started"
+    try:
+        first = attempt(0)
+        pool.submit(first, helpers.hold_until, (str(release), str(started)), {})
+        helpers.wait_file(started)
+        second = attempt(1, first)
+        pool.submit(second, helpers.pid, (), {})
+        third = attempt(2, second)  # second is queued: third waits for it to be sent
+        pool.submit(third, helpers.pid, (), {})
+        assert third.handle is None
+        release.touch()
+        dones = [queue.get(timeout=30) for _ in range(3)]
+        assert [d.attempt for d in dones] == [first, second, third]
+        assert all(d.ok and d.value == first.worker for d in dones), dones
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_reports_queued_attempts_as_crashed(tmp_path):
+    """Stopping the workers reports the running attempt and the one queued behind it."""
+    pool, queue, attempt = _pipeline_pool()
+    release, started = tmp_path / "release", tmp_path / "started"
+    leader = attempt(0)
+    follower = attempt(1, leader)
+    try:
+        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
+        helpers.wait_file(started)
+        pool.submit(follower, helpers.pid, (), {})
+    finally:
+        pool.shutdown()
+    dones = {d.attempt: d for d in (queue.get(timeout=10), queue.get(timeout=10))}
+    assert set(dones) == {leader, follower}
+    assert all(isinstance(d.value, px.WorkerCrashed) for d in dones.values())

@@ -30,7 +30,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import parexec as px
-from parexec import _pools
+from parexec import _dispatch, _pools
 
 THREAD_BEHAVIOURS = ["ok", "ok", "ok", "raise", "flaky", "timeout", "coop"]
 PROCESS_BEHAVIOURS = THREAD_BEHAVIOURS + ["exit", "sigkill", "memory"]
@@ -81,6 +81,9 @@ class Plan:
     action_at: int  # the n-th task start that triggers it (cancel, pause)
     run_timeout: float
     store: bool
+    # Queue every plain process task behind a running one, however long tasks take (the
+    # scheduler does it only for short tasks: _dispatch.PIPELINE_BELOW).
+    pipeline: bool = False
 
 
 @st.composite
@@ -144,7 +147,7 @@ def plans(draw) -> Plan:
                 db=draw(st.integers(2, 3)), action=action,
                 action_at=draw(st.integers(1, 8)),
                 run_timeout=draw(st.sampled_from([0.1, 0.3, 0.8])),
-                store=draw(st.booleans()))
+                store=draw(st.booleans()), pipeline=draw(st.booleans()))
 
 
 def build(plan: Plan, log: str, folder: Path, faults: bool = True) -> px.Workflow:
@@ -463,9 +466,10 @@ def check_nothing_left(threads_before: set[threading.Thread], pool_before: int,
     left = [t.name for t in set(threading.enumerate()) - threads_before
             if t.is_alive() and t.name != "parexec-process-reader"]
     assert not left, f"threads left: {left}"
-    pool = _pool_pids()
+    children = {p.pid for p in psutil.Process().children()}
+    pool = _pool_pids()  # after the children: a worker being started is in both or neither
     assert len(pool) <= max(pool_before, max_workers), f"{len(pool)} process workers"
-    others = {p.pid for p in psutil.Process().children()} - pool
+    others = children - pool
     others = {pid for pid in others if not _helper(pid)}
     fds = {}
     for pid in others:
@@ -525,17 +529,24 @@ def run_plan(plan: Plan, folder: Path) -> None:
         sum(n.items + 4 for n in plan.nodes.values())
     bound = 30 + 1.5 * nattempts
     t0 = time.monotonic()
-    handle = px.start(wf, max_workers=plan.max_workers, cpu_budget=plan.cpu_budget,
-                      memory_budget="4GB", progress=False, on_event=on_event, store=store,
-                      check=False, timeout=plan.run_timeout if plan.action == "timeout" else None)
-    handle_box.append(handle)
-    have_handle.set()
+    below = _dispatch.PIPELINE_BELOW
+    if plan.pipeline:
+        _dispatch.PIPELINE_BELOW = float("inf")
     try:
-        result = handle.wait(bound)
-    except px.WaitTimeout:
-        handle.cancel()
-        handle.wait(30)
-        raise AssertionError(f"the run did not return within {bound:.0f} s") from None
+        handle = px.start(wf, max_workers=plan.max_workers, cpu_budget=plan.cpu_budget,
+                          memory_budget="4GB", progress=False, on_event=on_event, store=store,
+                          check=False,
+                          timeout=plan.run_timeout if plan.action == "timeout" else None)
+        handle_box.append(handle)
+        have_handle.set()
+        try:
+            result = handle.wait(bound)
+        except px.WaitTimeout:
+            handle.cancel()
+            handle.wait(30)
+            raise AssertionError(f"the run did not return within {bound:.0f} s") from None
+    finally:
+        _dispatch.PIPELINE_BELOW = below
     elapsed = time.monotonic() - t0
     for timer in timers:
         timer.join()
@@ -568,9 +579,15 @@ def check_resume(plan: Plan, first: px.RunResult, folder: Path, store: str) -> N
     an upstream task failed (that upstream runs again, so their input may change)."""
     log = str(folder / "log")
     mark = os.path.getsize(log) if os.path.exists(log) else 0
-    second = px.run(build(plan, log, folder), max_workers=plan.max_workers,
-                    cpu_budget=plan.cpu_budget, memory_budget="4GB", progress=False,
-                    store=store, resume=True, check=False)
+    handle = px.start(build(plan, log, folder), max_workers=plan.max_workers,
+                      cpu_budget=plan.cpu_budget, memory_budget="4GB", progress=False,
+                      store=store, resume=True, check=False)
+    try:
+        second = handle.wait(60)
+    except px.WaitTimeout:
+        handle.cancel()
+        handle.wait(30)
+        raise AssertionError("the resumed run did not return within 60 s") from None
     with open(log, "a+") as f:
         f.seek(mark)
         rerun = {line.split()[1] for line in f.read().splitlines()}
@@ -623,8 +640,21 @@ PARKED_BEHIND_CANCELLED = dataclasses.replace(_plan(
     [NodePlan("group0", "group", ["group0-m0", "group0-m1"], wait="any")],
     ["group0-m0", "group0-m1", "group0", "t0"]), max_workers=2, cpu_budget=2.0)
 
+# Pipelined process tasks (one queued behind each running one): a worker killed under its
+# queued follower, a crash retried, a cancel while followers wait, on one and on two slots.
+PIPELINED = [dataclasses.replace(_plan(
+    [_task("t0", "sigkill", isolation="process", on_error="ignore"),
+     _task("t1", isolation="process"), _task("t2", "flaky", isolation="process", retry=1),
+     _task("t3", isolation="process", deps=["t1"]), _task("t4", isolation="process")],
+    [], ["t0", "t1", "t2", "t3", "t4"]), max_workers=workers, action=action, action_at=2,
+    pipeline=True) for workers, action in ((1, "none"), (2, "none"), (2, "cancel"))]
+
+
 @pytest.mark.timeout(120 + 15 * settings().max_examples)  # the active profile's
 @given(plan=plans())
+@example(plan=PIPELINED[0])
+@example(plan=PIPELINED[1])
+@example(plan=PIPELINED[2])
 @example(plan=EMPTY_MAP)
 @example(plan=CANCELLED_IN_BACKOFF)
 @example(plan=PARKED_BEHIND_CANCELLED)

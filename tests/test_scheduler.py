@@ -14,7 +14,17 @@ import time
 
 import psutil
 import pytest
-from helpers import boom, cooperative, flaky, ignore_cancel, noop, sleep_pid, sleep_then
+from helpers import (
+    boom,
+    cooperative,
+    echo,
+    flaky,
+    ignore_cancel,
+    noop,
+    overlap_by_events,
+    sleep_pid,
+    sleep_then,
+)
 
 import parexec as px
 
@@ -879,3 +889,44 @@ def test_a_task_parked_behind_a_member_cancelled_in_the_ready_heap_still_runs():
     assert result[either] == "m0"
     assert result.tasks["whole"].status == "succeeded"
     assert result.tasks["m1"].status == "cancelled"
+
+
+def _count_queued(monkeypatch):
+    """Record the process tasks launched queued behind a running one (pipelined)."""
+    from parexec import _dispatch
+    queued: list[int] = []
+    launch = _dispatch.Dispatch.launch
+
+    def counting(self, i, prefetch=False):
+        if prefetch and self.pools[i] is self.procs:
+            queued.append(i)
+        return launch(self, i, prefetch)
+    monkeypatch.setattr(_dispatch.Dispatch, "launch", counting)
+    return queued
+
+
+@pytest.mark.timeout(120)
+def test_short_process_tasks_are_pipelined_within_max_workers(monkeypatch):
+    """No-op process tasks are queued one behind each running task of the run (so a worker
+    finds its next task waiting), yet no more than max_workers ever run at once (by the
+    workers' own clock readings), and every value is right."""
+    queued = _count_queued(monkeypatch)
+    with px.Workflow("pipe", isolation="process") as wf:
+        refs = [wf.add(px.task(echo).options(id=f"t{k}"), k) for k in range(300)]
+    result = px.run(wf, max_workers=2, progress=False)
+    assert [result[r] for r in refs] == [((k,), {}) for k in range(300)]
+    spans = [(t.started_at, t.finished_at) for t in result.tasks.values()]
+    assert overlap_by_events(spans) <= 2
+    assert len(queued) > 150, len(queued)  # most of them, once the mean duration is known
+
+
+@pytest.mark.timeout(120)
+def test_process_tasks_of_tens_of_milliseconds_are_not_pipelined(monkeypatch):
+    """Above PIPELINE_BELOW (a mean of 5 ms) no task is committed to a busy worker ahead
+    of time, so the priorities of tasks that become ready later still decide."""
+    queued = _count_queued(monkeypatch)
+    with px.Workflow("slow", isolation="process") as wf:
+        for k in range(12):
+            wf.add(px.task(sleep_then).options(id=f"t{k}"), 0.03)
+    result = px.run(wf, max_workers=2, progress=False)
+    assert result.ok and queued == []
