@@ -236,9 +236,7 @@ class ProcessPool:
             else:
                 then = self._after.pop(attempt, None)
         if not alive:  # its pins go with this frame: segments nothing else holds unlink
-            attempt.queue.put(Done(attempt, False, WorkerCrashed(attempt.task_id,
-                                                                 worker.process.exitcode),
-                                   worker.pid))
+            _crashed(attempt, worker)
             if then is not None:  # its follower no longer waits for it
                 self._move(then)
             return
@@ -394,6 +392,7 @@ class ProcessPool:
                 w.conn.close()
             except OSError:
                 pass
+        never: list[_Send] = []
         for w in workers:
             w.process.join(timeout=0.5 if w.attempt is None else 0)
             if w.process.exitcode is None:
@@ -401,22 +400,19 @@ class ProcessPool:
                 w.process.join(timeout=2)
             # The reader has stopped: a run still waiting on this worker hears it from us.
             attempt, w.attempt = w.attempt, None
-            queued, w.next = w.next, None
             if attempt is not None:
                 if attempt.monitor is not None:
                     attempt.monitor.unwatch(attempt)
-                attempt.queue.put(Done(attempt, False, WorkerCrashed(attempt.task_id,
-                                                                     w.process.exitcode),
-                                       w.pid))
-            if queued is not None:
-                queued.attempt.queue.put(Done(queued.attempt, False,
-                                              WorkerCrashed(queued.attempt.task_id, None), None))
-        with self._lock:
-            moving = list(self._moving) + [send.attempt for send in self._after.values()]
+                _crashed(attempt, w)
+            if w.next is not None:  # queued behind it: it never started
+                never.append(w.next)
+                w.next = None
+        with self._lock:  # and those moving to a worker, or waiting for their leader
+            never += [*self._moving.values(), *self._after.values()]
             self._moving.clear()
             self._after.clear()
-        for attempt in moving:
-            attempt.queue.put(Done(attempt, False, WorkerCrashed(attempt.task_id, None), None))
+        for send in never:
+            _crashed(send.attempt)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -611,11 +607,16 @@ class ProcessPool:
         if attempt is not None and attempt.monitor is not None:
             attempt.monitor.unwatch(attempt)
         if attempt is not None and not worker.killed:
-            attempt.queue.put(Done(attempt, False, WorkerCrashed(attempt.task_id,
-                                                                 worker.process.exitcode),
-                                   worker.pid))
+            _crashed(attempt, worker)
         if queued is not None:  # it never started here: it goes to another worker
             self._start(queued, moving=True)
+
+
+def _crashed(attempt: Any, worker: _Worker | None = None) -> None:
+    """Report ``attempt`` failed with ``WorkerCrashed`` (its worker's exit, if it had one)."""
+    attempt.queue.put(Done(attempt, False, WorkerCrashed(
+        attempt.task_id, worker.process.exitcode if worker is not None else None),
+        worker.pid if worker is not None else None))
 
 
 def _moved(attempt: Any, shm: int, pipe: int) -> None:

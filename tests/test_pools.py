@@ -704,16 +704,22 @@ def _pipeline_pool():
     return pool, queue, attempt
 
 
+def _held(pool, attempt, tmp_path):
+    """Start attempt 0 on a worker, where it runs until the returned file is created."""
+    release, started = tmp_path / "release", tmp_path / "started"
+    leader = attempt(0)
+    pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
+    helpers.wait_file(started)
+    return leader, release
+
+
 @pytest.mark.timeout(60)
 def test_a_follower_runs_on_its_leaders_worker_right_after_it(tmp_path):
     """An attempt submitted behind a running one waits on that worker, unsent, and runs
     there once the leader returned; the leader's Done comes first."""
     pool, queue, attempt = _pipeline_pool()
-    release, started = tmp_path / "release", tmp_path / "started"
     try:
-        leader = attempt(0)
-        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
-        helpers.wait_file(started)
+        leader, release = _held(pool, attempt, tmp_path)
         follower = attempt(1, leader)
         pool.submit(follower, helpers.pid, (), {})
         assert follower.handle is leader.handle and follower.worker == leader.worker
@@ -734,11 +740,9 @@ def test_kill_withdraws_a_follower_that_has_not_started(tmp_path):
     """kill() of a queued attempt withdraws it: it never runs, reports nothing, and its
     leader and the worker go on."""
     pool, queue, attempt = _pipeline_pool()
-    release, started, ran = tmp_path / "release", tmp_path / "started", tmp_path / "ran"
+    ran = tmp_path / "ran"
     try:
-        leader = attempt(0)
-        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
-        helpers.wait_file(started)
+        leader, release = _held(pool, attempt, tmp_path)
         follower = attempt(1, leader)
         pool.submit(follower, helpers.stamp, (str(ran),), {})
         assert leader.handle.next.attempt is follower
@@ -761,11 +765,8 @@ def test_a_follower_moves_when_its_leaders_worker_is_killed(tmp_path):
     """Killing the leader (timeout, cancel) kills its worker alone; the attempt queued
     behind it runs on another worker, and reports once."""
     pool, queue, attempt = _pipeline_pool()
-    release, started = tmp_path / "release", tmp_path / "started"
     try:
-        leader = attempt(0)
-        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
-        helpers.wait_file(started)
+        leader, release = _held(pool, attempt, tmp_path)
         first_worker = leader.worker
         follower = attempt(1, leader)
         pool.submit(follower, helpers.pid, (), {})
@@ -800,11 +801,8 @@ def test_a_follower_of_a_queued_leader_runs_after_it(tmp_path):
     """Behind a leader that is itself still queued, a follower waits for it to be sent,
     then runs after it on the same worker, in order."""
     pool, queue, attempt = _pipeline_pool()
-    release, started = tmp_path / "release", tmp_path / "started"
     try:
-        first = attempt(0)
-        pool.submit(first, helpers.hold_until, (str(release), str(started)), {})
-        helpers.wait_file(started)
+        first, release = _held(pool, attempt, tmp_path)
         second = attempt(1, first)
         pool.submit(second, helpers.pid, (), {})
         third = attempt(2, second)  # second is queued: third waits for it to be sent
@@ -822,12 +820,9 @@ def test_a_follower_of_a_queued_leader_runs_after_it(tmp_path):
 def test_shutdown_reports_queued_attempts_as_crashed(tmp_path):
     """Stopping the workers reports the running attempt and the one queued behind it."""
     pool, queue, attempt = _pipeline_pool()
-    release, started = tmp_path / "release", tmp_path / "started"
-    leader = attempt(0)
-    follower = attempt(1, leader)
     try:
-        pool.submit(leader, helpers.hold_until, (str(release), str(started)), {})
-        helpers.wait_file(started)
+        leader, _ = _held(pool, attempt, tmp_path)
+        follower = attempt(1, leader)
         pool.submit(follower, helpers.pid, (), {})
     finally:
         pool.shutdown()
