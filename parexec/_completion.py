@@ -39,10 +39,7 @@ class Completion(RunState):
             attempt.peak_memory = msg.peak_memory  # the memory gate learns from it
         pool = attempt.pool
         if pool is self.threads:
-            pool.nbusy -= 1
-            if t_start and t_end:
-                avg = self.mean_thread_duration
-                self.mean_thread_duration = avg + 0.2 * (t_end - t_start - avg)
+            pool.reported(attempt, t_start, t_end)
         elif t_end and pool is self.procs:
             avg = self.mean_process_duration
             self.mean_process_duration = avg + 0.2 * (t_end - t_start - avg)
@@ -101,8 +98,7 @@ class Completion(RunState):
                 self.emit("task:completed", i, attempt.number, tr.duration)
             if self.debug:
                 logger.debug("succeeded %s", tr.id)
-            if self.member_of[i] is not None:
-                self.member_done(i)
+            self.member_done(i)
             if not self.stopping:
                 self.release_dependents(i)
             if self.releasing:
@@ -171,8 +167,7 @@ class Completion(RunState):
             self.emit(kind, i, number, tr.duration, error)
         if self.debug:
             logger.debug("%s %s", tr.status, tr.id)
-        if self.member_of[i] is not None:
-            self.member_done(i)
+        self.member_done(i)
         if self.releasing:
             self.consumed(i)
 
@@ -273,14 +268,7 @@ class Completion(RunState):
         spec = self.specs[i]
         self.finalize(i, TaskStatus.TIMED_OUT if timed_out else TaskStatus.FAILED, "task:failed",
                       error, tb_text, number)
-        if self.member_of[i] is not None and not self.stopping:
-            # A member's failure is its group's to judge; other dependents follow on_error.
-            if spec.on_error == "ignore":
-                self.values[i] = spec.default
-                self.tainted.add(i)
-                self.release_dependents(i)
-            else:
-                self.skip_downstream(i)
+        if self.member_failed(i):
             return
         level = logging.WARNING if isinstance(error, (TaskTimeout, WorkerCrashed,
                                                       MemoryLimitExceeded)) else logging.INFO

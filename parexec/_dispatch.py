@@ -20,18 +20,8 @@ _WAITING, _READY, _RUNNING = TaskStatus.PENDING, TaskStatus.READY, TaskStatus.RU
 heappush = heapq.heappush
 
 MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task waits for memory
-# Pipelining of short thread tasks (the thread pool's policy, applied here). Handing a task to
-# an idle thread and hearing back costs a thread round trip (measured 66-75 us on the 2-core
-# test machine), during which that thread idles: with 2 slots, no-op tasks ran at 1.5x a raw
-# ThreadPoolExecutor, which keeps its queue full. While the run's thread tasks take under
-# PREFETCH_BELOW seconds on average, the scheduler queues one extra task per worker thread,
-# so a thread finds its next task waiting. Only tasks with no timeout, pools or memory
-# qualify (nothing scarce is held while queued), and the threads stay capped at
-# max_workers, so no more tasks run at once than allowed. Its cost: a prefetched task is
-# committed to its thread, so a higher-priority task that becomes ready a moment later
-# starts after it.
-PREFETCH_BELOW = 0.002
-# Pipelining of short process tasks, the same idea for the process pool (whose workers are
+# Pipelining of short process tasks, the thread pool's prefetch (``_threadpool``,
+# PREFETCH_BELOW) for the process pool (whose workers are
 # shared by every run, so "one more worker" is no cap). While the run's process tasks take
 # under PIPELINE_BELOW seconds on average, a task the slots refuse may be queued behind a
 # running process attempt of the run, its *leader*: it waits on the leader's worker and is
@@ -111,13 +101,13 @@ class Dispatch(RunState):
     def may_queue(self, i: int) -> bool:
         """Whether plain task ``i``, refused a slot, may wait queued for a worker.
 
-        See ``PREFETCH_BELOW`` (threads) and ``PIPELINE_BELOW`` (processes): it takes every
-        gate but the slots now, so the other gates must admit it.
+        The thread pool says whether it takes one more (its prefetch policy,
+        ``_threadpool.PREFETCH_BELOW``); a process task needs a leader (``PIPELINE_BELOW``).
+        It takes every gate but the slots now, so the other gates must admit it.
         """
         pool = self.pools[i]
         if pool is self.threads:
-            if not self.only_threads or self.nprefetched >= pool.max_threads \
-                    or self.mean_thread_duration >= PREFETCH_BELOW:
+            if not pool.may_prefetch():
                 return False
         elif pool is not self.procs or self.mean_process_duration >= PIPELINE_BELOW \
                 or self.free_leader() is None:
@@ -216,9 +206,8 @@ class Dispatch(RunState):
                     self.mem_gate.started(i, attempt)
         else:
             attempt.sampler = self.monitor
-        if prefetch:  # queued beyond the slots: it takes no slot (see PREFETCH_BELOW)
+        if prefetch:  # queued beyond the slots: it takes no slot (see may_queue)
             attempt.prefetched = True
-            self.nprefetched += 1
             for g in self.unslotted:
                 g.acquire(i)
             if pool is self.procs:  # behind a leader (PIPELINE_BELOW)
@@ -243,8 +232,7 @@ class Dispatch(RunState):
             tr.first_started_at = started
         if timeout is not None and not getattr(pool, "reports_start", False):
             self.add_deadline(now + timeout, Deadline.TIMEOUT, attempt)
-        if self.member_of[i] is not None:
-            self.group_started(i, now)
+        self.group_started(i, now)
         if self.em and not prefetch:  # a prefetched attempt says when it really starts
             self.emit("task:started", i, number)
         if self.debug:
@@ -289,7 +277,6 @@ class Dispatch(RunState):
         goes to its follower, which starts now (see ``PIPELINE_BELOW``).
         """
         if attempt.prefetched:
-            self.nprefetched -= 1
             leader = attempt.leader
             if leader is not None:
                 leader.follower = attempt.leader = None
@@ -299,7 +286,6 @@ class Dispatch(RunState):
             return self.gates
         attempt.follower = follower.leader = None
         follower.prefetched = False
-        self.nprefetched -= 1
         self.leaders.append(follower)  # it runs in its own right now: it may lead too
         j = follower.index
         tr = self.runs[j]

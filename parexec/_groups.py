@@ -30,10 +30,12 @@ class Groups(RunState):
     """Groups and maps: member bookkeeping, resolution, expansion."""
 
     def group_started(self, i: int, now: float) -> None:
-        """A member of groups started: start their clocks, and their parents'.
+        """Task ``i`` started: start the clocks of its groups, and their parents'.
 
         Iteratively: groups may nest deeper than the recursion limit.
         """
+        if self.member_of[i] is None:
+            return
         stack = [i]
         while stack:
             for g in self.member_of[stack.pop()] or ():
@@ -53,7 +55,7 @@ class Groups(RunState):
         A group that resolves is itself a member of its parents: those decisions are queued
         and taken in this loop, not by recursion, so nesting depth does not matter.
         """
-        if self.stopping:
+        if self.stopping or self.member_of[i] is None:
             return
         self.done_members.append(i)
         if self.deciding:
@@ -64,6 +66,23 @@ class Groups(RunState):
                 self.decide_groups(self.done_members.popleft())
         finally:
             self.deciding = False
+
+    def member_failed(self, i: int) -> bool:
+        """Task ``i`` failed for good: whether its groups judge it (then it is handled here).
+
+        A member's failure is its group's to judge (``decide_groups``), not the run's; its
+        other dependents follow its ``on_error``: skipped, or given its ``default``.
+        """
+        if self.member_of[i] is None or self.stopping:
+            return False
+        spec = self.specs[i]
+        if spec.on_error == "ignore":
+            self.values[i] = spec.default
+            self.tainted.add(i)
+            self.release_dependents(i)
+        else:
+            self.skip_downstream(i)
+        return True
 
     def decide_groups(self, i: int) -> None:
         """Apply ``i``'s final state to each unresolved group it belongs to."""

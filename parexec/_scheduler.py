@@ -194,13 +194,12 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
         # idle, so it would run beyond max_workers (found by the property suite, F3).
         only_threads = self.only_threads = "process" not in isolation and not any(
             wf.isolation_of(s) == "process" for s in specs if s.group is not None)
+        self.threads.prefetch = only_threads
         self.plain = [(iso == "process" or only_threads and iso == "thread")
                       and s.timeout is None and not s.pools and not s.memory
                       and s.sizers is None and not s.exclusive
                       for iso, s in zip(isolation, specs, strict=True)]
-        self.nprefetched = 0
-        self.mean_thread_duration = 1.0  # running averages (seconds), start "slow"
-        self.mean_process_duration = 1.0
+        self.mean_process_duration = 1.0  # running average (seconds), starts "slow"
         self.leaders = collections.deque()
         self.ready: list[tuple[Any, ...]] = []
         self.deadlines: list[tuple[float, int, Deadline, Any]] = []

@@ -191,7 +191,7 @@ class RunState:
     pools: list[Pool]             # the pool that runs i (threads, processes, cluster)
     sizers: list[Any]             # callable cpus/memory/timeout of i, or None
     plain: list[bool]             # i may be prefetched or queued behind a leader
-                                  # (see _dispatch.PREFETCH_BELOW, PIPELINE_BELOW)
+                                  # (_threadpool.PREFETCH_BELOW, _dispatch.PIPELINE_BELOW)
     member_of: list[list[int] | None]  # the groups i is a member of
     is_group: list[bool]          # i is a group or a map (it never runs; readiness's list)
     kept: list[bool]              # keep=: i's value stays in the result
@@ -228,10 +228,9 @@ class RunState:
     zombies: set[Attempt]         # decided thread attempts still holding their resources
     interrupted: set[Attempt]     # process attempts in their grace period before a kill
     nholding: int                 # attempts holding resources (running or zombie)
-    nprefetched: int              # attempts queued beyond the slots (prefetched, followers)
-    only_threads: bool            # every local task runs on threads (prefetch allowed)
-    mean_thread_duration: float   # running average of thread tasks' durations (seconds)
-    mean_process_duration: float  # the same for process tasks (pipelining, PIPELINE_BELOW)
+    only_threads: bool            # every local task runs on threads (threads.prefetch)
+    mean_process_duration: float  # running average of process tasks' durations (seconds;
+                                  # pipelining, PIPELINE_BELOW)
     leaders: deque[Attempt]       # process attempts that may take a follower, oldest first
                                   # (entries no longer running are dropped lazily)
 
@@ -294,6 +293,7 @@ class RunState:
         def cancel_retry(self, i: int) -> None: ...
         def group_started(self, i: int, now: float) -> None: ...
         def member_done(self, i: int) -> None: ...
+        def member_failed(self, i: int) -> bool: ...
         def expand_map(self, g: int) -> None: ...
         def grow_memory(self, i: int, factor: float) -> None: ...
         def unpark(self, g: Gate) -> None: ...

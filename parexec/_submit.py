@@ -65,7 +65,7 @@ class ExecutorScheduler(Scheduler):
                 gates.append(PoolGate(pool, capacity, []))
         self.mem_gate = next(g for g in gates if isinstance(g, MemoryGate))
         self.unslotted = [g for g in gates if not g.blocks_all]
-        self.only_threads = self.wf.isolation == "thread"
+        self.only_threads = self.threads.prefetch = self.wf.isolation == "thread"
         self.futures: dict[int, Any] = {}  # task -> its future, until settled
         self.deps_of: dict[int, list[int]] = {}  # task -> the tasks of its future arguments
         self.nwaiting: dict[int, int] = {}  # task -> submissions not final that consume it
@@ -106,7 +106,8 @@ class ExecutorScheduler(Scheduler):
         future.index = i
         self.futures[i] = future
         if self.pools[i] is self.procs:
-            self.only_threads = False  # prefetching would run threads beyond the slots
+            # prefetching would run threads beyond the slots
+            self.only_threads = self.threads.prefetch = False
         if future.done():  # cancelled before this thread saw it
             self.finalize(i, TaskStatus.CANCELLED, "task:cancelled")
             return

@@ -31,6 +31,7 @@ from parexec._scheduler import Scheduler
 from parexec._state import Attempt
 from parexec._status import TaskStatus
 from parexec._task import Outcome
+from parexec._threadpool import ThreadPool
 from parexec._waits import Group, Resolution
 
 S = TaskStatus
@@ -67,6 +68,9 @@ class FakePool:
         self.log = log  # every submission, of this pool and of the others, in order
         self.max_threads = max_threads
         self.nbusy = 0
+        self.prefetch = False  # ThreadPool's prefetch policy, below (the scheduler sets this)
+        self.nprefetched = 0
+        self.mean_duration = 1.0
         self.submitted: list[Attempt] = []
         self.calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
         self.killed: list[Attempt] = []
@@ -78,10 +82,15 @@ class FakePool:
     def submit(self, attempt: Attempt, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                max_tasks_per_worker: int | None = None) -> None:
         self.nbusy += 1
+        if attempt.prefetched:
+            self.nprefetched += 1
         self.submitted.append(attempt)
         self.log.append(attempt)
         self.calls.append((fn, args, kwargs))
         attempt.worker = 4242 if self.kind == "process" else "fake-thread"
+
+    may_prefetch = ThreadPool.may_prefetch
+    reported = ThreadPool.reported
 
     def kill(self, attempt: Attempt) -> bool:
         if self.kind == "thread":
@@ -629,10 +638,10 @@ def test_a_prefetched_thread_attempt_starts_when_its_started_message_arrives(mak
         task("first")()
         task("second", priority=-1)()
     h = make(wf, max_workers=1)
-    h.sched.mean_thread_duration = 0.0  # as measured once short tasks ran
+    h.threads.mean_duration = 0.0  # as measured once short tasks ran
     assert h.dispatch() == ["first", "second"]
     second = h.attempt("second")
-    assert second.prefetched and h.sched.nprefetched == 1
+    assert second.prefetched and h.threads.nprefetched == 1
     assert [(e.kind, e.task_id) for e in h.events if e.kind == "task:started"] == \
         [("task:started", "first")]
     h.done("first")
@@ -641,7 +650,7 @@ def test_a_prefetched_thread_attempt_starts_when_its_started_message_arrives(mak
     assert h.kinds("second")[-1] == "task:started"
     assert h.run("second").started_at == T0 + 2 and h.run("second").worker == "fake-thread"
     h.done("second")
-    assert h.sched.nprefetched == 0 and h.sched.nholding == 0
+    assert h.threads.nprefetched == 0 and h.sched.nholding == 0
 
 
 def test_over_limit_asks_the_pool_to_kill_for_memory(make):
