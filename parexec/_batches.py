@@ -119,7 +119,7 @@ class Batches(RunState):
         batch = Attempt(i, f"{self.specs[g].id}[batch of {len(items)}]", 1, self.queue, pool,
                         spec0.cpus)
         batch.monitor = self.monitor
-        batch.items = []
+        batch.items = members = []
         if self.mem_gate is not None:
             self.mem_gate.started(i, batch)
         for gate in self.gates:
@@ -133,7 +133,7 @@ class Batches(RunState):
         for j in items:
             spec, tr = specs[j], runs[j]
             number = tr.attempts = tr.attempts + 1
-            batch.items.append(Attempt(j, spec.id, number, self.queue, pool, spec.cpus))
+            members.append((j, number))  # its Attempt is made only if it needs one (item)
             state[j] = _RUNNING
             tr.started_at = started
             if number == 1:
@@ -152,28 +152,34 @@ class Batches(RunState):
         except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails these items only
             batch.final = True
             self.release(batch)
-            for a in self.unbatch(batch):
-                runs[a.index].finished_at = self.clock() + self.offset
-                self.attempt_failed(a.index, a, exc, None, retryable=False)
+            for j, number in self.unbatch(batch):
+                runs[j].finished_at = self.clock() + self.offset
+                self.attempt_failed(j, self.item(batch, j, number), exc, None, retryable=False)
 
-    def unbatch(self, batch: Attempt) -> list[Attempt]:
-        """The attempts of ``batch``'s items still running; they no longer belong to it."""
+    def item(self, batch: Attempt, j: int, number: int) -> Attempt:
+        """The attempt of item ``j`` of ``batch`` (made when it must be settled alone)."""
+        spec = self.specs[j]
+        return Attempt(j, spec.id, number, self.queue, batch.pool, spec.cpus)
+
+    def unbatch(self, batch: Attempt) -> list[tuple[int, int]]:
+        """``(index, attempt number)`` of ``batch``'s items still running; they leave it."""
         out = []
-        for a in batch.items or ():
-            if self.batch_of.get(a.index) is batch:
-                del self.batch_of[a.index]
-                if self.state[a.index] is _RUNNING:
-                    out.append(a)
+        batch_of, state = self.batch_of, self.state
+        for j, number in batch.items or ():
+            if batch_of.get(j) is batch:
+                del batch_of[j]
+                if state[j] is _RUNNING:
+                    out.append((j, number))
         return out
 
     def cancel_batch(self, batch: Attempt) -> None:
         """Cancel the running items of ``batch``, whose worker was just killed."""
         now = self.clock() + self.offset
-        for a in self.unbatch(batch):
-            self.runs[a.index].finished_at = now
-            self.finalize(a.index, TaskStatus.CANCELLED, "task:cancelled", number=a.number)
+        for j, number in self.unbatch(batch):
+            self.runs[j].finished_at = now
+            self.finalize(j, TaskStatus.CANCELLED, "task:cancelled", number=number)
             if not self.stopping:
-                self.skip_downstream(a.index, TaskStatus.CANCELLED)
+                self.skip_downstream(j, TaskStatus.CANCELLED)
 
     def batch_done(self, msg: Done, now: float) -> None:
         """A batch ended: settle each item with its own outcome (or the batch's error)."""
@@ -193,10 +199,10 @@ class Batches(RunState):
         if outcomes is not None and len(items) == n and self.all_succeeded(g, items, outcomes):
             self.settle_batch(g, items, outcomes, msg)
             return
-        for k, a in enumerate(items if outcomes is None else batch.items or ()):
-            j = a.index
+        for k, (j, number) in enumerate(items if outcomes is None else batch.items or ()):
             if self.state[j] is not _RUNNING:
                 continue  # cancelled meanwhile (its group resolved)
+            a = self.item(batch, j, number)
             tr = runs[j]
             tr.worker = msg.worker
             tr.peak_memory = msg.peak_memory
@@ -218,7 +224,7 @@ class Batches(RunState):
                 _, error, tb_text, _ = decode_outcome(a.task_id, value)
                 self.settle(j, a, False, error, tb_text)
 
-    def all_succeeded(self, g: int, items: list[Attempt], outcomes: list[Any]) -> bool:
+    def all_succeeded(self, g: int, items: list[tuple[int, int]], outcomes: list[Any]) -> bool:
         """Whether a batch may be settled at once (``settle_batch``).
 
         It may when every item succeeded and nothing but map ``g`` (deciding as ``"all"``)
@@ -229,14 +235,15 @@ class Batches(RunState):
                 or self.em or self.releasing or self.debug or self.stopping):
             return False
         member_of, dependents = self.member_of, self.dependents
-        only = [g]
-        for a, outcome in zip(items, outcomes, strict=True):
-            j = a.index
-            if not outcome[0] or member_of[j] != only or dependents[j] != only:
+        for (j, _), outcome in zip(items, outcomes, strict=True):
+            groups = member_of[j]
+            heard = dependents[j]  # (g,) for a declared map's items, () for run-time ones
+            if not outcome[0] or groups is None or len(groups) != 1 or groups[0] != g \
+                    or len(heard) > 1 or heard and heard[0] != g:
                 return False
         return True
 
-    def settle_batch(self, g: int, items: list[Attempt], outcomes: list[Any],
+    def settle_batch(self, g: int, items: list[tuple[int, int]], outcomes: list[Any],
                      msg: Done) -> None:
         """Succeed every item of a batch, then let map ``g`` decide once.
 
@@ -248,12 +255,11 @@ class Batches(RunState):
         shm, pipe = msg.shm_bytes // len(items), msg.pipe_bytes // len(items)
         succeeded = TaskStatus.SUCCEEDED
         spent = 0.0
-        for a, (_, value, t0, t1) in zip(items, outcomes, strict=True):
-            j = a.index
+        for (j, number), (_, value, t0, t1) in zip(items, outcomes, strict=True):
             tr = runs[j]
             tr.started_at = started = t0 + offset
             tr.finished_at = t1 + offset
-            if a.number == 1:
+            if number == 1:
                 tr.first_started_at = started
             tr.worker, tr.peak_memory = worker, peak
             tr.shm_bytes += shm

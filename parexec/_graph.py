@@ -28,8 +28,8 @@ class Graph:
     """A validated task graph; see the module docstring for the fields."""
 
     ids: list[str]
-    deps: list[list[int]]
-    dependents: list[list[int]]
+    deps: list[tuple[int, ...]]
+    dependents: list[tuple[int, ...]]
     order: list[int]
     estimates: list[float]
     rank: list[float]
@@ -50,7 +50,8 @@ class Readiness:
     __slots__ = ("dependents", "npending", "group")
 
     def __init__(self, graph: Graph, is_group: Sequence[bool]) -> None:
-        self.dependents = list(graph.dependents)  # lists of run-time items are appended
+        # The graph's rows, then those of run-time items (a submission's grows: ``_submit``).
+        self.dependents: list[Sequence[int]] = list(graph.dependents)
         self.npending = [len(d) for d in graph.deps]
         self.group = list(is_group)
 
@@ -74,7 +75,7 @@ class Readiness:
     def add(self) -> int:
         """Append a task with no dependencies and no dependents yet; return its index."""
         self.npending.append(0)
-        self.dependents.append([])
+        self.dependents.append(())
         self.group.append(False)
         return len(self.npending) - 1
 
@@ -96,16 +97,28 @@ def compile_graph(specs: Mapping[str, TaskSpec], workflow: str = "",
     ids = list(specs)
     index = {tid: i for i, tid in enumerate(ids)}
     n = len(ids)
-    deps: list[list[int]] = [[] for _ in range(n)]
-    dependents: list[list[int]] = [[] for _ in range(n)]
+    # Rows are tuples (one shared empty one for most tasks): tuples of ints are not tracked
+    # by the garbage collector, whose full collections would otherwise walk two lists per
+    # task of a large map on every run (issue 16).
+    none: tuple[int, ...] = ()
+    deps = [none] * n
+    users: list[list[int] | None] = [None] * n
     for i, spec in enumerate(specs.values()):
-        row = deps[i]
+        if not spec.deps:
+            continue
+        row = []
         for dep in spec.deps:
             j = index.get(dep)
             if j is None:
                 raise _missing(spec.id, dep, ids, workflow)
             row.append(j)
-            dependents[j].append(i)
+            up = users[j]
+            if up is None:
+                users[j] = [i]
+            else:
+                up.append(i)
+        deps[i] = tuple(row)
+    dependents = [tuple(r) if r is not None else none for r in users]
 
     # Kahn's algorithm; a plain list used as a FIFO keeps creation order among ready nodes.
     npending = [len(d) for d in deps]
@@ -131,7 +144,8 @@ def compile_graph(specs: Mapping[str, TaskSpec], workflow: str = "",
     for i in reversed(order):
         below = dependents[i]
         if below:
-            rank[i] = est[i] + max(rank[j] for j in below)
+            rank[i] = est[i] + (rank[below[0]] if len(below) == 1
+                                else max([rank[j] for j in below]))
     return Graph(ids, deps, dependents, order, est, rank)
 
 
@@ -144,7 +158,8 @@ def _missing(task: str, dep: str, ids: Sequence[str], workflow: str) -> MissingD
         f"task {task!r} depends on {dep!r}, which is not in {where}{hint}")
 
 
-def _find_cycle(ids: list[str], deps: list[list[int]], npending: list[int]) -> list[str]:
+def _find_cycle(ids: list[str], deps: Sequence[Sequence[int]],
+                npending: list[int]) -> list[str]:
     """Return one cycle among the nodes Kahn's algorithm could not order.
 
     The ids are in data-flow order (upstream first), the first id repeated at the end.

@@ -267,7 +267,7 @@ class Groups(RunState):
         self.sizers.append(spec.sizers)
         # A submission is in no group, but [] (not None) still sends it through
         # member_done, where the executor settles its future.
-        self.member_of.append([group] if group >= 0 else [])
+        self.member_of.append((group,) if group >= 0 else ())
         if group >= 0:
             self.runs[i].level = self.level[group]  # the map's own level: its items run there
         if self.releasing:

@@ -37,7 +37,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from queue import Empty, SimpleQueue
 from typing import Any
 
@@ -153,7 +153,8 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
                 if (s.memory or learned) and s.group is None and isolation[i] != "cluster":
                     self.init_memory(i, stacklevel=level)
         # Groups and maps: member_of[i] lists the groups task i belongs to.
-        self.member_of: list[list[int] | None] = [None] * n
+        # (Tuples of ints, which the garbage collector does not track; see compile_graph.)
+        self.member_of: list[Sequence[int] | None] = [None] * n
         self.groups: dict[int, Group] = {}
         # Readiness counts missing dependencies in lists of this run (map items append).
         self.readiness = Readiness(graph, [s.group is not None for s in specs])
@@ -172,7 +173,7 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
                 self.groups[g] = Group(g, members, info.wait, info.output,  # type: ignore[arg-type]
                                        info.timeout)
                 for m in members:
-                    self.member_of[m] = (self.member_of[m] or []) + [g]
+                    self.member_of[m] = (*(self.member_of[m] or ()), g)
             else:
                 members = []
                 self.maps_of.setdefault(graph.deps[g][0], []).append(g)

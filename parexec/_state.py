@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Protocol
@@ -125,8 +125,9 @@ class Attempt:
         # The run's Monitor, for a thread task that starts processes of its own (a script
         # step): ``sampler.watch(attempt, pid)`` makes their memory the task's peak memory.
         self.sampler: Any = None
-        # A batch of map items (see _batches): their own attempts, in the order they run.
-        self.items: list[Attempt] | None = None
+        # A batch of map items (see _batches): (index, attempt number) of each, in the
+        # order they run.
+        self.items: list[tuple[int, int]] | None = None
         # Pipelining (see _dispatch.PIPELINE_BELOW): a process attempt queued on the worker
         # of a running one (its ``leader``, whose ``follower`` it is) holds no slot; it takes
         # its leader's when the leader ends. The process pool reads ``leader`` in submit.
@@ -179,7 +180,7 @@ class RunState:
     # Per task (index i) ---------------------------------------------------------------
     state: list[TaskStatus]       # where task i is (PENDING ... final)
     readiness: Readiness          # missing dependencies of each task (graphlib's protocol)
-    dependents: list[list[int]]   # tasks that consume i (readiness's run-owned lists)
+    dependents: list[Sequence[int]]  # tasks that consume i (readiness's run-owned list)
     maps_of: dict[int, list[int]]  # task -> the maps over its result (expanded when done)
     batch_map: list[int]          # the map whose batches task i may join, else -1
     batch_of: dict[int, Attempt]  # running map item -> the batch it travels in
@@ -192,7 +193,7 @@ class RunState:
     sizers: list[Any]             # callable cpus/memory/timeout of i, or None
     plain: list[bool]             # i may be prefetched or queued behind a leader
                                   # (_threadpool.PREFETCH_BELOW, _dispatch.PIPELINE_BELOW)
-    member_of: list[list[int] | None]  # the groups i is a member of
+    member_of: list[Sequence[int] | None]  # the groups i is a member of
     is_group: list[bool]          # i is a group or a map (it never runs; readiness's list)
     kept: list[bool]              # keep=: i's value stays in the result
     nconsumers: list[int]         # keep=: dependents of i not final yet

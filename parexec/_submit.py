@@ -129,10 +129,10 @@ class ExecutorScheduler(Scheduler):
             else:
                 npending += 1
                 waiting = self.dependents[d]
-                if waiting is _NO_GROUPS:
-                    self.dependents[d] = [i]
-                else:
+                if type(waiting) is list and waiting is not _NO_GROUPS:
                     waiting.append(i)
+                else:  # shared, or a tuple (the rows of the graph and of map items)
+                    self.dependents[d] = [*waiting, i]
         if deps:
             self.deps_of[i] = deps
         if upstream_failed:

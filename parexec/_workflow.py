@@ -31,6 +31,7 @@ from ._options import (
     check_wait,
 )
 from ._task import (
+    _SCALARS,
     GroupInfo,
     GroupRef,
     MapRef,
@@ -231,12 +232,40 @@ class Workflow:
         except TypeError:
             raise TaskOptionError(
                 f"map {base!r}: items={items!r} must be an iterable or a task ref") from None
-        refs = [self._add(template.fn, (item,), kwargs, {**item_options, "id": f"{base}[{k}]"})
-                for k, item in enumerate(values)]
-        info = GroupInfo("all", tuple(r.id for r in refs), limit, None, "list", batch=batch)
+        ids = self._add_items(base, template.fn, values, kwargs, item_options)
+        info = GroupInfo("all", ids, limit, None, "list", batch=batch)
         # The map fails like its items (as a map over a task's result does).
         return self._add_group(info, base, "map", options.get("on_error", "fail"),
                                options.get("default"), MapRef)  # type: ignore[return-value]
+
+    def _add_items(self, base: str, fn: Callable[..., Any], values: list[Any],
+                   kwargs: dict[str, Any], options: dict[str, Any]) -> tuple[str, ...]:
+        """Add the tasks ``base[k]`` calling ``fn(values[k], **kwargs)``; return their ids.
+
+        An item holding no refs (a number, a string: the common case) is a copy of the
+        first item's spec with its own id and argument; any other goes through ``_add``.
+        """
+        ids = tuple([f"{base}[{k}]" for k in range(len(values))])
+        if not ids:
+            return ids
+        if not self._specs.keys().isdisjoint(ids):  # cannot happen: ids never hold brackets
+            raise DuplicateTaskError(f"workflow {self.name!r} already has tasks named "
+                                     f"{base}[...]; give this map another id=")
+        refs: list[TaskRef] = []
+        if kwargs:
+            find_refs(kwargs, refs)
+        for ref in refs:
+            self._check_ref(base, ref)
+        deps = tuple(dict.fromkeys([ref.id for ref in refs]))
+        first = TaskSpec(ids[0], fn, (), kwargs, deps, bool(refs), options)
+        specs, scalars = self._specs, _SCALARS
+        for tid, item in zip(ids, values, strict=True):
+            if type(item) in scalars:
+                specs[tid] = first.variant(tid, (item,), deps, first.has_refs)
+            else:  # it may hold refs: find them (and check them) as for any task
+                self._add(fn, (item,), kwargs, {**options, "id": tid})
+        self._graph = None
+        return ids
 
     def _add_group(self, info: GroupInfo, gid: str | None, kind: str, on_error: str,
                    default: Any, ref_type: type[TaskRef]) -> TaskRef:

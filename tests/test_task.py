@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from helpers import noop
+from helpers import echo, noop
 
 import parexec as px
-from parexec._task import find_refs, resolve_refs
+from parexec._task import TaskSpec, find_refs, resolve_refs
 
 
 def test_bare_decorator_calls_function_outside_workflow():
@@ -245,3 +245,31 @@ def test_retry_memory_factor_must_be_at_least_one(factor):
     assert px.Retry(1, memory_factor=2).memory_factor == 2
     with pytest.raises(px.TaskOptionError, match="memory_factor"):
         px.Retry(1, memory_factor=factor)
+
+
+def test_map_items_copy_every_option_of_their_template():
+    """A map's items are copies of its first item's spec (``TaskSpec.variant``): every
+    field but the id, name, argument and dependencies is the template's, whatever field a
+    later change adds; an item holding a ref still goes through the full path."""
+    with px.Workflow("w", pools={"db": 1}) as wf:
+        src = px.task(noop, id="src")()
+        tpl = px.task(echo, priority=3, estimate=2.0, timeout=9, retry=2, on_error="ignore",
+                      default=-1, cpus=0.5, memory="1MB", pools={"db": 1}, grace=1.5,
+                      isolation="thread")
+        ref = tpl.map([1, "two", (src, 3)], tag=src, id="m")
+    first, second, third = (wf.tasks[f"m[{k}]"] for k in range(3))
+    copied = set(TaskSpec.__slots__) - {"id", "name", "args", "deps", "has_refs"}
+    for slot in copied:
+        assert getattr(second, slot) == getattr(first, slot), slot
+        assert getattr(third, slot) == getattr(first, slot), slot
+    assert (second.id, second.name, second.args) == ("m[1]", "m[1]", ("two",))
+    assert second.deps == ("src",) and second.has_refs  # the fixed keyword argument
+    assert third.args == ((src, 3),) and third.deps == ("src",) and third.has_refs
+    assert px.run(wf, progress=False)[ref] == [
+        ((1,), {"tag": None}), (("two",), {"tag": None}), (((None, 3),), {"tag": None})]
+
+
+def test_named_map_items_keep_their_template_name():
+    with px.Workflow("w") as wf:
+        px.task(noop, name="step").map([1, 2], id="m")
+    assert [wf.tasks[f"m[{k}]"].name for k in range(2)] == ["step", "step"]

@@ -996,8 +996,8 @@ def graph_of(deps: list[list[int]], ) -> Graph:
     for i, row in enumerate(deps):
         for d in row:
             dependents[d].append(i)
-    return Graph([f"t{i}" for i in range(n)], deps, dependents, list(range(n)), [1.0] * n,
-                 [1.0] * n)
+    return Graph([f"t{i}" for i in range(n)], [tuple(row) for row in deps],
+                 [tuple(row) for row in dependents], list(range(n)), [1.0] * n, [1.0] * n)
 
 
 def test_readiness_prepare_done_and_add():
@@ -1010,7 +1010,7 @@ def test_readiness_prepare_done_and_add():
     assert r.done(0) == []  # 2 still waits for 1; 4 is a group: never counted
     assert r.done(1) == [2]
     assert r.done(2) == [3]
-    assert r.add() == 5 and r.npending[5] == 0 and r.dependents[5] == [] and not r.group[5]
+    assert r.add() == 5 and r.npending[5] == 0 and not r.dependents[5] and not r.group[5]
     assert [list(d) for d in graph.dependents] == before and len(graph.deps) == 5
 
 
