@@ -18,9 +18,15 @@ enough to hide the round trip and short enough for responsive progress, cancella
 fair sharing, as joblib's auto-batching does. A batch never takes more than its share of
 what is left (``1 / (2 * slots)``), so the end of a map keeps every worker busy.
 
+Items with a ``timeout`` travel in *streamed* batches: the worker sends each item's
+outcome as it ends (``_worker.run_batch``, ``ItemDone``), so the scheduler knows which item
+runs since when. One that overruns is timed out alone (``item_timed_out``): its worker is
+killed, the items settled before it keep their values, and those after it, which never
+started, are sent again without counting an attempt.
+
 Sent one by one (a batch of one is an ordinary attempt): thread items (prefetch already
-hides their round trip), and items with a ``timeout``, ``memory``, ``grace`` or a callable
-option, whose limits and stops are per attempt. A worker that dies during a batch fails
+hides their round trip), and items with ``memory``, ``grace`` or a callable option, whose
+limits and stops act on a whole worker. A worker that dies during a batch fails
 each of its items with ``WorkerCrashed`` (each retried as its policy says); cancelling the
 run, or the map resolving early, kills the batch's worker and cancels its items.
 """
@@ -30,8 +36,9 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
-from ._messages import Done
-from ._state import Attempt, RunState
+from ._errors import TaskTimeout
+from ._messages import Done, ItemDone
+from ._state import Attempt, Deadline, RunState
 from ._status import TaskStatus
 from ._task import resolve_args, resolve_refs
 from ._worker import decode_outcome, run_batch
@@ -71,7 +78,7 @@ class Batches(RunState):
         """Whether items like ``spec`` (of map ``map_spec``) may travel in batches."""
         info = map_spec.group
         return (iso == "process" and info is not None and info.output == "list"
-                and info.batch != 1 and spec.timeout is None and not spec.memory
+                and info.batch != 1 and not spec.memory
                 and spec.sizers is None and not (spec.grace or (spec.grace is None
                                                                 and self.grace)))
 
@@ -148,13 +155,90 @@ class Batches(RunState):
             kwargs = spec0.kwargs
             if kwargs and spec0.has_refs:
                 kwargs = resolve_refs(kwargs, values.__getitem__)
-            pool.submit(batch, run_batch, (spec0.fn, parts, kwargs), {})
+            timeout = spec0.timeout
+            if timeout is None:
+                pool.submit(batch, run_batch, (spec0.fn, parts, kwargs), {})
+            else:  # streamed: each item's outcome comes ahead, and starts the next one's clock
+                pool.submit(batch, run_batch, (spec0.fn, parts, kwargs, True), {})
+                self.add_deadline(now + timeout, Deadline.ITEM_TIMEOUT, (batch, 0))
         except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails these items only
             batch.final = True
             self.release(batch)
             for j, number in self.unbatch(batch):
                 runs[j].finished_at = self.clock() + self.offset
                 self.attempt_failed(j, self.item(batch, j, number), exc, None, retryable=False)
+
+    def item_done(self, msg: ItemDone, now: float) -> None:
+        """Item ``msg.k`` of a streamed batch ended: settle it; the next one starts now."""
+        batch, k = msg.attempt, msg.k
+        members = batch.items
+        if batch.final or members is None or not 0 <= k < len(members) - 1:
+            return  # decided meanwhile (killed); the last item comes in the batch's Done
+        j, number = members[k]
+        if self.batch_of.get(j) is batch:
+            del self.batch_of[j]
+            if self.state[j] is _RUNNING:
+                self.settle_item(j, number, batch, msg.outcome, batch.worker, None, now)
+        j, _ = members[k + 1]
+        self.runs[j].started_at = now + self.offset
+        timeout = self.specs[j].timeout
+        if timeout is not None:
+            self.add_deadline(now + timeout, Deadline.ITEM_TIMEOUT, (batch, k + 1))
+
+    def item_timed_out(self, batch: Attempt, k: int) -> None:
+        """Item ``k`` of a streamed batch overran its timeout: it is timed out alone.
+
+        Its worker is killed; the items after it, which never started, are sent again
+        without counting an attempt (those before it were settled as they ended).
+        """
+        j, number = batch.items[k] if batch.items is not None else (-1, 0)
+        if j < 0 or self.batch_of.get(j) is not batch or self.state[j] is not _RUNNING:
+            return  # it ended, and its outcome is being settled
+        spec, tr = self.specs[j], self.runs[j]
+        error = TaskTimeout(f"task {spec.id!r} attempt {number} exceeded its timeout of "
+                            f"{spec.timeout or 0:g}s")
+        tr.finished_at = self.clock() + self.offset
+        tr.worker = batch.worker
+        if self.em:
+            self.emit("task:timeout", j, number, tr.duration, error)
+        if not self.kill_or_flag(batch, cancel=False):
+            return  # its worker is gone already: the batch's Done settles every item
+        state, runs, ready, keys = self.state, self.runs, self.ready, self.keys
+        for m, n in self.unbatch(batch):
+            if m == j:
+                self.attempt_failed(j, self.item(batch, j, number), error, None, timed_out=True)
+                continue
+            tr = runs[m]  # never started: as if it had not been sent
+            tr.attempts = n - 1
+            tr.started_at = None
+            if n == 1:
+                tr.first_started_at = None
+            state[m] = _READY
+            heapq.heappush(ready, keys[m])
+
+    def settle_item(self, j: int, number: int, batch: Attempt, outcome: tuple[Any, ...],
+                    worker: int | str | None, peak: int | None, now: float) -> None:
+        """Settle item ``j`` of ``batch`` alone, with its outcome from ``run_batch``."""
+        tr = self.runs[j]
+        tr.worker = worker
+        tr.peak_memory = peak
+        ok, value, t0, t1 = outcome
+        if t1:
+            tr.started_at = t0 + self.offset
+            tr.finished_at = t1 + self.offset
+            if number == 1:
+                tr.first_started_at = tr.started_at
+            self.note_item_time(self.batch_map[j], t1 - t0)
+        else:
+            tr.finished_at = now + self.offset
+        a = self.item(batch, j, number)
+        if ok:
+            self.settle(j, a, True, value, None)
+        elif isinstance(value, BaseException):  # it could not be read here
+            self.settle(j, a, False, value, None)
+        else:
+            _, error, tb_text, _ = decode_outcome(a.task_id, value)
+            self.settle(j, a, False, error, tb_text)
 
     def item(self, batch: Attempt, j: int, number: int) -> Attempt:
         """The attempt of item ``j`` of ``batch`` (made when it must be settled alone)."""
@@ -192,37 +276,28 @@ class Batches(RunState):
             batch.peak_memory = msg.peak_memory
         self.release(batch)
         items = self.unbatch(batch)
-        runs, offset = self.runs, self.offset
+        runs = self.runs
         g = self.batch_map[batch.index]
-        n = len(batch.items or ()) or 1
+        members = batch.items or []
+        n = len(members) or 1
         outcomes = msg.value if msg.ok else None
         if outcomes is not None and len(items) == n and self.all_succeeded(g, items, outcomes):
             self.settle_batch(g, items, outcomes, msg)
             return
-        for k, (j, number) in enumerate(items if outcomes is None else batch.items or ()):
+        # The outcomes are those of the last items (a streamed batch's came ahead but one).
+        for k, (j, number) in enumerate(items if outcomes is None
+                                        else members[len(members) - len(outcomes):]):
             if self.state[j] is not _RUNNING:
                 continue  # cancelled meanwhile (its group resolved)
-            a = self.item(batch, j, number)
             tr = runs[j]
-            tr.worker = msg.worker
-            tr.peak_memory = msg.peak_memory
             tr.shm_bytes += msg.shm_bytes // n
             tr.pipe_bytes += msg.pipe_bytes // n
             if outcomes is None:  # the batch failed as a whole (its worker died, ...)
-                tr.finished_at = now + offset
-                self.settle(j, a, False, msg.value, msg.traceback)
+                tr.worker, tr.peak_memory = msg.worker, msg.peak_memory
+                tr.finished_at = now + self.offset
+                self.settle(j, self.item(batch, j, number), False, msg.value, msg.traceback)
                 continue
-            ok, value, t0, t1 = outcomes[k]
-            tr.started_at = t0 + offset
-            tr.finished_at = t1 + offset
-            if a.number == 1:
-                tr.first_started_at = tr.started_at
-            self.note_item_time(g, t1 - t0)
-            if ok:
-                self.settle(j, a, True, value, None)
-            else:
-                _, error, tb_text, _ = decode_outcome(a.task_id, value)
-                self.settle(j, a, False, error, tb_text)
+            self.settle_item(j, number, batch, outcomes[k], msg.worker, msg.peak_memory, now)
 
     def all_succeeded(self, g: int, items: list[tuple[int, int]], outcomes: list[Any]) -> bool:
         """Whether a batch may be settled at once (``settle_batch``).

@@ -219,7 +219,7 @@ def critical_path(graph: Graph, weights: Sequence[float] | None = None) -> list[
                 best, arg = dist[j], j
         dist[i] = w[i] + best
         back[i] = arg
-    end = max(range(n), key=lambda i: (dist[i], -i))
+    end = dist.index(max(dist))  # the first of the longest
     path = []
     while end >= 0:
         path.append(graph.ids[end])

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from ._state import Attempt
 
-__all__ = ["CancelAll", "CancelTask", "Close", "Command", "Control", "Done", "Message",
-           "OverBudget", "OverLimit", "Started", "Submit"]
+__all__ = ["CancelAll", "CancelTask", "Close", "Command", "Control", "Done", "ItemDone",
+           "Message", "OverBudget", "OverLimit", "Started", "Submit"]
 
 
 @dataclass(slots=True)
@@ -46,6 +46,22 @@ class Done:
     result_bytes: int | None = None
     shm_bytes: int = 0
     pipe_bytes: int = 0
+
+
+@dataclass(slots=True)
+class ItemDone:
+    """Item ``k`` of a streamed batch (map items with a ``timeout``) ended; the next starts.
+
+    Attributes:
+        attempt: The batch.
+        k: The item's position in the batch.
+        outcome: ``(ok, value | error bytes, t_start, t_end)`` as ``run_batch`` makes it, or
+            ``(False, exception, 0.0, 0.0)`` when it could not be unpickled here.
+    """
+
+    attempt: Attempt
+    k: int
+    outcome: tuple[Any, ...]
 
 
 @dataclass(slots=True)
@@ -123,5 +139,5 @@ class Close:
     """``shutdown()``: nothing more will be submitted; end once every task is final."""
 
 
-Message = Done | Started | Control | OverLimit | OverBudget | Submit | CancelTask | CancelAll \
-    | Close
+Message = Done | ItemDone | Started | Control | OverLimit | OverBudget | Submit | CancelTask \
+    | CancelAll | Close

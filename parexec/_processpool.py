@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import operator
 import os
+import pickle
 import select
 import threading
 from typing import Any, NamedTuple
 
 from . import _shm
-from ._errors import MemoryLimitExceeded, PicklingError, WorkerCrashed
-from ._messages import Done
+from ._errors import MemoryLimitExceeded, PicklingError, RemoteError, WorkerCrashed
+from ._messages import Done, ItemDone
 from ._payload import dumps_payload
 from ._proctree import kill_tree
-from ._worker import decode_outcome, worker_main
+from ._worker import STREAMED, decode_outcome, worker_main
 
 
 class _Worker:
@@ -511,6 +512,9 @@ class ProcessPool:
             return
         try:
             data = conn.recv_bytes()
+            if data[:1] == STREAMED:  # an item of a streamed batch; the batch goes on
+                self._streamed(worker, data)
+                return
             descs, body = _shm.split(data)
             piped = _shm.receive_parts(descs, conn.recv_bytes_into) if descs else []
         except (EOFError, OSError):
@@ -559,6 +563,21 @@ class ProcessPool:
             peak = sampled  # the larger of the worker's own and the monitor's
         attempt.queue.put(Done(attempt, ok, value, worker.pid, tb_text, t0 or 0.0, t1 or 0.0,
                                peak, result_bytes, shm, pipe))
+
+    def _streamed(self, worker: _Worker, data: bytes) -> None:
+        """Pass an item's outcome from a streamed batch (``run_batch``) to its run."""
+        attempt = worker.attempt
+        if attempt is None or worker.killed:
+            return
+        k = int.from_bytes(data[1:9], "little")
+        try:
+            outcome = pickle.loads(memoryview(data)[9:])
+        except BaseException as exc:  # noqa: BLE001
+            outcome = (False, RemoteError(
+                f"item {k} of {attempt.task_id}: its result could not be unpickled in the "
+                f"parent ({type(exc).__name__}: {exc}); make sure the modules it uses are "
+                "importable in the parent process"), 0.0, 0.0)
+        attempt.queue.put(ItemDone(attempt, k, outcome))
 
     def _retire(self, worker: _Worker) -> None:
         """Take ``worker`` out of service; it exits on EOF. Called under the lock.

@@ -385,20 +385,30 @@ def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
 
     seen: set[int] = set()
     pending: list[tuple[Any, Any]] = []  # (spec, its arguments) to check together
+    remote, default, plain = ("process", "cluster"), wf.isolation, _PLAIN
+    args: tuple[Any, ...]
     for s in specs:
-        if wf.isolation_of(s) not in ("process", "cluster"):
-            continue
-        fn, args, kwargs = s.fn, s.args, s.kwargs
         if s.group is not None:  # a map over a task's result: its function and fixed kwargs
+            if wf.isolation_of(s) not in remote:
+                continue
             fn, args, kwargs = s.group.dynamic[0], (), s.group.dynamic[2]
+        elif (s.isolation or default) not in remote:
+            continue
+        else:
+            fn, args, kwargs = s.fn, s.args, s.kwargs
         if id(fn) not in seen:
             seen.add(id(fn))
             try:
                 check(fn)
             except Exception as exc:  # noqa: BLE001
                 raise fail(s, exc, "function") from exc
-        if kwargs or any(type(a) not in _PLAIN for a in args):
+        if kwargs:
             pending.append((s, (args, kwargs)))
+            continue
+        for a in args:
+            if type(a) not in plain:
+                pending.append((s, (args, kwargs)))
+                break
     if not pending:
         return
     try:

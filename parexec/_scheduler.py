@@ -53,7 +53,7 @@ from ._gates import GroupGate, MemoryGate, PoolGate, build_gates
 from ._graph import Readiness
 from ._graph import depths as graph_levels
 from ._groups import Groups
-from ._messages import Control, Done, Message, OverLimit, Started
+from ._messages import Control, Done, ItemDone, Message, OverLimit, Started
 from ._pools import ThreadPool, process_pool
 from ._results import RunResult, TaskRun, build_stats
 from ._sizing import Sizing
@@ -368,6 +368,8 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
         kind = type(msg)
         if kind is Done:
             self.attempt_done(msg, now)  # type: ignore[arg-type]
+        elif kind is ItemDone:
+            self.item_done(msg, now)  # type: ignore[arg-type]
         elif kind is Started:
             self.attempt_started(msg.attempt, msg.t_start, msg.worker)  # type: ignore[union-attr]
         elif kind is Control:
@@ -398,6 +400,10 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
                     self.stop("timed_out")
             elif kind == Deadline.GRACE:
                 self.end_grace()
+            elif kind == Deadline.ITEM_TIMEOUT:
+                batch, k = payload
+                if batch in self.running and not batch.final:
+                    self.item_timed_out(batch, k)
             elif kind == Deadline.KILL:
                 if payload in self.interrupted:
                     self.kill_interrupted(payload)

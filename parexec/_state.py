@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ._events import Emitter
     from ._gates import Gate, MemoryGate
     from ._graph import Graph, Readiness
-    from ._messages import Done
+    from ._messages import Done, ItemDone
     from ._monitor import Monitor
     from ._pools import ProcessPool, ThreadPool
     from ._results import RunResult, TaskRun
@@ -79,6 +79,7 @@ class Deadline(enum.IntEnum):
     RECHECK = 4        # look at measured memory again for tasks parked on it (the gate)
     GROUP_TIMEOUT = 5  # a group's own timeout (the group's index)
     KILL = 6           # an interrupted process attempt's grace is over (the Attempt)
+    ITEM_TIMEOUT = 7   # an item of a streamed batch overran its timeout ((batch, position))
 
 
 class Attempt:
@@ -303,6 +304,8 @@ class RunState:
         def settle(self, i: int, attempt: Attempt, ok: bool, value: Any,
                    tb_text: str | None) -> None: ...
         def batch_done(self, msg: Done, now: float) -> None: ...
+        def item_done(self, msg: ItemDone, now: float) -> None: ...
+        def item_timed_out(self, batch: Attempt, k: int) -> None: ...
         def note_item_time(self, g: int, seconds: float) -> None: ...
         def batchable(self, spec: TaskSpec, iso: str, map_spec: TaskSpec) -> bool: ...
         def cancel_batch(self, batch: Attempt) -> None: ...

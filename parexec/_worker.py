@@ -74,6 +74,10 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
 # (run_payload called elsewhere, as tests do, leaves the caller's environment alone).
 _cap: BlasCap | None = None
 _meter: PeakMeter | None = None
+# Set by worker_main: writes one message to the driver. A streamed batch (``run_batch``)
+# sends each item's outcome through it before the next item starts.
+_progress: Any = None
+STREAMED = b"P"  # first byte of such a message (a reply starts with a pickle or b"S")
 
 
 def worker_main(conn: Any, driver_pid: int | None = None) -> None:
@@ -85,7 +89,7 @@ def worker_main(conn: Any, driver_pid: int | None = None) -> None:
     double-forked) before it exits: nothing a task started outlives the worker. See issue 12
     item 2.
     """
-    global _meter, _cap
+    global _meter, _cap, _progress
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(SIG_TIMEOUT, _on_stop_signal)
     signal.signal(SIG_CANCEL, _on_stop_signal)
@@ -95,6 +99,7 @@ def worker_main(conn: Any, driver_pid: int | None = None) -> None:
     _meter = PeakMeter()
     _watch_parent()
     recv, send, recv_into = conn.recv_bytes, conn.send_bytes, conn.recv_bytes_into
+    _progress = send
     driver = driver_pid or os.getppid()
     while True:
         try:
@@ -193,18 +198,26 @@ Meta = tuple[int | None, float | None, float | None]  # peak bytes, start, end (
 
 
 def run_batch(fn: Any, items: list[tuple[str, int, tuple[Any, ...]]],
-              kwargs: dict[str, Any]) -> list[tuple[Any, ...]]:
+              kwargs: dict[str, Any], stream: bool = False) -> list[tuple[Any, ...]]:
     """Run the items of a batched map one after the other, in this worker; never raises.
 
     ``items`` are ``(task id, attempt, args)``. Returns one outcome per item, in order:
     ``(True, value, t0, t1)`` or ``(False, error bytes, t0, t1)`` (``_error_outcome``, which
     keeps the type and the worker-side traceback; the driver decodes it with
     ``decode_outcome``). Each item has its own ``px.current()`` and its own clock readings.
+
+    ``stream`` (items with a ``timeout``, in a process worker): each item's outcome is sent
+    to the driver (``_stream``) before the next item starts, so the driver knows which item
+    runs since when, and a worker killed for an overrun loses no finished item. The
+    returned list then holds only the last item's outcome.
     """
     out: list[tuple[Any, ...]] = []
     context = _local.context
+    send = _progress if stream else None
     try:
-        for task_id, attempt, args in items:
+        for k, (task_id, attempt, args) in enumerate(items):
+            if send is not None and out:
+                _stream(send, k - 1, items[k - 1][0], out.pop())
             _local.context = TaskContext(task_id, attempt)
             t0 = monotonic()
             try:
@@ -221,6 +234,25 @@ def run_batch(fn: Any, items: list[tuple[str, int, tuple[Any, ...]]],
     finally:
         _local.context = context
     return out
+
+
+def _stream(send: Any, k: int, task_id: str, outcome: tuple[Any, ...]) -> None:
+    """Send item ``k``'s outcome ahead of its batch's reply (see ``run_batch``)."""
+    try:
+        data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - try harder, then fail this item alone
+        try:
+            import cloudpickle
+            data = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001
+            from ._errors import PicklingError
+            _, value, t0, t1 = outcome
+            err = PicklingError(
+                f"task {task_id!r} returned a value of type {type(value).__qualname__} that "
+                f"cannot be pickled ({type(exc).__name__}: {exc}); return plain data, or "
+                "run the task with isolation='thread'")
+            data = pickle.dumps((False, _error_outcome(task_id, err), t0, t1))
+    send(STREAMED + k.to_bytes(8, "little") + data)
 
 
 

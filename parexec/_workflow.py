@@ -205,8 +205,9 @@ class Workflow:
                 one batch runs for tens of milliseconds, which hides the round trip of
                 tiny items; ``N`` fixes the size; ``1`` sends one item per message.
                 Batching is invisible otherwise: each item keeps its own record, value,
-                error, retries, events and progress. Items with a ``timeout``, ``memory``,
-                ``grace`` or a callable option are sent one by one, as are thread items.
+                error, retries, events and progress; an item that overruns its
+                ``timeout`` is timed out alone. Items with ``memory``, ``grace`` or a
+                callable option are sent one by one, as are thread items.
             **kwargs: Fixed keyword arguments given to every call.
         """
         template = fn if isinstance(fn, TaskTemplate) else TaskTemplate(fn)

@@ -131,12 +131,74 @@ def test_a_worker_dying_in_a_batch_fails_its_items_with_workercrashed():
     assert result[ref][0] == 0 and result[ref][199] == 199  # other batches ran
 
 
-def test_items_with_a_timeout_or_memory_go_one_by_one():
-    """Items with a timeout (or memory) are not batched: each is an ordinary attempt."""
-    wf, ref = _map(square, range(30), timeout=30)
+def test_items_with_memory_go_one_by_one():
+    """Items with a memory limit are not batched (the limit kills one attempt's worker):
+    each is an ordinary attempt."""
+    wf, ref = _map(square, range(30), memory="1GB")
     result = px.run(wf, max_workers=2, progress=False)
     assert result[ref] == [x * x for x in range(30)]
     assert result.stats.maps.get("square", {"batches": {1: 30}})["batches"] == {1: 30}
+
+
+def hang_on(x, bad, pidfile):
+    """Hangs for item ``bad`` (after writing its pid), else returns its item and pid."""
+    import time
+    if x == bad:
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)
+    return x, os.getpid()
+
+
+def test_items_with_a_timeout_are_batched_and_succeed():
+    """Items with a timeout go in batches too (streamed: each outcome comes ahead of the
+    next item), and each keeps its own record."""
+    with px.Workflow("b", isolation="process") as wf:
+        ref = px.task(square).options(timeout=30).map(range(60), batch=20)
+    result = px.run(wf, max_workers=2, progress=False)
+    assert result[ref] == [x * x for x in range(60)]
+    assert result.stats.maps["square"]["batches"] == {20: 3}
+    assert all(result.tasks[f"square[{k}]"].attempts == 1 for k in range(60))
+
+
+@pytest.mark.timeout(60)
+def test_an_item_overrunning_its_timeout_is_timed_out_alone(tmp_path):
+    """In a batch of 8 on one worker, item 3 hangs past its 1 s timeout: it alone times out
+    (its worker killed), the items before it keep their values from that worker, and the
+    four after it, which never started, run in a new worker, still at attempt 1."""
+    pidfile = str(tmp_path / "pid")
+    with px.Workflow("b", isolation="process") as wf:
+        ref = px.task(hang_on).options(timeout=1, on_error="ignore", default="late").map(
+            range(8), bad=3, pidfile=pidfile, batch=8)
+    result = px.run(wf, max_workers=1, progress=False)
+    values = result[ref]
+    tr = result.tasks["hang_on[3]"]
+    assert tr.status == "timed_out" and isinstance(tr.error, px.TaskTimeout)
+    assert tr.attempts == 1 and tr.worker == int(open(pidfile).read())
+    assert values[3] == "late"
+    first = values[0][1]
+    assert [v[0] for k, v in enumerate(values) if k != 3] == [0, 1, 2, 4, 5, 6, 7]
+    assert values[1][1] == values[2][1] == first == tr.worker  # settled before the kill
+    assert len({values[k][1] for k in (4, 5, 6, 7)} - {first}) == 1  # sent again, elsewhere
+    assert all(result.tasks[f"hang_on[{k}]"].attempts == 1 for k in range(8))
+    assert result.stats.maps["hang_on"]["batches"] == {8: 1, 4: 1}
+    assert not psutil.pid_exists(tr.worker) or \
+        psutil.Process(tr.worker).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_item_is_retried_alone(tmp_path):
+    """retry= applies to the item that overran: it is tried again on its own, its history
+    records the timeout, and no other item of its batch counts an attempt."""
+    pidfile = str(tmp_path / "pid")
+    with px.Workflow("b", isolation="process") as wf:
+        px.task(hang_on).options(timeout=1, retry=1, on_error="ignore").map(
+            range(4), bad=1, pidfile=pidfile, batch=4)
+    result = px.run(wf, max_workers=1, progress=False)
+    tr = result.tasks["hang_on[1]"]
+    assert tr.status == "timed_out" and tr.attempts == 2
+    assert [h.outcome for h in tr.history] == ["timed_out"]
+    assert [result.tasks[f"hang_on[{k}]"].attempts for k in (0, 2, 3)] == [1, 1, 1]
 
 
 def test_thread_maps_are_not_batched():

@@ -241,3 +241,61 @@ def test_peak_overlap_counts_the_most_open_intervals(raw):
     from parexec._results import _peak_overlap
     spans = [(s, s + d) for s, d in raw]
     assert _peak_overlap(spans) == overlap_by_events(spans)
+
+
+_TIME = st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0, 10)
+_RECORD = st.tuples(
+    st.none() | _TIME,                                        # started_at
+    st.none() | st.floats(0, 3),                              # duration (finished_at)
+    st.none() | st.integers(0, 2),                            # level
+    st.none() | st.lists(st.tuples(_TIME, st.floats(0, 2)), min_size=1, max_size=3),
+    st.booleans(),                                            # is a group
+    st.integers(0, 100), st.integers(0, 100))                 # shm, pipe bytes
+
+
+@given(st.lists(_RECORD, max_size=25))
+def test_build_stats_matches_the_plain_definitions(raw):
+    """For any records (never started, retried, grouped, at any level), the one-pass figures
+    equal their definitions: the time of every attempt of every non-group task, the most of
+    them open at once, the levels whose attempts overlap, the bytes, the longest path by
+    elapsed time."""
+    from parexec._graph import Graph, critical_path
+    from parexec._results import _peak_overlap, build_stats
+    from parexec._status import AttemptRecord
+
+    runs, groups = [], []
+    for k, (start, took, level, history, group, shm, pipe) in enumerate(raw):
+        tr = px.TaskRun(f"t{k}")
+        tr.started_at = start
+        tr.finished_at = None if start is None or took is None else start + took
+        tr.level = level
+        if history:
+            tr.history = [AttemptRecord(n + 1, s, s + d, None, "failed")
+                          for n, (s, d) in enumerate(history)]
+            tr.first_started_at = history[0][0]
+        tr.shm_bytes, tr.pipe_bytes = shm, pipe
+        runs.append(tr)
+        groups.append(group)
+    n = len(runs)
+    chain = Graph(ids=[tr.id for tr in runs], deps=[(k - 1,) if k else () for k in range(n)],
+                  dependents=[(k + 1,) if k + 1 < n else () for k in range(n)],
+                  order=list(range(n)), estimates=[1.0] * n, rank=[1.0] * n)
+    stats = build_stats(runs, groups, makespan=10.0, graph=chain)
+
+    spans, by_level = [], {}
+    for tr, group in zip(runs, groups, strict=True):
+        if group:
+            continue
+        mine = [(s, f) for _, s, f, _, _ in tr.history or ()]
+        if tr.started_at is not None and tr.finished_at is not None:
+            mine.append((tr.started_at, tr.finished_at))
+        spans += mine
+        if tr.level is not None:
+            by_level.setdefault(tr.level, []).extend(mine)
+    assert stats.total_task_time == pytest.approx(sum(f - s for s, f in spans))
+    assert stats.max_concurrency == overlap_by_events(spans)
+    assert stats.parallel_groups == sum(1 for level in by_level.values()
+                                        if _peak_overlap(level) > 1)
+    assert (stats.shm_bytes, stats.pipe_bytes) == (sum(r[5] for r in raw),
+                                                   sum(r[6] for r in raw))
+    assert stats.critical_path == critical_path(chain, [tr.elapsed or 0.0 for tr in runs])
