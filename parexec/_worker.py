@@ -176,12 +176,10 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
                 big.clear()
             data = dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=big)
     except Exception as exc:  # noqa: BLE001
-        from ._errors import PicklingError
-        err = PicklingError(
-            f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
-            f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
-            "with isolation='thread'")
-        return (_error_outcome(task_id, err, meta=meta),)
+        if fn is run_batch and type(value) is list:  # the items that can go, go
+            outcome = (True, _sendable(value, args[1]), None, meta)
+            return (pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL),)
+        return (_error_outcome(task_id, _unpicklable(task_id, value, exc), meta=meta),)
     if not big:
         return (data,)
     assert where is not None
@@ -236,6 +234,46 @@ def run_batch(fn: Any, items: list[tuple[str, int, tuple[Any, ...]]],
     return out
 
 
+def _unpicklable(task_id: str, value: Any, exc: BaseException) -> BaseException:
+    from ._errors import PicklingError
+    return PicklingError(
+        f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
+        f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
+        "with isolation='thread'")
+
+
+def _sendable(outcomes: list[tuple[Any, ...]], items: list[Any]) -> list[tuple[Any, ...]]:
+    """A batch's outcomes, each value that cannot be pickled replaced by that item's error.
+
+    Only when the batch's reply could not be pickled: one item's value fails that item,
+    not the whole batch. Values that need cloudpickle are sent pickled by it.
+    """
+    import cloudpickle
+    out = []
+    for (ok, value, t0, t1), (task_id, _, _) in zip(outcomes, items[-len(outcomes):],
+                                                     strict=True):
+        if ok:
+            try:
+                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # noqa: BLE001
+                try:
+                    value = _Pickled(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+                except Exception as exc:  # noqa: BLE001
+                    ok, value = False, _error_outcome(task_id, _unpicklable(task_id, value, exc))
+        out.append((ok, value, t0, t1))
+    return out
+
+
+class _Pickled:
+    """A value pickled by cloudpickle inside a plain pickle: loaded back as the value."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return pickle.loads, (self.data,)
+
+
 def _stream(send: Any, k: int, task_id: str, outcome: tuple[Any, ...]) -> None:
     """Send item ``k``'s outcome ahead of its batch's reply (see ``run_batch``)."""
     try:
@@ -245,13 +283,9 @@ def _stream(send: Any, k: int, task_id: str, outcome: tuple[Any, ...]) -> None:
             import cloudpickle
             data = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001
-            from ._errors import PicklingError
             _, value, t0, t1 = outcome
-            err = PicklingError(
-                f"task {task_id!r} returned a value of type {type(value).__qualname__} that "
-                f"cannot be pickled ({type(exc).__name__}: {exc}); return plain data, or "
-                "run the task with isolation='thread'")
-            data = pickle.dumps((False, _error_outcome(task_id, err), t0, t1))
+            data = pickle.dumps((False, _error_outcome(task_id, _unpicklable(task_id, value,
+                                                                             exc)), t0, t1))
     send(STREAMED + k.to_bytes(8, "little") + data)
 
 

@@ -131,6 +131,30 @@ def test_a_worker_dying_in_a_batch_fails_its_items_with_workercrashed():
     assert result[ref][0] == 0 and result[ref][199] == 199  # other batches ran
 
 
+def odd_values(x):
+    """A lock for 5 (no pickler takes it), a lambda for 6 (only cloudpickle does), else x."""
+    if x == 5:
+        return threading.Lock()
+    if x == 6:
+        return lambda: "made in the worker"
+    return x
+
+
+def test_an_unpicklable_value_fails_its_item_alone():
+    """One item's value that cannot be pickled fails that item with PicklingError; the
+    others of its batch keep theirs, a value only cloudpickle can send included."""
+    with px.Workflow("b", isolation="process") as wf:
+        ref = px.task(odd_values).options(on_error="ignore", default="lost").map(
+            range(10), batch=10)
+    result = px.run(wf, max_workers=1, progress=False)
+    values = result[ref]
+    assert isinstance(result.tasks["odd_values[5]"].error, px.PicklingError)
+    assert "odd_values[5]" in str(result.tasks["odd_values[5]"].error)
+    assert values[6]() == "made in the worker"
+    assert [v for k, v in enumerate(values) if k != 6] == [0, 1, 2, 3, 4, "lost", 7, 8, 9]
+    assert result.stats.maps["odd_values"]["batches"] == {10: 1}
+
+
 def test_items_with_memory_go_one_by_one():
     """Items with a memory limit are not batched (the limit kills one attempt's worker):
     each is an ordinary attempt."""
