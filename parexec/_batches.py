@@ -178,7 +178,8 @@ class Batches(RunState):
         if self.batch_of.get(j) is batch:
             del self.batch_of[j]
             if self.state[j] is _RUNNING:
-                self.settle_item(j, number, batch, msg.outcome, batch.worker, None, now)
+                self.settle_item(j, number, batch, msg.outcome, batch.worker,
+                                 msg.peak_memory, now)
         j, _ = members[k + 1]
         self.runs[j].started_at = now + self.offset
         timeout = self.specs[j].timeout

@@ -57,11 +57,13 @@ class ItemDone:
         k: The item's position in the batch.
         outcome: ``(ok, value | error bytes, t_start, t_end)`` as ``run_batch`` makes it, or
             ``(False, exception, 0.0, 0.0)`` when it could not be unpickled here.
+        peak_memory: The worker's peak memory so far in the batch, in bytes (None: unknown).
     """
 
     attempt: Attempt
     k: int
     outcome: tuple[Any, ...]
+    peak_memory: int | None = None
 
 
 @dataclass(slots=True)

@@ -571,13 +571,13 @@ class ProcessPool:
             return
         k = int.from_bytes(data[1:9], "little")
         try:
-            outcome = pickle.loads(memoryview(data)[9:])
+            *outcome, peak = pickle.loads(memoryview(data)[9:])
         except BaseException as exc:  # noqa: BLE001
-            outcome = (False, RemoteError(
+            outcome, peak = [False, RemoteError(
                 f"item {k} of {attempt.task_id}: its result could not be unpickled in the "
                 f"parent ({type(exc).__name__}: {exc}); make sure the modules it uses are "
-                "importable in the parent process"), 0.0, 0.0)
-        attempt.queue.put(ItemDone(attempt, k, outcome))
+                "importable in the parent process"), 0.0, 0.0], None
+        attempt.queue.put(ItemDone(attempt, k, tuple(outcome), peak))
 
     def _retire(self, worker: _Worker) -> None:
         """Take ``worker`` out of service; it exits on EOF. Called under the lock.

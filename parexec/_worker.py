@@ -276,6 +276,8 @@ class _Pickled:
 
 def _stream(send: Any, k: int, task_id: str, outcome: tuple[Any, ...]) -> None:
     """Send item ``k``'s outcome ahead of its batch's reply (see ``run_batch``)."""
+    # The worker's peak memory so far in the batch rides along (the item's measurement).
+    outcome = (*outcome, _meter.peak() if _meter is not None else None)
     try:
         data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - try harder, then fail this item alone
@@ -283,9 +285,9 @@ def _stream(send: Any, k: int, task_id: str, outcome: tuple[Any, ...]) -> None:
             import cloudpickle
             data = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001
-            _, value, t0, t1 = outcome
+            _, value, t0, t1, peak = outcome
             data = pickle.dumps((False, _error_outcome(task_id, _unpicklable(task_id, value,
-                                                                             exc)), t0, t1))
+                                                                             exc)), t0, t1, peak))
     send(STREAMED + k.to_bytes(8, "little") + data)
 
 

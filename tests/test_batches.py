@@ -182,7 +182,10 @@ def test_items_with_a_timeout_are_batched_and_succeed():
     result = px.run(wf, max_workers=2, progress=False)
     assert result[ref] == [x * x for x in range(60)]
     assert result.stats.maps["square"]["batches"] == {20: 3}
-    assert all(result.tasks[f"square[{k}]"].attempts == 1 for k in range(60))
+    records = [result.tasks[f"square[{k}]"] for k in range(60)]
+    assert all(tr.attempts == 1 for tr in records)
+    assert all(tr.peak_memory and tr.peak_memory > 1 << 20 for tr in records)  # measured
+    assert all(tr.started_at <= tr.finished_at for tr in records)
 
 
 @pytest.mark.timeout(60)
