@@ -33,6 +33,9 @@ MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task wai
 # same qualifications as for threads (plain tasks: nothing scarce is held while queued)
 # and the same cost: a queued task is committed to its worker, so a higher-priority task
 # that becomes ready a moment later starts after it (within PIPELINE_BELOW on average).
+# A leader may run far longer than the mean: a follower still waiting when a slot frees
+# (a task without follower ended) and no better task is ready takes that slot on the free
+# worker (``steal``), so it never waits out a long leader while a worker idles.
 PIPELINE_BELOW = 0.005
 MAX_STALE_LEADERS = 64  # compact the leaders deque when this many ended ones may pile up
 
@@ -44,6 +47,9 @@ class Dispatch(RunState):
         """Start ready tasks, best first, while the gates admit them."""
         if self.paused or self.stopping:
             return
+        if self.waiting:
+            while self.steal():
+                pass
         ready, gates = self.ready, self.gates
         state, sizers = self.state, self.sizers
         while True:
@@ -114,6 +120,50 @@ class Dispatch(RunState):
             return False
         return all(h.admits(i) and (h.holder < 0 or not h.need(i) or h.spares(i))
                    for h in self.unslotted)
+
+    def steal(self) -> bool:
+        """Give a free slot to the oldest follower still waiting behind its leader.
+
+        A follower is committed to its leader's worker, and a leader may run far longer
+        than the mean that let it be queued: when a slot is free (a task without follower
+        ended) and no better task is ready, the follower takes the slot and starts on a
+        free worker (``restart``) instead of waiting. Returns whether one did.
+        """
+        waiting = self.waiting
+        while waiting:
+            f = waiting[0]
+            if f.prefetched and f.leader is not None and f.holding and not f.final:
+                break
+            waiting.popleft()  # promoted, withdrawn or ended meanwhile
+        else:
+            return False
+        i = f.index
+        if self.ready and self.ready[0] < self.keys[i]:
+            return False  # the free slot is for a better task
+        slots = [g for g in self.gates if g.blocks_all]
+        for g in slots:
+            if g.holder >= 0 and g.holder != i or g.used + g.need(i) > g.capacity:
+                return False
+        waiting.popleft()
+        for g in slots:
+            g.acquire(i)
+        leader = f.leader
+        leader.follower = f.leader = None
+        f.prefetched = False
+        self.leaders.append(f)
+        self.promoted(f)
+        f.pool.restart(f)  # type: ignore[attr-defined]
+        return True
+
+    def promoted(self, f: Attempt) -> None:
+        """Follower ``f`` now holds a slot and runs in its own right: its record starts."""
+        j = f.index
+        tr = self.runs[j]
+        tr.started_at = started = self.clock() + self.offset  # its Done has the worker's own
+        if f.number == 1:
+            tr.first_started_at = started
+        if self.em and not self.stopping:
+            self.emit("task:started", j, f.number)
 
     def free_leader(self) -> Attempt | None:
         """The oldest process attempt still running with no follower (see ``PIPELINE_BELOW``)."""
@@ -214,6 +264,11 @@ class Dispatch(RunState):
                 leader = self.free_leader()
                 assert leader is not None  # may_queue found it
                 attempt.leader, leader.follower = leader, attempt
+                waiting = self.waiting
+                waiting.append(attempt)
+                if len(waiting) > MAX_STALE_LEADERS + self.nholding:  # bounded, as leaders
+                    self.waiting = collections.deque(
+                        f for f in waiting if f.prefetched and f.leader is not None)
         else:
             for g in self.gates:
                 g.acquire(i)
@@ -287,13 +342,7 @@ class Dispatch(RunState):
         attempt.follower = follower.leader = None
         follower.prefetched = False
         self.leaders.append(follower)  # it runs in its own right now: it may lead too
-        j = follower.index
-        tr = self.runs[j]
-        tr.started_at = started = self.clock() + self.offset  # its Done has the worker's own
-        if follower.number == 1:
-            tr.first_started_at = started
-        if self.em and not self.stopping:
-            self.emit("task:started", j, follower.number)
+        self.promoted(follower)
         return self.unslotted
 
     def unpark(self, g: Gate) -> None:

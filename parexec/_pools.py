@@ -97,6 +97,10 @@ class RecyclingPool(ProcessPool):
         """See ``ProcessPool.kill``."""
         return self.pool.kill(attempt)
 
+    def restart(self, attempt: Any) -> None:
+        """See ``ProcessPool.restart``."""
+        self.pool.restart(attempt)
+
     def runs(self, attempt: Any) -> bool:
         """See ``ProcessPool.runs``."""
         return self.pool.runs(attempt)

@@ -316,6 +316,21 @@ class ProcessPool:
                 return True
         return False
 
+    def restart(self, attempt: Any) -> None:
+        """Start ``attempt``, queued behind a running one (``submit``), on a free worker now.
+
+        The scheduler gave it a slot of its own: its leader runs long, and another worker
+        is free. One that was sent already (its leader ended meanwhile), or that waits for
+        a leader not on a worker yet, stays as it is.
+        """
+        with self._lock:
+            worker = attempt.handle
+            if worker is None or worker.next is None or worker.next.attempt is not attempt:
+                return
+            send, worker.next = worker.next, None
+            self._moving[attempt] = send  # withdrawable by kill until it is handed over
+        self._start(send, moving=True)
+
     def runs(self, attempt: Any) -> bool:
         """Whether ``attempt`` is on a worker now (sent, reply not read)."""
         with self._lock:

@@ -202,6 +202,7 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
                       for iso, s in zip(isolation, specs, strict=True)]
         self.mean_process_duration = 1.0  # running average (seconds), starts "slow"
         self.leaders = collections.deque()
+        self.waiting = collections.deque()
         self.ready: list[tuple[Any, ...]] = []
         self.deadlines: list[tuple[float, int, Deadline, Any]] = []
         self.seq = itertools.count()
@@ -316,7 +317,7 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
         queue, deadlines, clock = self.queue, self.deadlines, self.clock
         handle, done = self.handle, self.attempt_done
         while True:
-            if self.ready or self.nholding == 0:
+            if self.ready or self.nholding == 0 or self.waiting:  # (waiting: see steal)
                 self.dispatch()
             if self.nfinal == self.n and not self.open_ended:
                 if self.nholding == 0 or self.grace_ended:

@@ -19,11 +19,13 @@ from helpers import (
     cooperative,
     echo,
     flaky,
+    hold_until,
     ignore_cancel,
     noop,
     overlap_by_events,
     sleep_pid,
     sleep_then,
+    stamp,
 )
 
 import parexec as px
@@ -930,3 +932,27 @@ def test_process_tasks_of_tens_of_milliseconds_are_not_pipelined(monkeypatch):
             wf.add(px.task(sleep_then).options(id=f"t{k}"), 0.03)
     result = px.run(wf, max_workers=2, progress=False)
     assert result.ok and queued == []
+
+
+@pytest.mark.timeout(120)
+def test_a_follower_stuck_behind_a_long_leader_takes_a_freed_slot(monkeypatch, tmp_path):
+    """Pipelining commits a follower to its leader's worker; when that leader runs long and
+    another task ends without a follower, the follower takes the freed slot and starts on
+    the free worker (here it releases its own leader, which would otherwise wait 30 s):
+    no more than max_workers ran at once."""
+    from parexec import _dispatch
+    monkeypatch.setattr(_dispatch, "PIPELINE_BELOW", float("inf"))  # queue whatever it is
+    queued = _count_queued(monkeypatch)
+    release, started = str(tmp_path / "release"), str(tmp_path / "started")
+    with px.Workflow("steal", isolation="process") as wf:
+        long = wf.add(px.task(hold_until).options(id="long", priority=3), release, started)
+        wf.add(px.task(sleep_then).options(id="short", priority=2), 0.5)
+        wf.add(px.task(stamp).options(id="follower", priority=1), release)
+    result = px.run(wf, max_workers=2, progress=False)
+    tasks = result.tasks
+    assert queued == [2]  # the follower, queued behind "long" (the oldest leader)
+    assert tasks["follower"].finished_at < tasks["long"].finished_at
+    assert tasks["long"].finished_at - tasks["long"].started_at < 20  # released, not timed out
+    assert result[long] != result["follower"]  # another worker than its leader's
+    spans = [(t.started_at, t.finished_at) for t in tasks.values()]
+    assert overlap_by_events(spans) <= 2

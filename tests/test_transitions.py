@@ -78,6 +78,7 @@ class FakePool:
         self.memory_kills: list[tuple[Attempt, int, int]] = []
         self.interruptible = True
         self.shut = False
+        self.restarted: list[Attempt] = []
 
     def submit(self, attempt: Attempt, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                max_tasks_per_worker: int | None = None) -> None:
@@ -97,6 +98,9 @@ class FakePool:
             return False
         self.killed.append(attempt)
         return True
+
+    def restart(self, attempt: Attempt) -> None:
+        self.restarted.append(attempt)
 
     def interrupt(self, attempt: Attempt, cancel: bool) -> bool:
         self.interrupted.append((attempt, cancel))
@@ -1038,3 +1042,47 @@ def test_readiness_yields_a_topological_order_covering_every_node_once(deps, rnd
     position = {node: k for k, node in enumerate(order)}
     assert all(position[d] < position[i] for i, row in enumerate(deps) for d in row)
 
+
+
+def test_a_follower_takes_the_slot_freed_by_another_task_unless_a_better_one_waits(make):
+    """Pipelining (short process tasks): "follower" waits behind "long". When "short" ends
+    without a follower, the free slot goes to the follower (restarted on a free worker,
+    task:started now) rather than idling; when "long" later ends, it gives back its own
+    slot. A better task ready at that moment would take the slot instead."""
+    with px.Workflow("w", isolation="process") as wf:
+        task("long", priority=4)()
+        task("short", priority=3)()
+        task("follower", priority=2)()
+    h = make(wf, max_workers=2)
+    h.sched.mean_process_duration = 0.0  # as measured once short tasks ran
+    assert h.dispatch() == ["long", "short", "follower"]
+    follower = h.attempt("follower")
+    assert follower.prefetched and follower.leader is h.attempt("long")
+    assert h.kinds("follower")[-1] == "task:queued"
+    h.done("short")
+    h.dispatch()
+    assert h.procs.restarted == [follower] and not follower.prefetched
+    assert follower.leader is None and h.attempt("long").follower is None
+    assert h.kinds("follower")[-1] == "task:started"
+    slots = h.sched.gates[0]
+    assert slots.used == 2  # long and follower: never more than max_workers
+    h.done("long")
+    h.done("follower")
+    assert slots.used == 0 and h.sched.nholding == 0
+    assert h.state("long", "short", "follower") == [S.SUCCEEDED] * 3
+
+
+def test_a_better_ready_task_keeps_the_freed_slot_from_a_follower(make):
+    """The slot freed by a task without follower goes to a ready task better than the
+    waiting follower (its priority decides, as without pipelining)."""
+    with px.Workflow("w", isolation="process") as wf:
+        task("long", priority=4)()
+        task("short", priority=3)()
+        task("follower", priority=1)()
+        task("urgent", priority=2, after=["short"])()
+    h = make(wf, max_workers=2)
+    h.sched.mean_process_duration = 0.0
+    assert h.dispatch() == ["long", "short", "follower"]
+    h.done("short")  # "urgent" is ready now, better than the follower
+    assert h.dispatch() == ["urgent"] and h.procs.restarted == []
+    assert h.attempt("follower").prefetched
