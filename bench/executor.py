@@ -185,4 +185,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the functions of ``bench.executor``, not of ``__main__``: every engine's workers
+    # import them by name, as they would a user's module (``python -m`` makes this module
+    # ``__main__``, whose functions cloudpickle-based engines would send by value with
+    # every task while ProcessPoolExecutor's forked workers already have them).
+    from bench import executor
+    executor.main()
