@@ -160,7 +160,8 @@ class Batches(RunState):
                 pool.submit(batch, run_batch, (spec0.fn, parts, kwargs), {})
             else:  # streamed: each item's outcome comes ahead, and starts the next one's clock
                 pool.submit(batch, run_batch, (spec0.fn, parts, kwargs, True), {})
-                self.add_deadline(now + timeout, Deadline.ITEM_TIMEOUT, (batch, 0))
+                self.item_clock[batch] = (0, now + timeout)
+                self.add_deadline(now + timeout, Deadline.ITEM_TIMEOUT, batch)
         except Exception as exc:  # noqa: BLE001 - e.g. PicklingError: fails these items only
             batch.final = True
             self.release(batch)
@@ -180,11 +181,25 @@ class Batches(RunState):
             if self.state[j] is _RUNNING:
                 self.settle_item(j, number, batch, msg.outcome, batch.worker,
                                  msg.peak_memory, now)
-        j, _ = members[k + 1]
-        self.runs[j].started_at = now + self.offset
+        if batch.final:  # settling it stopped the batch (its map resolved, the run stops)
+            return
+        j, _ = members[k + 1]  # runs now, on the worker's clock as on ours
+        if self.batch_of.get(j) is batch and self.state[j] is _RUNNING:
+            self.runs[j].started_at = now + self.offset
         timeout = self.specs[j].timeout
-        if timeout is not None:
-            self.add_deadline(now + timeout, Deadline.ITEM_TIMEOUT, (batch, k + 1))
+        if timeout is not None:  # its deadline replaces the last one's (one per batch)
+            self.item_clock[batch] = (k + 1, now + timeout)
+
+    def item_deadline(self, batch: Attempt) -> None:
+        """A streamed batch's deadline is due: its running item overran, or moved on since."""
+        clock = self.item_clock.get(batch)
+        if clock is None or batch.final or batch not in self.running:
+            return
+        k, due = clock
+        if due > self.clock():  # a later item runs now: wait for its own deadline
+            self.add_deadline(due, Deadline.ITEM_TIMEOUT, batch)
+        else:
+            self.item_timed_out(batch, k)
 
     def item_timed_out(self, batch: Attempt, k: int) -> None:
         """Item ``k`` of a streamed batch overran its timeout: it is timed out alone.
@@ -204,18 +219,38 @@ class Batches(RunState):
             self.emit("task:timeout", j, number, tr.duration, error)
         if not self.kill_or_flag(batch, cancel=False):
             return  # its worker is gone already: the batch's Done settles every item
-        state, runs, ready, keys = self.state, self.runs, self.ready, self.keys
-        for m, n in self.unbatch(batch):
-            if m == j:
-                self.attempt_failed(j, self.item(batch, j, number), error, None, timed_out=True)
+        self.resend_after(batch, j)
+        self.unbatch(batch)
+        self.attempt_failed(j, self.item(batch, j, number), error, None, timed_out=True)
+
+    def resend_after(self, batch: Attempt, j: int) -> None:
+        """``batch`` stopped while its item ``j`` ran: the items after it never started.
+
+        They leave the batch and are ready again, their attempt not counted, before ``j``
+        is settled: a failure of ``j`` that stops the run or resolves the map then finds
+        them ready (and cancels them), not running in a batch that no longer runs.
+        """
+        state, runs, ready, keys, batch_of = \
+            self.state, self.runs, self.ready, self.keys, self.batch_of
+        now = self.clock() + self.offset
+        members = batch.items or []
+        after = next((k + 1 for k, (m, _) in enumerate(members) if m == j), len(members))
+        for m, n in members[after:]:
+            if batch_of.get(m) is not batch:
                 continue
-            tr = runs[m]  # never started: as if it had not been sent
+            del batch_of[m]
+            if state[m] is not _RUNNING:
+                continue
+            tr = runs[m]  # as if it had not been sent
             tr.attempts = n - 1
             tr.started_at = None
+            tr.queued_at = now
             if n == 1:
                 tr.first_started_at = None
             state[m] = _READY
             heapq.heappush(ready, keys[m])
+            if self.em:
+                self.emit("task:queued", m)
 
     def settle_item(self, j: int, number: int, batch: Attempt, outcome: tuple[Any, ...],
                     worker: int | str | None, peak: int | None, now: float) -> None:
@@ -250,6 +285,7 @@ class Batches(RunState):
         """``(index, attempt number)`` of ``batch``'s items still running; they leave it."""
         out = []
         batch_of, state = self.batch_of, self.state
+        self.item_clock.pop(batch, None)
         for j, number in batch.items or ():
             if batch_of.get(j) is batch:
                 del batch_of[j]
@@ -276,12 +312,18 @@ class Batches(RunState):
         if msg.peak_memory is not None:
             batch.peak_memory = msg.peak_memory
         self.release(batch)
+        streamed = batch in self.item_clock
+        outcomes = msg.value if msg.ok else None
+        if outcomes is None and streamed:  # its worker died: in the item it was running
+            running = next((j for j, _ in batch.items or () if self.batch_of.get(j) is batch
+                            and self.state[j] is _RUNNING), -1)
+            if running >= 0:
+                self.resend_after(batch, running)  # the others never started
         items = self.unbatch(batch)
         runs = self.runs
         g = self.batch_map[batch.index]
         members = batch.items or []
         n = len(members) or 1
-        outcomes = msg.value if msg.ok else None
         if outcomes is not None and len(items) == n and self.all_succeeded(g, items, outcomes):
             self.settle_batch(g, items, outcomes, msg)
             return

@@ -266,6 +266,8 @@ class Completion(RunState):
                     timed_out: bool = False) -> None:
         """Task ``i`` failed for good: record it and apply its ``on_error``."""
         spec = self.specs[i]
+        if spec.on_error == "ignore":  # its value before finalize tells its groups it failed
+            self.values[i] = spec.default
         self.finalize(i, TaskStatus.TIMED_OUT if timed_out else TaskStatus.FAILED, "task:failed",
                       error, tb_text, number)
         if self.member_failed(i):

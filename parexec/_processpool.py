@@ -515,6 +515,7 @@ class ProcessPool:
                 elif kind == _WAKE:
                     os.read(self._wake_r, 4096)
                 elif kind == _EXIT:
+                    self._drain(obj)
                     self._reap(obj)
                 else:
                     self._reap_retired(obj)
@@ -618,6 +619,21 @@ class ProcessPool:
         worker.process.join(timeout=1)
         if worker.process.exitcode is not None:
             _shm.sweep_writer(worker.pid)
+
+    def _drain(self, worker: _Worker) -> None:
+        """Read what an exited worker wrote before it died.
+
+        A streamed batch's items each come in their own message, and the reader reads one
+        per wake-up: those still in the pipe are finished items, not lost work.
+        """
+        conn = worker.conn
+        while self._workers.get(conn) is worker:
+            try:
+                if not conn.poll(0):
+                    return
+            except (OSError, EOFError):
+                return
+            self._receive(conn)  # at the end of the pipe, it reaps the worker
 
     def _reap(self, worker: _Worker) -> None:
         with self._lock:

@@ -163,6 +163,9 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
         self.maps_of: dict[int, list[int]] = {}  # task -> maps over its result
         self.batch_map = [-1] * n  # the map whose batches task i may join (see _batches)
         self.batch_of: dict[int, Attempt] = {}  # running map item -> its batch
+        # A streamed batch (items with a timeout) -> (position of its running item, when
+        # that item's timeout is due); one deadline per batch is in the heap at a time.
+        self.item_clock: dict[Attempt, tuple[int, float]] = {}
         self.map_stats: dict[int, MapStats] = {}
         for g, spec in enumerate(specs):
             info = spec.group
@@ -402,9 +405,7 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
             elif kind == Deadline.GRACE:
                 self.end_grace()
             elif kind == Deadline.ITEM_TIMEOUT:
-                batch, k = payload
-                if batch in self.running and not batch.final:
-                    self.item_timed_out(batch, k)
+                self.item_deadline(payload)
             elif kind == Deadline.KILL:
                 if payload in self.interrupted:
                     self.kill_interrupted(payload)

@@ -79,7 +79,7 @@ class Deadline(enum.IntEnum):
     RECHECK = 4        # look at measured memory again for tasks parked on it (the gate)
     GROUP_TIMEOUT = 5  # a group's own timeout (the group's index)
     KILL = 6           # an interrupted process attempt's grace is over (the Attempt)
-    ITEM_TIMEOUT = 7   # an item of a streamed batch overran its timeout ((batch, position))
+    ITEM_TIMEOUT = 7   # the running item of a streamed batch may be overdue (the batch)
 
 
 class Attempt:
@@ -185,6 +185,7 @@ class RunState:
     maps_of: dict[int, list[int]]  # task -> the maps over its result (expanded when done)
     batch_map: list[int]          # the map whose batches task i may join, else -1
     batch_of: dict[int, Attempt]  # running map item -> the batch it travels in
+    item_clock: dict[Attempt, tuple[int, float]]  # streamed batch -> (running item, due)
     map_stats: dict[int, MapStats]  # batched map -> what its batching did
     runs: list[TaskRun]           # task i's record, returned in the result
     values: list[Any]             # task i's value while something may still need it
@@ -309,6 +310,7 @@ class RunState:
         def batch_done(self, msg: Done, now: float) -> None: ...
         def item_done(self, msg: ItemDone, now: float) -> None: ...
         def item_timed_out(self, batch: Attempt, k: int) -> None: ...
+        def item_deadline(self, batch: Attempt) -> None: ...
         def note_item_time(self, g: int, seconds: float) -> None: ...
         def batchable(self, spec: TaskSpec, iso: str, map_spec: TaskSpec) -> bool: ...
         def cancel_batch(self, batch: Attempt) -> None: ...

@@ -166,19 +166,23 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
     outcome = (True, _shm.wrap(value), None, meta)
     big = _shm.Collector() if where is not None else None
     dumps: Any = pickle.dumps
+    # A value's __reduce__ may raise anything (SystemExit included): never the worker's end.
     try:
         try:
             data = dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=big)
-        except Exception:  # noqa: BLE001 - try harder
+        except BaseException:  # noqa: BLE001 - try harder
             import cloudpickle
             dumps = cloudpickle.dumps
             if big is not None:
                 big.clear()
             data = dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=big)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
         if fn is run_batch and type(value) is list:  # the items that can go, go
-            outcome = (True, _sendable(value, args[1]), None, meta)
-            return (pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL),)
+            try:
+                outcome = (True, _sendable(value, args[1]), None, meta)
+                return (pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL),)
+            except BaseException:  # noqa: BLE001 - then the batch fails as a whole
+                pass
         return (_error_outcome(task_id, _unpicklable(task_id, value, exc), meta=meta),)
     if not big:
         return (data,)
@@ -235,11 +239,34 @@ def run_batch(fn: Any, items: list[tuple[str, int, tuple[Any, ...]]],
 
 
 def _unpicklable(task_id: str, value: Any, exc: BaseException) -> BaseException:
+    """The ``PicklingError`` of a task whose value cannot be pickled (never raises)."""
     from ._errors import PicklingError
+    try:
+        reason = f" ({type(exc).__name__}: {exc})"
+    except BaseException:  # noqa: BLE001 - an error whose str() raises
+        reason = ""
     return PicklingError(
         f"task {task_id!r} returned a value of type {type(value).__qualname__} that cannot "
-        f"be pickled ({type(exc).__name__}: {exc}); return plain data, or run the task "
-        "with isolation='thread'")
+        f"be pickled{reason}; return plain data, or run the task with isolation='thread'")
+
+
+def _portable(task_id: str, value: Any) -> tuple[bool, Any]:
+    """How one item's value can travel: as itself, as ``_Pickled``, or as its error.
+
+    ``(True, value)`` if pickle takes it, ``(True, _Pickled)`` if only cloudpickle does,
+    else ``(False, error outcome)``. Whatever pickling raises (a ``__reduce__`` may raise
+    anything, ``SystemExit`` included) fails this value alone.
+    """
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return True, value
+    except BaseException:  # noqa: BLE001 - try harder
+        pass
+    try:
+        import cloudpickle
+        return True, _Pickled(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException as exc:  # noqa: BLE001
+        return False, _error_outcome(task_id, _unpicklable(task_id, value, exc))
 
 
 def _sendable(outcomes: list[tuple[Any, ...]], items: list[Any]) -> list[tuple[Any, ...]]:
@@ -248,18 +275,11 @@ def _sendable(outcomes: list[tuple[Any, ...]], items: list[Any]) -> list[tuple[A
     Only when the batch's reply could not be pickled: one item's value fails that item,
     not the whole batch. Values that need cloudpickle are sent pickled by it.
     """
-    import cloudpickle
     out = []
     for (ok, value, t0, t1), (task_id, _, _) in zip(outcomes, items[-len(outcomes):],
                                                      strict=True):
         if ok:
-            try:
-                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:  # noqa: BLE001
-                try:
-                    value = _Pickled(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-                except Exception as exc:  # noqa: BLE001
-                    ok, value = False, _error_outcome(task_id, _unpicklable(task_id, value, exc))
+            ok, value = _portable(task_id, value)
         out.append((ok, value, t0, t1))
     return out
 
@@ -275,21 +295,19 @@ class _Pickled:
 
 
 def _stream(send: Any, k: int, task_id: str, outcome: tuple[Any, ...]) -> None:
-    """Send item ``k``'s outcome ahead of its batch's reply (see ``run_batch``)."""
-    # The worker's peak memory so far in the batch rides along (the item's measurement).
-    outcome = (*outcome, _meter.peak() if _meter is not None else None)
-    try:
-        data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # noqa: BLE001 - try harder, then fail this item alone
-        try:
-            import cloudpickle
-            data = cloudpickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # noqa: BLE001
-            _, value, t0, t1, peak = outcome
-            data = pickle.dumps((False, _error_outcome(task_id, _unpicklable(task_id, value,
-                                                                             exc)), t0, t1, peak))
-    send(STREAMED + k.to_bytes(8, "little") + data)
+    """Send item ``k``'s outcome ahead of its batch's reply (see ``run_batch``).
 
+    The worker's peak memory so far in the batch rides along (the item's measurement).
+    """
+    ok, value, t0, t1 = outcome
+    peak = _meter.peak() if _meter is not None else None
+    try:
+        data = pickle.dumps((ok, value, t0, t1, peak), protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # noqa: BLE001 - this item's value alone; the batch goes on
+        if ok:
+            ok, value = _portable(task_id, value)
+        data = pickle.dumps((ok, value, t0, t1, peak), protocol=pickle.HIGHEST_PROTOCOL)
+    send(STREAMED + k.to_bytes(8, "little") + data)
 
 
 def _error_outcome(task_id: str, exc: BaseException, prefix: str = "",

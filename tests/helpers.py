@@ -557,3 +557,14 @@ def wait_file(path, timeout=30.0):
     while not os.path.exists(path):
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.01)
+
+
+def wait_then_crash_on(x, bad, started):
+    """Item 0 writes ``started`` and waits 0.5 s; item ``bad`` exits its worker hard."""
+    if x == 0:
+        with open(started, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(0.5)
+    if x == bad:
+        os._exit(3)
+    return x

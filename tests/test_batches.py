@@ -155,6 +155,71 @@ def test_an_unpicklable_value_fails_its_item_alone():
     assert result.stats.maps["odd_values"]["batches"] == {10: 1}
 
 
+class _RaisesSystemExit:
+    def __reduce__(self):
+        raise SystemExit("a __reduce__ that exits")
+
+
+def exiting_value(x):
+    """Item 1 returns a value whose pickling raises SystemExit (not an Exception)."""
+    return _RaisesSystemExit() if x == 1 else x
+
+
+@pytest.mark.parametrize("timeout", [None, 30], ids=["batch", "streamed"])
+def test_a_value_whose_pickling_raises_anything_fails_its_item_alone(timeout):
+    """Whatever pickling a value raises (here SystemExit), in a plain or a streamed batch,
+    only that item fails (PicklingError); its worker lives on and the others keep theirs."""
+    options = {"on_error": "ignore", "default": "lost"} | (
+        {"timeout": timeout} if timeout else {})
+    with px.Workflow("b", isolation="process") as wf:
+        ref = px.task(exiting_value).options(**options).map(range(5), batch=5)
+    result = px.run(wf, max_workers=1, progress=False)
+    assert result[ref] == [0, "lost", 2, 3, 4]
+    assert isinstance(result.tasks["exiting_value[1]"].error, px.PicklingError)
+    assert len({result.tasks[f"exiting_value[{k}]"].worker for k in range(5)}) == 1
+
+
+def test_the_list_of_a_map_holds_the_default_of_its_last_ignored_failure():
+    """on_error='ignore': a failed item's default is in the map's list, also when that item
+    is the last to finish (its groups decided before the default was set)."""
+    with px.Workflow("b") as wf:
+        ref = px.task(square_or_fail).options(on_error="ignore", default=-1).map([1, 2, 7])
+    assert px.run(wf, max_workers=1, progress=False)[ref] == [1, 4, -1]
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_timed_out_item_stops_the_run_without_hanging(tmp_path):
+    """An item that times out for good fails its map (on_error='fail'): the run ends at
+    once, the items after it in its batch cancelled (they were ready again, not running
+    in a batch that no longer runs), those before it kept."""
+    pidfile = str(tmp_path / "pid")
+    with px.Workflow("b", isolation="process") as wf:
+        px.task(hang_on).options(timeout=3).map(range(4), bad=1, pidfile=pidfile, batch=4)
+    result = px.start(wf, max_workers=1, progress=False, check=False).wait(30)
+    assert result.status == "failed"
+    states = [result.tasks[f"hang_on[{k}]"].status for k in range(4)]
+    assert states == ["succeeded", "timed_out", "cancelled", "cancelled"]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_dying_in_a_streamed_batch_keeps_what_finished():
+    """A streamed batch (timeout set) whose worker dies in item 150: the items before it
+    keep their values (their messages, still in the pipe when the worker died, are read
+    before its death is handled), item 150 fails with WorkerCrashed, and the items after
+    it, which never started, run again at attempt 1."""
+    events = []
+    with px.Workflow("b", isolation="process") as wf:
+        ref = px.task(crash_on).options(timeout=30, on_error="ignore", default=None).map(
+            range(200), bad=150, batch=200)
+    result = px.run(wf, max_workers=1, progress=False, on_event=events.append)
+    assert result[ref] == [None if k == 150 else k for k in range(200)]
+    assert isinstance(result.tasks["crash_on[150]"].error, px.WorkerCrashed)
+    assert all(result.tasks[f"crash_on[{k}]"].attempts == 1 for k in range(200))
+    seen = [e.kind for e in events if e.task_id == "crash_on[180]"]
+    assert seen == ["task:queued", "task:started", "task:queued", "task:started",
+                    "task:completed"]  # sent again: queued again, then started again
+
+
 def test_items_with_memory_go_one_by_one():
     """Items with a memory limit are not batched (the limit kills one attempt's worker):
     each is an ordinary attempt."""

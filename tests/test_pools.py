@@ -829,3 +829,30 @@ def test_shutdown_reports_queued_attempts_as_crashed(tmp_path):
     dones = {d.attempt: d for d in (queue.get(timeout=10), queue.get(timeout=10))}
     assert set(dones) == {leader, follower}
     assert all(isinstance(d.value, px.WorkerCrashed) for d in dones.values())
+
+
+@pytest.mark.timeout(60)
+def test_what_a_worker_wrote_before_dying_is_read(tmp_path):
+    """A streamed batch's items each come in their own message. While the reader is held
+    (the test holds the pool's lock), the worker writes the outcomes of items 0-4 and dies
+    in item 5: all five still reach the run, before the batch's WorkerCrashed."""
+    from parexec._worker import run_batch
+    pool, queue, attempt = _pipeline_pool()
+    try:
+        batch = attempt(0)
+        started = tmp_path / "started"
+        items = [(f"t[{k}]", 1, (k, 5, str(started))) for k in range(8)]
+        pool.submit(batch, run_batch, (helpers.wait_then_crash_on, items, {}, True), {})
+        helpers.wait_file(started)
+        with pool._lock:  # the reader blocks at its first message, the rest stays unread
+            worker = psutil.Process(int(started.read_text()))
+            deadline = time.monotonic() + 30
+            while worker.status() != psutil.STATUS_ZOMBIE:  # died, not yet reaped
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        got = [queue.get(timeout=30) for _ in range(6)]
+        assert [m.k for m in got[:5]] == [0, 1, 2, 3, 4]
+        assert [m.outcome[:2] for m in got[:5]] == [(True, k) for k in range(5)]
+        assert isinstance(got[5].value, px.WorkerCrashed)
+    finally:
+        pool.shutdown()
