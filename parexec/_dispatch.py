@@ -20,13 +20,13 @@ _WAITING, _READY, _RUNNING = TaskStatus.PENDING, TaskStatus.READY, TaskStatus.RU
 heappush = heapq.heappush
 
 MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task waits for memory
-# Pipelining of short process tasks, the thread pool's prefetch (``_threadpool``,
-# PREFETCH_BELOW) for the process pool (whose workers are
-# shared by every run, so "one more worker" is no cap). While the run's process tasks take
-# under PIPELINE_BELOW seconds on average, a task the slots refuse may be queued behind a
-# running process attempt of the run, its *leader*: it waits on the leader's worker and is
-# sent by the pool's reader as soon as the leader's reply is read (``_processpool``), and it
-# takes the leader's slot when the scheduler hears the leader ended (``unlink``). At most
+# Pipelining of short process tasks: the thread pool's prefetch (``_threadpool``,
+# PREFETCH_BELOW) for the process pool, whose workers are shared by every run (so "one
+# more worker" is no cap). While the run's process tasks take under PIPELINE_BELOW seconds
+# on average, a task the slots refuse may be queued behind a running process attempt of
+# the run, its *leader*: it waits on the leader's worker and is sent by the pool's reader
+# as soon as the leader's reply is read (``_processpool``), and it takes the leader's slot
+# when the scheduler hears the leader ended (``unlink``). At most
 # one follower per leader, so no more than max_workers of the run's process tasks ever run.
 # Without it, a no-op process task cost a round trip through the scheduler per task (the
 # worker idle meanwhile): 0.45x loky's reusable executor at 10,000 tasks, 0.34x with it. The
