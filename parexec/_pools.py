@@ -28,7 +28,7 @@ Processes
         scheduler thread ──send_bytes──► worker 1 ──send_bytes──┐
                          ──send_bytes──► worker 2 ──send_bytes──┤
                                                                 ▼
-                          run queue ◄── reader thread (connection.wait on pipes + sentinels)
+                          run queue ◄── reader thread (one poll on pipes + sentinels)
 
     A run whose process tasks are short keeps one task queued behind each running one
     (pipelining, see ``_dispatch.PIPELINE_BELOW``): the reader sends it to the worker as
@@ -50,10 +50,10 @@ Processes
     drops (a killed attempt) has its segments unlinked, and a worker that dies has what it
     was writing removed when it is reaped.
 
-The code: ``ThreadPool`` is in ``_threadpool``, ``ProcessPool`` and its reader in
-``_processpool`` and payload pickling in ``_payload``; this module re-exports both pools
-and holds the process pool shared by the runs of an interpreter (``process_pool``, the
-``RecyclingPool`` view, ``shutdown``).
+The code: ``ThreadPool`` is in ``_threadpool``, ``ProcessPool`` in ``_processpool``, its
+reader thread in ``_reader`` and payload pickling in ``_payload``; this module re-exports
+both pools and holds the process pool shared by the runs of an interpreter
+(``process_pool``, the ``RecyclingPool`` view, ``shutdown``).
 """
 
 from __future__ import annotations

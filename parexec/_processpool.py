@@ -2,58 +2,25 @@
 
 ``ProcessPool`` (re-exported by ``_pools``, whose docstring draws its data flow) sends each
 attempt's payload (pickled by ``_payload.dumps_payload``, large buffers through ``_shm``) to
-an idle ``_Worker``; its reader thread reads the replies and reaps dead workers, and reports
-``Started`` and ``Done`` onto the run's queue. ``memory_limit_error`` is the error of a
-worker stopped for its memory. The pool shared by the runs of an interpreter is made by
-``_pools.process_pool``.
+an idle ``_Worker``; its reader thread (``_reader.Reader``, its base class) reads the
+replies and reaps dead workers, and reports ``Done`` onto the run's queue.
+``memory_limit_error`` is the error of a worker stopped for its memory. The pool shared by
+the runs of an interpreter is made by ``_pools.process_pool``.
 """
 
 from __future__ import annotations
 
-import operator
 import os
-import pickle
-import select
 import threading
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import _shm
-from ._errors import MemoryLimitExceeded, PicklingError, RemoteError, WorkerCrashed
-from ._messages import Done, ItemDone
+from ._errors import MemoryLimitExceeded, PicklingError
+from ._messages import Done
 from ._payload import dumps_payload
 from ._proctree import kill_tree
-from ._worker import STREAMED, decode_outcome, worker_main
-
-
-class _Worker:
-    __slots__ = ("process", "conn", "pid", "attempt", "killed", "pins", "ntasks", "max_tasks",
-                 "next")
-
-    def __init__(self, process: Any, conn: Any) -> None:
-        self.process = process
-        self.conn = conn
-        self.pid: int = process.pid
-        self.attempt: Any = None
-        self.killed = False
-        # Segments the running attempt's payload names: kept (linked) until its reply was
-        # read, even if the driver's values using them are released meanwhile.
-        self.pins: list[_shm.Segment] | None = None
-        self.ntasks = 0  # attempts handed to it
-        # The max_tasks_per_worker of its current attempt's submit (None: no limit).
-        self.max_tasks: int | None = None
-        # The attempt queued behind the running one (see "Pipelining" in ProcessPool), with
-        # what starts it: sent by the reader as soon as the running attempt's reply is read.
-        self.next: _Send | None = None
-
-
-class _Send(NamedTuple):
-    """An attempt ready to go to a worker: its payload's parts and what they pin."""
-
-    attempt: Any
-    parts: Any
-    pins: list[_shm.Segment] | None
-    max_tasks: int | None
-
+from ._reader import Reader, _crashed, _Send, _Worker
+from ._worker import worker_main
 
 # Resident memory of a worker (Python 3.11, Linux), measured as the peak_memory of one task
 # in a fresh worker: 24.5 MiB for a no-op, 33 MiB for a task that imports numpy (psutil's
@@ -89,12 +56,9 @@ def memory_limit_error(task_id: str, used: int, limit: int) -> MemoryLimitExceed
 
 
 _WORKER_NAME = "parexec-worker"
-# What a descriptor the reader polls is, in the order it handles them.
-_REPLY, _WAKE, _EXIT, _RETIRED = range(4)
-_kind = operator.itemgetter(0)
 
 
-class ProcessPool:
+class ProcessPool(Reader):
     """Process workers shared by every run of this interpreter (see the module docstring).
 
     Recycling (``max_tasks_per_worker``, issue 16 item 3): a worker that has run its limit of
@@ -470,203 +434,6 @@ class ProcessPool:
         """Pids of the live workers."""
         with self._lock:
             return [w.pid for w in self._workers.values()]
-
-    # Reader thread --------------------------------------------------------------------
-
-    def _read_loop(self) -> None:
-        """Wait on every worker's pipe and sentinel, and on the wake pipe; act on each.
-
-        One ``poll`` object lives as long as the reader; its descriptors are registered
-        again only when the set of workers changed (``_version``), not on every wake-up
-        (``multiprocessing.connection.wait`` builds a selector per call: about 12 us of
-        this thread's time per reply, measured on 20,000 no-op tasks). Replies are read
-        before deaths are reaped, so a worker's last reply is never lost to its exit.
-        """
-        poller = select.poll()
-        seen = -1
-        fds: dict[int, tuple[int, Any]] = {}
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                if self._version != seen:
-                    seen = self._version
-                    for fd in fds:
-                        poller.unregister(fd)
-                    fds = {self._wake_r: (_WAKE, None)}
-                    for conn, w in self._workers.items():
-                        fds[conn.fileno()] = (_REPLY, conn)
-                        fds[w.process.sentinel] = (_EXIT, w)
-                    for sentinel in self._retired:
-                        fds[sentinel] = (_RETIRED, sentinel)
-                    for fd in fds:
-                        poller.register(fd, select.POLLIN)
-            try:
-                events = poller.poll()
-            except OSError:
-                seen = -1
-                continue
-            ready = [fds[fd] for fd, _ in events if fd in fds]
-            if len(ready) > 1:
-                ready.sort(key=_kind)
-            for kind, obj in ready:
-                if kind == _REPLY:
-                    self._receive(obj)
-                elif kind == _WAKE:
-                    os.read(self._wake_r, 4096)
-                elif kind == _EXIT:
-                    self._drain(obj)
-                    self._reap(obj)
-                else:
-                    self._reap_retired(obj)
-            if any(mask & select.POLLNVAL for _, mask in events):
-                seen = -1  # a descriptor closed under us: register the current ones
-
-    def _receive(self, conn: Any) -> None:
-        worker = self._workers.get(conn)
-        if worker is None:
-            return
-        try:
-            data = conn.recv_bytes()
-            if data[:1] == STREAMED:  # an item of a streamed batch; the batch goes on
-                self._streamed(worker, data)
-                return
-            descs, body = _shm.split(data)
-            piped = _shm.receive_parts(descs, conn.recv_bytes_into) if descs else []
-        except (EOFError, OSError):
-            self._reap(worker)
-            return
-        with self._lock:
-            attempt, worker.attempt = worker.attempt, None
-            pins, worker.pins = worker.pins, None  # released once the result is mapped
-            queued, worker.next = worker.next, None
-            dropped = worker.killed or attempt is None  # the scheduler decided its outcome
-            here = False
-            if not dropped:
-                if worker.max_tasks is not None and worker.ntasks >= worker.max_tasks:
-                    self._retire(worker)
-                elif queued is not None:
-                    self._hand(worker, queued)
-                    here = True
-                elif not self._closed:
-                    self._idle.append(worker)
-            if queued is not None and not here:
-                self._moving[queued.attempt] = queued
-        sampled = attempt.monitor.unwatch(attempt) \
-            if attempt is not None and attempt.monitor is not None else None
-        if queued is not None:  # the next attempt first: the worker runs while we decode
-            if here:
-                self._send(worker, queued)
-            else:
-                self._start(queued, moving=True)
-        if dropped:
-            _shm.discard(descs)
-            return
-        ok, value, tb_text, (peak, t0, t1) = decode_outcome(attempt.task_id, body, descs,
-                                                            piped)
-        del pins
-        # What it moved: its arguments (counted by submit), then its result.
-        sent_shm, sent_pipe = attempt.shm_bytes or 0, attempt.pipe_bytes or 0
-        if descs:
-            result_bytes = len(body) + sum(d[2] for d in descs)
-            shm = sent_shm + sum(d[2] for d in descs if d[0] is not None)
-            pipe = sent_pipe + len(data) + sum(len(b) for b in piped)
-        else:
-            result_bytes = len(data)
-            shm, pipe = sent_shm, sent_pipe + result_bytes
-        del data, body, piped
-        if sampled is not None and (peak is None or sampled > peak):
-            peak = sampled  # the larger of the worker's own and the monitor's
-        attempt.queue.put(Done(attempt, ok, value, worker.pid, tb_text, t0 or 0.0, t1 or 0.0,
-                               peak, result_bytes, shm, pipe))
-
-    def _streamed(self, worker: _Worker, data: bytes) -> None:
-        """Pass an item's outcome from a streamed batch (``run_batch``) to its run."""
-        attempt = worker.attempt
-        if attempt is None or worker.killed:
-            return
-        k = int.from_bytes(data[1:9], "little")
-        try:
-            *outcome, peak = pickle.loads(memoryview(data)[9:])
-        except BaseException as exc:  # noqa: BLE001
-            outcome, peak = [False, RemoteError(
-                f"item {k} of {attempt.task_id}: its result could not be unpickled in the "
-                f"parent ({type(exc).__name__}: {exc}); make sure the modules it uses are "
-                "importable in the parent process"), 0.0, 0.0], None
-        attempt.queue.put(ItemDone(attempt, k, tuple(outcome), peak))
-
-    def _retire(self, worker: _Worker) -> None:
-        """Take ``worker`` out of service; it exits on EOF. Called under the lock.
-
-        Its conn is closed here, in the reader thread (the only one that polls it), and its
-        sentinel is watched until the process has exited, so it is joined, not left as a
-        zombie, and what it was writing for us is swept.
-        """
-        self._workers.pop(worker.conn, None)
-        self._retired[worker.process.sentinel] = worker
-        self._version += 1
-        try:
-            worker.conn.close()
-        except OSError:
-            pass
-
-    def _reap_retired(self, sentinel: Any) -> None:
-        with self._lock:
-            worker = self._retired.pop(sentinel, None)
-            self._version += 1
-        if worker is None:
-            return
-        worker.process.join(timeout=1)
-        if worker.process.exitcode is not None:
-            _shm.sweep_writer(worker.pid)
-
-    def _drain(self, worker: _Worker) -> None:
-        """Read what an exited worker wrote before it died.
-
-        A streamed batch's items each come in their own message, and the reader reads one
-        per wake-up: those still in the pipe are finished items, not lost work.
-        """
-        conn = worker.conn
-        while self._workers.get(conn) is worker:
-            try:
-                if not conn.poll(0):
-                    return
-            except (OSError, EOFError):
-                return
-            self._receive(conn)  # at the end of the pipe, it reaps the worker
-
-    def _reap(self, worker: _Worker) -> None:
-        with self._lock:
-            if self._workers.pop(worker.conn, None) is None:
-                return
-            self._version += 1
-            if worker in self._idle:
-                self._idle.remove(worker)
-            attempt, worker.attempt = worker.attempt, None
-            worker.pins = None
-            queued, worker.next = worker.next, None
-            if queued is not None:
-                self._moving[queued.attempt] = queued
-        worker.process.join(timeout=1)
-        if worker.process.exitcode is not None:  # what it was writing for us, if anything
-            _shm.sweep_writer(worker.pid)
-        try:
-            worker.conn.close()
-        except OSError:
-            pass
-        if attempt is not None and attempt.monitor is not None:
-            attempt.monitor.unwatch(attempt)
-        if attempt is not None and not worker.killed:
-            _crashed(attempt, worker)
-        if queued is not None:  # it never started here: it goes to another worker
-            self._start(queued, moving=True)
-
-
-def _crashed(attempt: Any, worker: _Worker | None = None) -> None:
-    """Report ``attempt`` failed with ``WorkerCrashed`` (its worker's exit, if it had one)."""
-    attempt.queue.put(Done(attempt, False, WorkerCrashed(
-        attempt.task_id, worker.process.exitcode if worker is not None else None),
-        worker.pid if worker is not None else None))
 
 
 def _moved(attempt: Any, shm: int, pipe: int) -> None:
