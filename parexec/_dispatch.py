@@ -11,7 +11,7 @@ import collections
 import heapq
 
 from ._events import logger
-from ._gates import RECHECK, YES, Gate
+from ._gates import RECHECK, YES, CpuGate, Gate
 from ._state import Attempt, Deadline, RunState
 from ._status import TaskStatus
 from ._task import resolve_args, resolve_refs
@@ -104,22 +104,44 @@ class Dispatch(RunState):
                     self.recheck_pending = True
                     self.add_deadline(self.clock() + MEMORY_RECHECK, Deadline.RECHECK, g)
 
+    def sort_gates(self) -> None:
+        """Which gates a task queued ahead takes now, and which when it starts.
+
+        A prefetched thread task takes every gate but the slots (``unslotted``). A follower
+        (``PIPELINE_BELOW``) takes its leader's slot and cpus when the leader ends
+        (``handed``), the other gates now (``waiting_gates``): the CPU gate of a run with a
+        ``cpu_budget`` (and of every ``px.Executor``) would otherwise refuse it, its units
+        all held by the running tasks it waits behind.
+        """
+        gates = self.gates
+        self.unslotted = [g for g in gates if not g.blocks_all]
+        self.handed = [g for g in gates if g.blocks_all or isinstance(g, CpuGate)]
+        self.waiting_gates = [g for g in gates if g not in self.handed]
+
     def may_queue(self, i: int) -> bool:
         """Whether plain task ``i``, refused a slot, may wait queued for a worker.
 
         The thread pool says whether it takes one more (its prefetch policy,
-        ``_threadpool.PREFETCH_BELOW``); a process task needs a leader (``PIPELINE_BELOW``).
-        It takes every gate but the slots now, so the other gates must admit it.
+        ``_threadpool.PREFETCH_BELOW``); a process task needs a leader (``PIPELINE_BELOW``)
+        whose slot and cpus are exactly what it needs. The gates it takes now must admit it.
         """
         pool = self.pools[i]
         if pool is self.threads:
             if not pool.may_prefetch():
                 return False
-        elif pool is not self.procs or self.mean_process_duration >= PIPELINE_BELOW \
-                or self.free_leader() is None:
-            return False
+            held = self.unslotted
+        else:
+            if pool is not self.procs or self.mean_process_duration >= PIPELINE_BELOW:
+                return False
+            leader = self.free_leader()
+            if leader is None:
+                return False
+            j = leader.index
+            if any(g.need(i) != g.need(j) for g in self.handed):
+                return False
+            held = self.waiting_gates
         return all(h.admits(i) and (h.holder < 0 or not h.need(i) or h.spares(i))
-                   for h in self.unslotted)
+                   for h in held)
 
     def steal(self) -> bool:
         """Give a free slot to the oldest follower still waiting behind its leader.
@@ -140,12 +162,12 @@ class Dispatch(RunState):
         i = f.index
         if self.ready and self.ready[0] < self.keys[i]:
             return False  # the free slot is for a better task
-        slots = [g for g in self.gates if g.blocks_all]
-        for g in slots:
+        handed = self.handed  # what its leader would have handed it (sort_gates)
+        for g in handed:
             if g.holder >= 0 and g.holder != i or g.used + g.need(i) > g.capacity:
                 return False
         waiting.popleft()
-        for g in slots:
+        for g in handed:
             g.acquire(i)
         leader = f.leader
         leader.follower = f.leader = None
@@ -258,7 +280,7 @@ class Dispatch(RunState):
             attempt.sampler = self.monitor
         if prefetch:  # queued beyond the slots: it takes no slot (see may_queue)
             attempt.prefetched = True
-            for g in self.unslotted:
+            for g in self.unslotted if pool is self.threads else self.waiting_gates:
                 g.acquire(i)
             if pool is self.procs:  # behind a leader (PIPELINE_BELOW)
                 leader = self.free_leader()
@@ -328,14 +350,15 @@ class Dispatch(RunState):
     def unlink(self, attempt: Attempt) -> list[Gate]:
         """The gates ``attempt`` holds, now that it ends; its queue links are undone.
 
-        A prefetched attempt or a follower holds every gate but the slots. A leader's slot
-        goes to its follower, which starts now (see ``PIPELINE_BELOW``).
+        A prefetched thread attempt holds every gate but the slots, a waiting follower the
+        ``waiting_gates``. A leader's slot and cpus go to its follower, which starts now
+        (see ``PIPELINE_BELOW`` and ``sort_gates``).
         """
         if attempt.prefetched:
             leader = attempt.leader
             if leader is not None:
                 leader.follower = attempt.leader = None
-            return self.unslotted
+            return self.unslotted if attempt.pool is self.threads else self.waiting_gates
         follower = attempt.follower
         if follower is None:
             return self.gates
@@ -343,7 +366,7 @@ class Dispatch(RunState):
         follower.prefetched = False
         self.leaders.append(follower)  # it runs in its own right now: it may lead too
         self.promoted(follower)
-        return self.unslotted
+        return self.waiting_gates
 
     def unpark(self, g: Gate) -> None:
         """Move the best parked tasks of ``g`` back to the ready heap, as many as may fit."""

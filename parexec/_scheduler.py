@@ -192,7 +192,7 @@ class Scheduler(Completion, Dispatch, Batches, Sizing, Stopping, Groups):
                     if not self.is_group[m]:
                         needs[m] = 1.0
                 self.gates.append(GroupGate(g, spec.id, info.max_concurrent, needs))
-        self.unslotted = [g for g in self.gates if not g.blocks_all]  # a prefetch takes no slot
+        self.sort_gates()  # what a task queued ahead takes (prefetch, pipelining)
         # Prefetch only in runs whose local tasks all run on threads: a prefetched task runs
         # as soon as a thread is idle, and while process tasks hold the slots, threads are
         # idle, so it would run beyond max_workers (found by the property suite, F3).

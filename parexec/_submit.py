@@ -64,7 +64,7 @@ class ExecutorScheduler(Scheduler):
             if not any(isinstance(g, PoolGate) and g.pool == pool for g in gates):
                 gates.append(PoolGate(pool, capacity, []))
         self.mem_gate = next(g for g in gates if isinstance(g, MemoryGate))
-        self.unslotted = [g for g in gates if not g.blocks_all]
+        self.sort_gates()
         self.only_threads = self.threads.prefetch = self.wf.isolation == "thread"
         self.futures: dict[int, Any] = {}  # task -> its future, until settled
         self.deps_of: dict[int, list[int]] = {}  # task -> the tasks of its future arguments

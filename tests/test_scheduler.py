@@ -956,3 +956,18 @@ def test_a_follower_stuck_behind_a_long_leader_takes_a_freed_slot(monkeypatch, t
     assert result[long] != result["follower"]  # another worker than its leader's
     spans = [(t.started_at, t.finished_at) for t in tasks.values()]
     assert overlap_by_events(spans) <= 2
+
+
+@pytest.mark.timeout(120)
+def test_pipelining_works_under_a_cpu_budget(monkeypatch):
+    """A run with a cpu_budget (as every px.Executor has) pipelines its no-op process tasks
+    too: a follower takes its leader's cpus when it starts, not while it waits (the CPU
+    gate, full with the running tasks, refused every follower). The budget still holds."""
+    queued = _count_queued(monkeypatch)
+    with px.Workflow("pipe", isolation="process") as wf:
+        refs = [wf.add(px.task(echo).options(id=f"t{k}"), k) for k in range(300)]
+    result = px.run(wf, max_workers=2, cpu_budget=2, progress=False)
+    assert [result[r] for r in refs] == [((k,), {}) for k in range(300)]
+    spans = [(t.started_at, t.finished_at) for t in result.tasks.values()]
+    assert overlap_by_events(spans) <= 2
+    assert len(queued) > 150, len(queued)

@@ -1086,3 +1086,19 @@ def test_a_better_ready_task_keeps_the_freed_slot_from_a_follower(make):
     h.done("short")  # "urgent" is ready now, better than the follower
     assert h.dispatch() == ["urgent"] and h.procs.restarted == []
     assert h.attempt("follower").prefetched
+
+
+def test_a_follower_needs_exactly_its_leaders_slot_and_cpus(make):
+    """A follower takes its leader's slot and cpus when the leader ends: a task needing
+    other cpus than every running one is not queued behind any (it waits for a slot)."""
+    with px.Workflow("w", isolation="process") as wf:
+        task("a", priority=3)()
+        task("b", priority=2)()
+        task("half", priority=1, cpus=0.5)()
+    h = make(wf, max_workers=2)
+    h.sched.mean_process_duration = 0.0
+    assert h.dispatch() == ["a", "b"]  # "half" is not queued behind a 1-cpu task
+    cpus = next(g for g in h.sched.gates if g.name == "cpus")
+    assert cpus.used == 2
+    h.done("a")
+    assert h.dispatch() == ["half"] and cpus.used == 1.5
