@@ -207,8 +207,9 @@ class Batches(RunState):
         Its worker is killed; the items after it, which never started, are sent again
         without counting an attempt (those before it were settled as they ended).
         """
-        j, number = batch.items[k] if batch.items is not None else (-1, 0)
-        if j < 0 or self.batch_of.get(j) is not batch or self.state[j] is not _RUNNING:
+        assert batch.items is not None  # a streamed batch's (item_deadline)
+        j, number = batch.items[k]
+        if self.batch_of.get(j) is not batch or self.state[j] is not _RUNNING:
             return  # it ended, and its outcome is being settled
         spec, tr = self.specs[j], self.runs[j]
         error = TaskTimeout(f"task {spec.id!r} attempt {number} exceeded its timeout of "
@@ -219,23 +220,21 @@ class Batches(RunState):
             self.emit("task:timeout", j, number, tr.duration, error)
         if not self.kill_or_flag(batch, cancel=False):
             return  # its worker is gone already: the batch's Done settles every item
-        self.resend_after(batch, j)
-        self.unbatch(batch)
+        self.resend_after(batch, k)
+        self.unbatch(batch)  # its items are all settled or sent again (j just below)
         self.attempt_failed(j, self.item(batch, j, number), error, None, timed_out=True)
 
-    def resend_after(self, batch: Attempt, j: int) -> None:
-        """``batch`` stopped while its item ``j`` ran: the items after it never started.
+    def resend_after(self, batch: Attempt, k: int) -> None:
+        """``batch`` stopped while its item at position ``k`` ran: those after it never started.
 
-        They leave the batch and are ready again, their attempt not counted, before ``j``
-        is settled: a failure of ``j`` that stops the run or resolves the map then finds
+        They leave the batch and are ready again, their attempt not counted, before item
+        ``k`` is settled: a failure of it that stops the run or resolves the map then finds
         them ready (and cancels them), not running in a batch that no longer runs.
         """
         state, runs, ready, keys, batch_of = \
             self.state, self.runs, self.ready, self.keys, self.batch_of
         now = self.clock() + self.offset
-        members = batch.items or []
-        after = next((k + 1 for k, (m, _) in enumerate(members) if m == j), len(members))
-        for m, n in members[after:]:
+        for m, n in (batch.items or [])[k + 1:]:
             if batch_of.get(m) is not batch:
                 continue
             del batch_of[m]
@@ -312,12 +311,13 @@ class Batches(RunState):
         if msg.peak_memory is not None:
             batch.peak_memory = msg.peak_memory
         self.release(batch)
-        streamed = batch in self.item_clock
         outcomes = msg.value if msg.ok else None
-        if outcomes is None and streamed:  # its worker died: in the item it was running
-            running = next((j for j, _ in batch.items or () if self.batch_of.get(j) is batch
-                            and self.state[j] is _RUNNING), -1)
-            if running >= 0:
+        if outcomes is None and batch in self.item_clock:
+            # A streamed batch's worker died in its first item not settled yet.
+            running = next((k for k, (j, _) in enumerate(batch.items or ())
+                            if self.batch_of.get(j) is batch and self.state[j] is _RUNNING),
+                           None)
+            if running is not None:
                 self.resend_after(batch, running)  # the others never started
         items = self.unbatch(batch)
         runs = self.runs

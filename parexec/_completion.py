@@ -266,7 +266,7 @@ class Completion(RunState):
                     timed_out: bool = False) -> None:
         """Task ``i`` failed for good: record it and apply its ``on_error``."""
         spec = self.specs[i]
-        if spec.on_error == "ignore":  # its value before finalize tells its groups it failed
+        if spec.on_error == "ignore":  # its value, before finalize lets its groups decide
             self.values[i] = spec.default
         self.finalize(i, TaskStatus.TIMED_OUT if timed_out else TaskStatus.FAILED, "task:failed",
                       error, tb_text, number)
@@ -284,7 +284,6 @@ class Completion(RunState):
             self.skip_downstream(i)
         else:  # "ignore": dependents run and receive the default
             self.partial = True
-            self.values[i] = spec.default
             self.tainted.add(i)
             self.release_dependents(i)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+from collections.abc import Callable
 
 from ._events import logger
 from ._gates import RECHECK, YES, CpuGate, Gate
@@ -26,8 +27,8 @@ MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task wai
 # on average, a task the slots refuse may be queued behind a running process attempt of
 # the run, its *leader*: it waits on the leader's worker and is sent by the pool's reader
 # as soon as the leader's reply is read (``_processpool``), and it takes the leader's slot
-# when the scheduler hears the leader ended (``unlink``). At most
-# one follower per leader, so no more than max_workers of the run's process tasks ever run.
+# when the scheduler hears the leader ended (``unlink``). At most one follower per leader,
+# so no more than max_workers of the run's process tasks ever run.
 # Without it, a no-op process task cost a round trip through the scheduler per task (the
 # worker idle meanwhile): 0.45x loky's reusable executor at 10,000 tasks, 0.34x with it. The
 # same qualifications as for threads (plain tasks: nothing scarce is held while queued)
@@ -154,7 +155,7 @@ class Dispatch(RunState):
         waiting = self.waiting
         while waiting:
             f = waiting[0]
-            if f.prefetched and f.leader is not None and f.holding and not f.final:
+            if _waits(f):
                 break
             waiting.popleft()  # promoted, withdrawn or ended meanwhile
         else:
@@ -170,6 +171,7 @@ class Dispatch(RunState):
         for g in handed:
             g.acquire(i)
         leader = f.leader
+        assert leader is not None  # _waits(f)
         leader.follower = f.leader = None
         f.prefetched = False
         self.leaders.append(f)
@@ -192,7 +194,7 @@ class Dispatch(RunState):
         leaders = self.leaders
         while leaders:
             a = leaders[0]
-            if a.holding and not a.final and a.follower is None:
+            if _may_lead(a):
                 return a
             leaders.popleft()
         return None
@@ -286,20 +288,16 @@ class Dispatch(RunState):
                 leader = self.free_leader()
                 assert leader is not None  # may_queue found it
                 attempt.leader, leader.follower = leader, attempt
-                waiting = self.waiting
-                waiting.append(attempt)
-                if len(waiting) > MAX_STALE_LEADERS + self.nholding:  # bounded, as leaders
-                    self.waiting = collections.deque(
-                        f for f in waiting if f.prefetched and f.leader is not None)
+                self.waiting.append(attempt)
+                if len(self.waiting) > MAX_STALE_LEADERS + self.nholding:
+                    self.waiting = _pruned(self.waiting, _waits)
         else:
             for g in self.gates:
                 g.acquire(i)
             if pool is self.procs and pool is not None:
-                leaders = self.leaders
-                leaders.append(attempt)
-                if len(leaders) > MAX_STALE_LEADERS + self.nholding:  # bounded in any run
-                    self.leaders = collections.deque(
-                        a for a in leaders if a.holding and not a.final and a.follower is None)
+                self.leaders.append(attempt)
+                if len(self.leaders) > MAX_STALE_LEADERS + self.nholding:
+                    self.leaders = _pruned(self.leaders, _may_lead)
         self.state[i] = _RUNNING
         self.nholding += 1
         self.running[attempt] = None
@@ -380,3 +378,23 @@ class Dispatch(RunState):
             heapq.heappush(ready, heapq.heappop(parked))
             free -= need
             moved = True
+
+
+def _may_lead(a: Attempt) -> bool:
+    """Whether process attempt ``a`` still runs with no follower (``free_leader``)."""
+    return a.holding and not a.final and a.follower is None
+
+
+def _waits(f: Attempt) -> bool:
+    """Whether follower ``f`` still waits behind its leader (``steal``)."""
+    return f.prefetched and f.leader is not None and f.holding and not f.final
+
+
+def _pruned(queue: collections.deque[Attempt],
+            alive: Callable[[Attempt], bool]) -> collections.deque[Attempt]:
+    """``queue`` without the entries no longer ``alive``.
+
+    Those deques drop dead entries only lazily, at their front; pruned now and then, they
+    stay bounded by what runs.
+    """
+    return collections.deque(a for a in queue if alive(a))

@@ -71,13 +71,12 @@ class Groups(RunState):
         """Task ``i`` failed for good: whether its groups judge it (then it is handled here).
 
         A member's failure is its group's to judge (``decide_groups``), not the run's; its
-        other dependents follow its ``on_error``: skipped, or given its ``default``.
+        other dependents follow its ``on_error``: skipped, or given its ``default`` (which
+        ``task_failed`` put in its place).
         """
         if self.member_of[i] is None or self.stopping:
             return False
-        spec = self.specs[i]
-        if spec.on_error == "ignore":
-            self.values[i] = spec.default
+        if self.specs[i].on_error == "ignore":
             self.tainted.add(i)
             self.release_dependents(i)
         else:

@@ -385,17 +385,14 @@ def _check_picklable(wf: Workflow, specs: list[Any]) -> None:
 
     seen: set[int] = set()
     pending: list[tuple[Any, Any]] = []  # (spec, its arguments) to check together
-    remote, default, plain = ("process", "cluster"), wf.isolation, _PLAIN
+    remote, plain = ("process", "cluster"), _PLAIN
     args: tuple[Any, ...]
     for s in specs:
-        if s.group is not None:  # a map over a task's result: its function and fixed kwargs
-            if wf.isolation_of(s) not in remote:
-                continue
-            fn, args, kwargs = s.group.dynamic[0], (), s.group.dynamic[2]
-        elif (s.isolation or default) not in remote:
+        if wf.isolation_of(s) not in remote:
             continue
-        else:
-            fn, args, kwargs = s.fn, s.args, s.kwargs
+        fn, args, kwargs = s.fn, s.args, s.kwargs
+        if s.group is not None:  # a map over a task's result: its function and fixed kwargs
+            fn, args, kwargs = s.group.dynamic[0], (), s.group.dynamic[2]
         if id(fn) not in seen:
             seen.add(id(fn))
             try:

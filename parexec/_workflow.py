@@ -249,7 +249,7 @@ class Workflow:
         ids = tuple([f"{base}[{k}]" for k in range(len(values))])
         if not ids:
             return ids
-        if not self._specs.keys().isdisjoint(ids):  # cannot happen: ids never hold brackets
+        if not self._specs.keys().isdisjoint(ids):  # no user id holds brackets; a safeguard
             raise DuplicateTaskError(f"workflow {self.name!r} already has tasks named "
                                      f"{base}[...]; give this map another id=")
         refs: list[TaskRef] = []
