@@ -25,19 +25,23 @@ MEMORY_RECHECK = 0.25  # seconds between measured-memory checks while a task wai
 # PREFETCH_BELOW) for the process pool, whose workers are shared by every run (so "one
 # more worker" is no cap). While the run's process tasks take under PIPELINE_BELOW seconds
 # on average, a task the slots refuse may be queued behind a running process attempt of
-# the run, its *leader*: it waits on the leader's worker and is sent by the pool's reader
-# as soon as the leader's reply is read (``_processpool``), and it takes the leader's slot
-# when the scheduler hears the leader ended (``unlink``). At most one follower per leader,
+# the run, its *leader*: it is written to the leader's worker at once, which runs it as
+# soon as the leader returns (``_processpool``, "Pipelining"), and it takes the leader's
+# slot when the scheduler hears the leader ended (``unlink``). At most one follower per leader,
 # so no more than max_workers of the run's process tasks ever run.
 # Without it, a no-op process task cost a round trip through the scheduler per task (the
 # worker idle meanwhile): 0.45x loky's reusable executor at 10,000 tasks, 0.34x with it. The
 # same qualifications as for threads (plain tasks: nothing scarce is held while queued)
 # and the same cost: a queued task is committed to its worker, so a higher-priority task
 # that becomes ready a moment later starts after it (within PIPELINE_BELOW on average).
+# At 20 ms: without pipelining a worker idles 200-270 us between tasks (the reply's round
+# trip through the reader and scheduler threads), 1-3 % of a task that long; 10 ms tasks
+# through px.Executor were 2.3x ProcessPoolExecutor's overhead per task at 5 ms, ~1.0x at
+# 20 ms (python -m bench.executor, bench/README.rst).
 # A leader may run far longer than the mean: a follower still waiting when a slot frees
 # (a task without follower ended) and no better task is ready takes that slot on the free
 # worker (``steal``), so it never waits out a long leader while a worker idles.
-PIPELINE_BELOW = 0.005
+PIPELINE_BELOW = 0.02
 MAX_STALE_LEADERS = 64  # compact the leaders deque when this many ended ones may pile up
 
 

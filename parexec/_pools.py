@@ -31,9 +31,10 @@ Processes
                           run queue ◄── reader thread (one poll on pipes + sentinels)
 
     A run whose process tasks are short keeps one task queued behind each running one
-    (pipelining, see ``_dispatch.PIPELINE_BELOW``): the reader sends it to the worker as
-    soon as it has read that worker's reply, as ``ProcessPoolExecutor``'s call queue keeps
-    its workers busy, so a worker does not idle for a round trip through the scheduler.
+    (pipelining, see ``_dispatch.PIPELINE_BELOW``): it is written to that worker's pipe
+    behind the running one, as ``ProcessPoolExecutor``'s call queue keeps its workers busy,
+    so a worker does not idle for a round trip through the scheduler; the driver can still
+    take it back until the worker starts it (``_worker.AHEAD``).
 
     Killing one worker (timeout, memory limit, cancellation) affects no other task: the
     reader sees its sentinel, drops it, and a fresh worker is started on the next submit.

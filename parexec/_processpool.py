@@ -20,7 +20,7 @@ from ._messages import Done
 from ._payload import dumps_payload
 from ._proctree import kill_tree
 from ._reader import Reader, _crashed, _Send, _Worker
-from ._worker import worker_main
+from ._worker import AHEAD, worker_main
 
 # Resident memory of a worker (Python 3.11, Linux), measured as the peak_memory of one task
 # in a fresh worker: 24.5 MiB for a no-op, 33 MiB for a task that imports numpy (psutil's
@@ -56,6 +56,22 @@ def memory_limit_error(task_id: str, used: int, limit: int) -> MemoryLimitExceed
 
 
 _WORKER_NAME = "parexec-worker"
+# Largest payload written ahead (the prefix costs a copy of it); larger ones are sent by the
+# reader when the leader's reply is in, as are those with buffers in shared memory.
+AHEAD_MAX = 1 << 16
+_AFTER = object()  # _queue_behind: queued, the reader (or _hand) sends it
+
+
+def _may_ahead(worker: _Worker, send: _Send) -> bool:
+    """Whether ``send``, queued behind ``worker``'s attempt, may be written to it now.
+
+    Not while another thread writes to the pipe, nor while a withdrawn copy is still in it
+    (its token would be taken by the wrong payload), nor when the worker retires after its
+    attempt (it would run it before it reads EOF).
+    """
+    return not worker.writing and not worker.skips and send.pins is None \
+        and len(send.parts) == 1 and len(send.parts[0]) <= AHEAD_MAX \
+        and (worker.max_tasks is None or worker.ntasks < worker.max_tasks)
 
 
 class ProcessPool(Reader):
@@ -71,8 +87,13 @@ class ProcessPool(Reader):
     Pipelining. An attempt whose ``leader`` is set (the scheduler's choice: a running attempt
     of the same run, see ``_dispatch.PIPELINE_BELOW``) is queued behind it on the leader's
     worker (``_Worker.next``), as ``ProcessPoolExecutor`` keeps its call queue one task ahead
-    of its workers: the reader sends it the moment it has read the leader's reply, before it
-    decodes that reply, so the worker does not idle for a round trip through the scheduler.
+    of its workers: it is written to the worker's pipe at once (``AHEAD``, with a token in
+    the worker's token pipe), so the worker goes from the leader to it without waiting for
+    the driver. To withdraw it (``kill``, ``restart``, a grace signal for the leader) the
+    pool takes the token back: then the worker skips it; if the worker took the token
+    first, it runs (its leader returned, the reply unread). A payload too large to copy, or
+    one queued while another thread writes to the pipe, waits in the driver instead: the
+    reader sends it the moment it has read the leader's reply, before it decodes that reply.
     It runs on no other worker while the leader runs (the run's ``max_workers`` holds: the
     scheduler hands it the leader's slot when the leader ends). If the leader's reply was
     already read when it is submitted, it starts like any other attempt; if the leader's
@@ -142,33 +163,54 @@ class ProcessPool(Reader):
         leader = attempt.leader
         if leader is not None:
             with self._lock:
-                if self._queue_behind(leader, send):
-                    return
+                queued = self._queue_behind(leader, send)
+            if queued is not None:
+                if queued is not _AFTER:
+                    self._write_ahead(queued, send)
+                return
         self._start(send, moving=False)
 
-    def _queue_behind(self, leader: Any, send: _Send) -> bool:
-        """Queue ``send`` to run after ``leader`` on its worker; False if ``leader`` ended.
+    def _queue_behind(self, leader: Any, send: _Send) -> Any:
+        """Queue ``send`` to run after ``leader`` on its worker; None if ``leader`` ended.
 
-        Called under the lock. A leader not on a worker yet (queued itself, or moving to a
-        new worker) takes its follower along: ``_after`` until ``_hand``.
+        Called under the lock. Returns the worker when the caller is to write ``send`` to
+        it ahead (``_write_ahead``; ``writing`` is set), else ``_AFTER``. A leader not on a
+        worker yet (queued itself, or moving to a new worker) takes its follower along:
+        ``_after`` until ``_hand``.
         """
         worker = leader.handle
         if worker is not None and worker.attempt is leader:
             if worker.killed or worker.conn not in self._workers:
-                return False  # stopped: it runs no more
-            if worker.next is not None:
-                raise RuntimeError(f"{leader.task_id!r} already has an attempt queued behind it")
-            worker.next = send  # the reader sends it once the leader's reply is in
+                return None  # stopped: it runs no more
+            if worker.next is not None:  # written ahead, and started (restart found it so):
+                return None  # the leader ended; its reply is not read yet
+            worker.next = send  # else the reader sends it once the leader's reply is in
             send.attempt.handle = worker
             send.attempt.worker = worker.pid
-            return True
+            if _may_ahead(worker, send):
+                worker.ahead = worker.writing = True
+                return worker
+            return _AFTER
         if leader in self._moving or (
                 worker is not None and worker.next is not None
                 and worker.next.attempt is leader) or any(
                 send.attempt is leader for send in self._after.values()):
             self._after[leader] = send
-            return True
-        return False  # its reply was read (or it crashed): it no longer runs
+            return _AFTER
+        return None  # its reply was read (or it crashed): it no longer runs
+
+    @staticmethod
+    def _write_ahead(worker: _Worker, send: _Send) -> None:
+        """Write ``send`` behind the payload ``worker`` runs, with its token (``AHEAD``).
+
+        The caller set ``writing`` (no other thread writes to the pipe meanwhile).
+        """
+        try:
+            os.write(worker.tok_w, b"t")
+            worker.conn.send_bytes(AHEAD + send.parts[0])
+        except OSError:
+            pass  # the worker died: the reader moves it to another (_reap)
+        worker.writing = False
 
     def _start(self, send: _Send, moving: bool) -> None:
         """Send ``send`` to an idle worker, or to a new one.
@@ -197,7 +239,7 @@ class ProcessPool(Reader):
                 return
             alive = worker.conn in self._workers
             if alive:
-                self._hand(worker, send)
+                self._hand(worker, send, write=True)
             else:
                 then = self._after.pop(attempt, None)
         if not alive:  # its pins go with this frame: segments nothing else holds unlink
@@ -213,9 +255,15 @@ class ProcessPool(Reader):
             self._moving[send.attempt] = send
         self._start(send, moving=True)
 
-    def _hand(self, worker: _Worker, send: _Send) -> None:
-        """Make ``send`` the attempt ``worker`` runs (its follower queued). Under the lock."""
+    def _hand(self, worker: _Worker, send: _Send, write: bool) -> None:
+        """Make ``send`` the attempt ``worker`` runs (its follower queued). Under the lock.
+
+        ``write``: the caller writes its payload next (``_send``); False for one that was
+        written ahead.
+        """
         attempt = send.attempt
+        if write:
+            worker.writing = True
         worker.attempt = attempt
         worker.pins = send.pins
         worker.ntasks += 1
@@ -241,12 +289,15 @@ class ProcessPool(Reader):
         except OSError:
             # The worker died (or was killed); the reader reports the crash for this attempt.
             pass
+        worker.writing = False  # a follower queued from now on may be written ahead
 
     def kill(self, attempt: Any) -> bool:
         """Kill the worker running ``attempt`` (and its children); other workers go on.
 
         An attempt still queued (behind a leader, or moving to a new worker) is withdrawn;
-        one queued behind it starts elsewhere (the scheduler gave it the slot).
+        one queued behind it starts elsewhere (the scheduler gave it the slot). One written
+        ahead that its worker started already (its leader's reply not read yet) is killed
+        with its worker, whose last reply, the leader's, still counts (``doomed``).
         """
         # Under the lock, so the reader either sees ``killed`` (and drops the result and the
         # worker) or has already taken the result (and there is nothing left to kill).
@@ -255,14 +306,19 @@ class ProcessPool(Reader):
             running = worker is not None and worker.attempt is attempt
             if running:
                 worker.killed = True
+            elif worker is not None and worker.ahead and worker.next is not None \
+                    and worker.next.attempt is attempt and not worker.take_token():
+                worker.next, worker.ahead, worker.doomed = None, False, True
+                running = True
             elif not self._withdraw(attempt):
                 return True  # it ended
-            then = None if running else self._after.pop(attempt, None)
+            then = self._after.pop(attempt, None) if worker is None or \
+                worker.attempt is not attempt else None
             if then is not None:
                 self._moving[then.attempt] = then
         if running:
             kill_tree(worker.pid)
-        elif then is not None:
+        if then is not None:
             self._start(then, moving=True)
         return True
 
@@ -270,6 +326,7 @@ class ProcessPool(Reader):
         """Take ``attempt`` out of the queues if it waits in one. Called under the lock."""
         worker = attempt.handle
         if worker is not None and worker.next is not None and worker.next.attempt is attempt:
+            assert not worker.ahead  # the caller took its token
             worker.next = None  # its pins go with it
             return True
         if self._moving.pop(attempt, None) is not None:
@@ -291,6 +348,8 @@ class ProcessPool(Reader):
             worker = attempt.handle
             if worker is None or worker.next is None or worker.next.attempt is not attempt:
                 return
+            if worker.ahead and not worker.take_token():
+                return  # its worker started it: it runs there
             send, worker.next = worker.next, None
             self._moving[attempt] = send  # withdrawable by kill until it is handed over
         self._start(send, moving=True)
@@ -316,6 +375,11 @@ class ProcessPool(Reader):
             worker = attempt.handle
             if worker is None or worker.attempt is not attempt or worker.killed:
                 return False
+            # What was written ahead must not be started meanwhile, to be signalled in its
+            # place: the reader sends it again once the reply is in. If it started, this
+            # attempt had returned.
+            if worker.ahead and not worker.take_token():
+                return False
             try:
                 os.kill(worker.pid, SIG_CANCEL if cancel else SIG_TIMEOUT)
             except ProcessLookupError:
@@ -328,6 +392,8 @@ class ProcessPool(Reader):
             worker = attempt.handle
             if worker is None or worker.attempt is not attempt:
                 return
+            if worker.ahead and not worker.take_token():
+                return  # it returned, and what was written ahead runs: not its memory
             worker.killed = True
         kill_tree(worker.pid)
         peak = attempt.monitor.unwatch(attempt) if attempt.monitor is not None else None
@@ -336,12 +402,15 @@ class ProcessPool(Reader):
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=worker_main, args=(child_conn, os.getpid()),
+        tokens = self._ctx.Pipe(duplex=False)  # the worker gets a copy of the read end
+        os.set_blocking(tokens[0].fileno(), False)
+        process = self._ctx.Process(target=worker_main,
+                                    args=(child_conn, os.getpid(), tokens[0]),
                                     name=_WORKER_NAME)
         process.daemon = True
         process.start()
         child_conn.close()
-        worker = _Worker(process, parent_conn)
+        worker = _Worker(process, parent_conn, tokens)
         with self._lock:
             self._workers[parent_conn] = worker
             self._version += 1
@@ -355,6 +424,10 @@ class ProcessPool(Reader):
             workers = list(self._workers.values())
             self._workers.clear()
             self._idle.clear()
+            for w in workers:
+                if w.ahead:  # else it would run what was sent ahead before it reads EOF
+                    w.take_token()
+                    w.ahead = False
         # The reader must leave poll() first: the kernel keeps every polled socket open for
         # the duration of the call, so closing our ends would not give the workers EOF.
         try:
@@ -368,10 +441,7 @@ class ProcessPool(Reader):
             self._retired.clear()
         for w in workers:
             w.killed = True
-            try:
-                w.conn.close()
-            except OSError:
-                pass
+            w.close()
         never: list[_Send] = []
         for w in workers:
             w.process.join(timeout=0.5 if w.attempt is None else 0)
@@ -413,10 +483,7 @@ class ProcessPool(Reader):
                 if getattr(p, "name", None) == _WORKER_NAME:
                     children.discard(p)
         for w in self._workers.values():
-            try:
-                w.conn.close()  # our copy only: the parent's end stays open
-            except OSError:
-                pass
+            w.close()  # our copies only: the parent's ends stay open
         self._workers.clear()
         self._idle.clear()
         self._retired.clear()  # the parent's: it reaps them

@@ -22,18 +22,27 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import _shm
 from ._errors import RemoteError, WorkerCrashed
 from ._messages import Done, ItemDone
-from ._worker import STREAMED, decode_outcome
+from ._worker import SKIPPED, STREAMED, decode_outcome
 
 __all__ = ["Reader"]
 
 
 class _Worker:
     __slots__ = ("process", "conn", "pid", "attempt", "killed", "pins", "ntasks", "max_tasks",
-                 "next")
+                 "next", "tokens", "tok_r", "tok_w", "writing", "ahead", "skips", "doomed")
 
-    def __init__(self, process: Any, conn: Any) -> None:
+    def __init__(self, process: Any, conn: Any, tokens: tuple[Any, Any] | None = None) -> None:
         self.process = process
         self.conn = conn
+        # The token pipe of payloads sent ahead (``_worker.AHEAD``): both ends stay here
+        # (the worker has a copy of the read end), as Connections and as descriptors.
+        self.tokens = tokens
+        self.tok_r: int = tokens[0].fileno() if tokens else -1
+        self.tok_w: int = tokens[1].fileno() if tokens else -1
+        self.writing = False  # a thread writes a payload to conn (set under the lock)
+        self.ahead = False  # ``next`` was written to the pipe already, with its token
+        self.skips = 0  # payloads withdrawn from its pipe whose SKIPPED is still to come
+        self.doomed = False  # killed under a payload sent ahead: it exits after this reply
         self.pid: int = process.pid
         self.attempt: Any = None
         self.killed = False
@@ -46,6 +55,29 @@ class _Worker:
         # The attempt queued behind the running one (see "Pipelining" in ProcessPool), with
         # what starts it: sent by the reader as soon as the running attempt's reply is read.
         self.next: _Send | None = None
+
+    def take_token(self) -> bool:
+        """Withdraw the payload sent ahead (``next``): False if the worker started it.
+
+        Called under the pool's lock, with ``ahead`` set. On success the worker skips the
+        copy in its pipe and answers ``SKIPPED``.
+        """
+        try:
+            if os.read(self.tok_r, 1) == b"":
+                return False
+        except OSError:  # BlockingIOError: the worker took it
+            return False
+        self.ahead = False
+        self.skips += 1
+        return True
+
+    def close(self) -> None:
+        """Close the driver's ends of the worker's pipes."""
+        for c in (self.conn, *(self.tokens or ())):
+            try:
+                c.close()
+            except OSError:
+                pass
 
 
 class _Send(NamedTuple):
@@ -77,7 +109,7 @@ class Reader:
     _closed: bool
 
     if TYPE_CHECKING:  # the scheduler side, in ProcessPool
-        def _hand(self, worker: _Worker, send: _Send) -> None: ...
+        def _hand(self, worker: _Worker, send: _Send, write: bool) -> None: ...
         @staticmethod
         def _send(worker: _Worker, send: _Send) -> None: ...
         def _start(self, send: _Send, moving: bool) -> None: ...
@@ -137,8 +169,13 @@ class Reader:
             return
         try:
             data = conn.recv_bytes()
-            if data[:1] == STREAMED:  # an item of a streamed batch; the batch goes on
+            kind = data[:1]
+            if kind == STREAMED:  # an item of a streamed batch; the batch goes on
                 self._streamed(worker, data)
+                return
+            if kind == SKIPPED:  # a payload sent ahead, then withdrawn (take_token)
+                with self._lock:
+                    worker.skips -= 1
                 return
             descs, body = _shm.split(data)
             piped = _shm.receive_parts(descs, conn.recv_bytes_into) if descs else []
@@ -149,25 +186,31 @@ class Reader:
             attempt, worker.attempt = worker.attempt, None
             pins, worker.pins = worker.pins, None  # released once the result is mapped
             queued, worker.next = worker.next, None
+            ahead, worker.ahead = worker.ahead, False
             dropped = worker.killed or attempt is None  # the scheduler decided its outcome
             here = False
             if not dropped:
-                if worker.max_tasks is not None and worker.ntasks >= worker.max_tasks:
-                    self._retire(worker)
+                if worker.doomed:  # killed under the payload it ran next (kill): exiting
+                    worker.killed = True
+                elif worker.max_tasks is not None and worker.ntasks >= worker.max_tasks:
+                    self._retire(worker)  # (then nothing was sent ahead: _may_ahead)
                 elif queued is not None:
-                    self._hand(worker, queued)
+                    self._hand(worker, queued, write=not ahead)
                     here = True
                 elif not self._closed:
                     self._idle.append(worker)
-            if queued is not None and not here:
+            if queued is not None and not here:  # (a copy sent ahead dies with the worker)
                 self._moving[queued.attempt] = queued
         sampled = attempt.monitor.unwatch(attempt) \
             if attempt is not None and attempt.monitor is not None else None
         if queued is not None:  # the next attempt first: the worker runs while we decode
-            if here:
-                self._send(worker, queued)
-            else:
+            if not here:
                 self._start(queued, moving=True)
+            elif ahead:  # running already
+                if queued.attempt.monitor is not None:
+                    queued.attempt.monitor.watch(queued.attempt, worker.pid)
+            else:
+                self._send(worker, queued)
         if dropped:
             _shm.discard(descs)
             return
@@ -214,10 +257,7 @@ class Reader:
         self._workers.pop(worker.conn, None)
         self._retired[worker.process.sentinel] = worker
         self._version += 1
-        try:
-            worker.conn.close()
-        except OSError:
-            pass
+        worker.close()
 
     def _reap_retired(self, sentinel: Any) -> None:
         with self._lock:
@@ -254,15 +294,13 @@ class Reader:
             attempt, worker.attempt = worker.attempt, None
             worker.pins = None
             queued, worker.next = worker.next, None
+            worker.ahead = False  # a copy written ahead died with it
             if queued is not None:
                 self._moving[queued.attempt] = queued
         worker.process.join(timeout=1)
         if worker.process.exitcode is not None:  # what it was writing for us, if anything
             _shm.sweep_writer(worker.pid)
-        try:
-            worker.conn.close()
-        except OSError:
-            pass
+        worker.close()
         if attempt is not None and attempt.monitor is not None:
             attempt.monitor.unwatch(attempt)
         if attempt is not None and not worker.killed:

@@ -78,16 +78,25 @@ _meter: PeakMeter | None = None
 # sends each item's outcome through it before the next item starts.
 _progress: Any = None
 STREAMED = b"P"  # first byte of such a message (a reply starts with a pickle or b"S")
+# Pipelining (``ProcessPool``, "Pipelining"): a payload that starts with AHEAD was written
+# while the task before it still ran, so that the worker goes from one to the next without
+# waiting for the driver. It runs only if the worker takes its token (one byte in a pipe
+# whose read end the driver holds too): the driver withdraws a payload sent ahead by taking
+# the token first, and then the worker answers SKIPPED instead of running it. One read of
+# one byte either side decides, atomically, which of the two has it.
+AHEAD = b"A"
+SKIPPED = b"K"
 
 
-def worker_main(conn: Any, driver_pid: int | None = None) -> None:
+def worker_main(conn: Any, driver_pid: int | None = None, token: Any = None) -> None:
     """Entry point of a process worker: serve payloads from ``conn`` until it closes.
 
     ``driver_pid`` names the segments the worker writes its large results into (see
-    ``_shm``). At EOF (pool shutdown, the driver's normal exit) the worker kills every
-    process its tasks started and left running (a background ``Popen``, a daemon that
-    double-forked) before it exits: nothing a task started outlives the worker. See issue 12
-    item 2.
+    ``_shm``). ``token`` is the read end of the token pipe of payloads sent ahead (see
+    ``AHEAD``); without it, every payload sent ahead is skipped. At EOF (pool shutdown, the
+    driver's normal exit) the worker kills every process its tasks started and left running
+    (a background ``Popen``, a daemon that double-forked) before it exits: nothing a task
+    started outlives the worker. See issue 12 item 2.
     """
     global _meter, _cap, _progress
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -101,9 +110,17 @@ def worker_main(conn: Any, driver_pid: int | None = None) -> None:
     recv, send, recv_into = conn.recv_bytes, conn.send_bytes, conn.recv_bytes_into
     _progress = send
     driver = driver_pid or os.getppid()
+    tok = token.fileno() if token is not None else -1
+    if tok >= 0:
+        os.set_blocking(tok, False)
     while True:
         try:
             data = recv()
+            if data[:1] == AHEAD:
+                if not _take_token(tok):  # withdrawn by the driver
+                    send(SKIPPED)
+                    continue
+                data = memoryview(data)[1:]
             descs, body = _shm.split(data)
             piped = _shm.receive_parts(descs, recv_into) if descs else []
         except (EOFError, OSError):
@@ -115,6 +132,14 @@ def worker_main(conn: Any, driver_pid: int | None = None) -> None:
             send(part)
         del parts
         _reaper.reap()
+
+
+def _take_token(fd: int) -> bool:
+    """Take the token of a payload sent ahead (see ``AHEAD``); False if the driver took it."""
+    try:
+        return os.read(fd, 1) != b""
+    except OSError:  # BlockingIOError: none there; or no token pipe at all
+        return False
 
 
 def run_payload(data: bytes) -> bytes:

@@ -551,6 +551,13 @@ def stamp(path):
     return os.getpid()
 
 
+def append_pid(path):
+    """Append this process's pid to ``path`` (a line per run: proves how often it ran)."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()
+
+
 def wait_file(path, timeout=30.0):
     """Wait until ``path`` exists (written by a task in a worker process)."""
     deadline = time.monotonic() + timeout

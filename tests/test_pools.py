@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
+import threading
 import time
 
 import helpers
@@ -723,7 +724,8 @@ def test_a_follower_runs_on_its_leaders_worker_right_after_it(tmp_path):
         follower = attempt(1, leader)
         pool.submit(follower, helpers.pid, (), {})
         assert follower.handle is leader.handle and follower.worker == leader.worker
-        assert leader.handle.next.attempt is follower  # queued, not sent
+        assert leader.handle.next.attempt is follower  # queued: not the worker's yet
+        assert leader.handle.ahead  # but written to its pipe, behind the leader
         assert len(pool.pids) == 1  # no worker was started for it
         release.touch()
         first, second = queue.get(timeout=30), queue.get(timeout=30)
@@ -748,15 +750,115 @@ def test_kill_withdraws_a_follower_that_has_not_started(tmp_path):
         assert leader.handle.next.attempt is follower
         assert pool.kill(follower) is True
         assert leader.handle.next is None and not leader.handle.killed
+        # Its copy is still in the worker's pipe: another follower is not written ahead
+        # until the worker skipped it (it would take the new one's token).
+        second = attempt(3, leader)
+        pool.submit(second, helpers.pid, (), {})
+        assert leader.handle.next.attempt is second and not leader.handle.ahead
         release.touch()
-        done = queue.get(timeout=30)
-        assert (done.attempt, done.ok) == (leader, True), done
+        dones = [queue.get(timeout=30) for _ in range(2)]
+        assert [(d.attempt, d.ok) for d in dones] == [(leader, True), (second, True)], dones
         after = attempt(2)  # the same, now idle, worker: it would have run the follower first
         pool.submit(after, helpers.pid, (), {})
         done = queue.get(timeout=30)
         assert (done.attempt, done.value) == (after, leader.worker), done
         assert not ran.exists() and queue.empty()
+        assert leader.handle.skips == 0  # the worker answered SKIPPED for the copy ahead
     finally:
+        pool.shutdown()
+
+
+def _paused_reader(pool):
+    """Hold ``pool``'s reader before it reads a reply, until the returned event is set."""
+    go = threading.Event()
+    receive = pool._receive
+
+    def held(conn):
+        go.wait(30)
+        receive(conn)
+    pool._receive = held
+    return go
+
+
+@pytest.mark.timeout(60)
+def test_a_follower_sent_ahead_that_started_is_killed_with_its_worker(tmp_path):
+    """The leader returned and its worker started the follower written ahead, but the
+    reader has not read the leader's reply: kill(follower) kills that worker, and the
+    leader's reply, written before, still counts; nothing is reported for the follower."""
+    pool, queue, attempt = _pipeline_pool()
+    try:
+        leader, release = _held(pool, attempt, tmp_path)
+        worker = leader.worker
+        go = _paused_reader(pool)
+        follower = attempt(1, leader)
+        started = tmp_path / "started2"
+        pool.submit(follower, helpers.hold_until, (str(tmp_path / "never"), str(started)), {})
+        release.touch()
+        helpers.wait_file(started)  # running, its leader's reply unread
+        assert pool.kill(follower) is True
+        assert leader.handle.doomed
+        go.set()
+        done = queue.get(timeout=30)
+        assert (done.attempt, done.ok, done.value) == (leader, True, worker), done
+        assert helpers.gone(worker)
+        after = attempt(2)
+        pool.submit(after, helpers.pid, (), {})
+        done = queue.get(timeout=30)
+        assert done.attempt is after and done.ok and done.value != worker, done
+        assert queue.empty()
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_restart_leaves_a_follower_sent_ahead_that_started(tmp_path):
+    """A follower written ahead that its worker started stays there (restart cannot take
+    its token back); the leader, whose reply is unread, takes no new follower: one queued
+    behind it starts on another worker."""
+    pool, queue, attempt = _pipeline_pool()
+    try:
+        leader, release = _held(pool, attempt, tmp_path)
+        worker = leader.worker
+        go = _paused_reader(pool)
+        follower = attempt(1, leader)
+        started = tmp_path / "started2"
+        pool.submit(follower, helpers.hold_until, (str(release), str(started)), {})
+        release.touch()
+        helpers.wait_file(started)
+        pool.restart(follower)
+        assert leader.handle.next.attempt is follower  # not moved
+        third = attempt(2, leader)
+        pool.submit(third, helpers.pid, (), {})
+        go.set()
+        dones = {d.attempt: d for d in (queue.get(timeout=30) for _ in range(3))}
+        assert set(dones) == {leader, follower, third} and all(d.ok for d in dones.values())
+        assert dones[leader].value == dones[follower].value == worker
+        assert dones[third].value != worker
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_interrupt_takes_back_what_was_sent_ahead(tmp_path):
+    """A grace signal for the leader must not reach the follower written ahead: the pool
+    takes its token first, the leader raises, and the follower is sent again and runs
+    once, after it, on the same worker."""
+    pool, queue, attempt = _pipeline_pool()
+    ran = tmp_path / "ran"
+    try:
+        leader, release = _held(pool, attempt, tmp_path)
+        follower = attempt(1, leader)
+        pool.submit(follower, helpers.append_pid, (str(ran),), {})
+        assert leader.handle.ahead
+        assert pool.interrupt(leader, cancel=False) is True
+        assert not leader.handle.ahead and leader.handle.next.attempt is follower
+        first, second = queue.get(timeout=30), queue.get(timeout=30)
+        assert first.attempt is leader and isinstance(first.value, px.TaskTimeout), first
+        assert (second.attempt, second.ok) == (follower, True), second
+        assert ran.read_text().split() == [str(leader.worker)]  # once
+        assert leader.handle is follower.handle and follower.handle.skips == 0
+    finally:
+        release.touch()
         pool.shutdown()
 
 

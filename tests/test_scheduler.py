@@ -924,7 +924,7 @@ def test_short_process_tasks_are_pipelined_within_max_workers(monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_process_tasks_of_tens_of_milliseconds_are_not_pipelined(monkeypatch):
-    """Above PIPELINE_BELOW (a mean of 5 ms) no task is committed to a busy worker ahead
+    """Above PIPELINE_BELOW (a mean of 20 ms) no task is committed to a busy worker ahead
     of time, so the priorities of tasks that become ready later still decide."""
     queued = _count_queued(monkeypatch)
     with px.Workflow("slow", isolation="process") as wf:
