@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ._errors import ResourceError, TaskOptionError
 from ._executor_map import Feeder, one_by_one
+from ._messages import Submit
 from ._options import (
     check_capacities,
     check_cpu_budget,
@@ -337,7 +338,6 @@ class Executor(concurrent.futures.Executor):
             future: Future[Any] = Future(self, tid)
             self._futures.add(future)
             assert self._scheduler is not None
-            from ._messages import Submit
             self._scheduler.queue.put(Submit(future, spec, list(deps.values())))
         return future
 
