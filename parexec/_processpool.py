@@ -84,21 +84,22 @@ class ProcessPool(Reader):
     with each ``submit`` (the pool is shared by every run of the interpreter, and runs may
     differ); ``process_pool(max_tasks_per_worker=N)`` gives a view that passes it.
 
-    Pipelining. An attempt whose ``leader`` is set (the scheduler's choice: a running attempt
-    of the same run, see ``_dispatch.PIPELINE_BELOW``) is queued behind it on the leader's
-    worker (``_Worker.next``), as ``ProcessPoolExecutor`` keeps its call queue one task ahead
-    of its workers: it is written to the worker's pipe at once (``AHEAD``, with a token in
-    the worker's token pipe), so the worker goes from the leader to it without waiting for
-    the driver. To withdraw it (``kill``, ``restart``, a grace signal for the leader) the
-    pool takes the token back: then the worker skips it; if the worker took the token
-    first, it runs (its leader returned, the reply unread). A payload too large to copy, or
-    one queued while another thread writes to the pipe, waits in the driver instead: the
-    reader sends it the moment it has read the leader's reply, before it decodes that reply.
-    It runs on no other worker while the leader runs (the run's ``max_workers`` holds: the
-    scheduler hands it the leader's slot when the leader ends). If the leader's reply was
-    already read when it is submitted, it starts like any other attempt; if the leader's
-    worker dies, is killed or retires first, the queued attempt moves to an idle or new
-    worker (``_start``), no attempt counted; ``kill`` of an attempt not yet sent withdraws it.
+    Pipelining. An attempt whose ``leader`` is set (the scheduler's choice: a running
+    attempt of the same run, see ``_dispatch.PIPELINE_BELOW``) is queued behind it on the
+    leader's worker (``_Worker.next``), as ``ProcessPoolExecutor`` keeps its call queue one
+    task ahead of its workers: it is written to the worker's pipe at once (``AHEAD``, with a
+    token in the semaphore the worker shares with the pool), so the worker goes from the
+    leader to it without waiting for the driver. To withdraw it (``kill``, ``restart``, a
+    grace signal for the leader) the pool takes the token back: then the worker skips it; if
+    the worker took the token first, it runs (its leader returned, the reply unread). A
+    payload too large to copy, or one queued while another thread writes to the pipe, waits
+    in the driver instead: the reader sends it the moment it has read the leader's reply,
+    before it decodes that reply. It runs on no other worker while the leader runs (the
+    run's ``max_workers`` holds: the scheduler hands it the leader's slot when the leader
+    ends). If the leader's reply was already read when it is submitted, it starts like any
+    other attempt; if the leader's worker dies, is killed or retires first, the queued
+    attempt moves to an idle or new worker (``_start``), no attempt counted; ``kill`` of an
+    attempt not yet sent withdraws it.
     """
 
     def __init__(self) -> None:
@@ -206,7 +207,7 @@ class ProcessPool(Reader):
         The caller set ``writing`` (no other thread writes to the pipe meanwhile).
         """
         try:
-            os.write(worker.tok_w, b"t")
+            worker.tokens.release()
             worker.conn.send_bytes(AHEAD + send.parts[0])
         except OSError:
             pass  # the worker died: the reader moves it to another (_reap)
@@ -402,10 +403,9 @@ class ProcessPool(Reader):
 
     def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        tokens = self._ctx.Pipe(duplex=False)  # the worker gets a copy of the read end
-        os.set_blocking(tokens[0].fileno(), False)
+        tokens = self._ctx.Semaphore(0)
         process = self._ctx.Process(target=worker_main,
-                                    args=(child_conn, os.getpid(), tokens[0]),
+                                    args=(child_conn, os.getpid(), tokens),
                                     name=_WORKER_NAME)
         process.daemon = True
         process.start()

@@ -29,16 +29,14 @@ __all__ = ["Reader"]
 
 class _Worker:
     __slots__ = ("process", "conn", "pid", "attempt", "killed", "pins", "ntasks", "max_tasks",
-                 "next", "tokens", "tok_r", "tok_w", "writing", "ahead", "skips", "doomed")
+                 "next", "tokens", "writing", "ahead", "skips", "doomed")
 
-    def __init__(self, process: Any, conn: Any, tokens: tuple[Any, Any] | None = None) -> None:
+    def __init__(self, process: Any, conn: Any, tokens: Any = None) -> None:
         self.process = process
         self.conn = conn
-        # The token pipe of payloads sent ahead (``_worker.AHEAD``): both ends stay here
-        # (the worker has a copy of the read end), as Connections and as descriptors.
+        # The semaphore it shares with the worker: a token per payload sent ahead
+        # (``_worker.AHEAD``).
         self.tokens = tokens
-        self.tok_r: int = tokens[0].fileno() if tokens else -1
-        self.tok_w: int = tokens[1].fileno() if tokens else -1
         self.writing = False  # a thread writes a payload to conn (set under the lock)
         self.ahead = False  # ``next`` was written to the pipe already, with its token
         self.skips = 0  # payloads withdrawn from its pipe whose SKIPPED is still to come
@@ -62,22 +60,18 @@ class _Worker:
         Called under the pool's lock, with ``ahead`` set. On success the worker skips the
         copy in its pipe and answers ``SKIPPED``.
         """
-        try:
-            if os.read(self.tok_r, 1) == b"":
-                return False
-        except OSError:  # BlockingIOError: the worker took it
-            return False
+        if self.tokens is None or not self.tokens.acquire(False):
+            return False  # the worker took it
         self.ahead = False
         self.skips += 1
         return True
 
     def close(self) -> None:
-        """Close the driver's ends of the worker's pipes."""
-        for c in (self.conn, *(self.tokens or ())):
-            try:
-                c.close()
-            except OSError:
-                pass
+        """Close the driver's end of the worker's pipe."""
+        try:
+            self.conn.close()
+        except OSError:
+            pass
 
 
 class _Send(NamedTuple):

@@ -80,10 +80,11 @@ _progress: Any = None
 STREAMED = b"P"  # first byte of such a message (a reply starts with a pickle or b"S")
 # Pipelining (``ProcessPool``, "Pipelining"): a payload that starts with AHEAD was written
 # while the task before it still ran, so that the worker goes from one to the next without
-# waiting for the driver. It runs only if the worker takes its token (one byte in a pipe
-# whose read end the driver holds too): the driver withdraws a payload sent ahead by taking
-# the token first, and then the worker answers SKIPPED instead of running it. One read of
-# one byte either side decides, atomically, which of the two has it.
+# waiting for the driver. It runs only if the worker takes its token from a semaphore the
+# driver shares with it (the driver puts one in per payload sent ahead): the driver
+# withdraws such a payload by taking the token first, and then the worker answers SKIPPED
+# instead of running it. The semaphore decides, atomically, which of the two has it, in
+# user space (no system call, and no release of the driver's GIL, unless one waits).
 AHEAD = b"A"
 SKIPPED = b"K"
 
@@ -92,10 +93,10 @@ def worker_main(conn: Any, driver_pid: int | None = None, token: Any = None) -> 
     """Entry point of a process worker: serve payloads from ``conn`` until it closes.
 
     ``driver_pid`` names the segments the worker writes its large results into (see
-    ``_shm``). ``token`` is the read end of the token pipe of payloads sent ahead (see
-    ``AHEAD``); without it, every payload sent ahead is skipped. At EOF (pool shutdown, the
-    driver's normal exit) the worker kills every process its tasks started and left running
-    (a background ``Popen``, a daemon that double-forked) before it exits: nothing a task
+    ``_shm``). ``token`` is the semaphore of the payloads sent ahead (see ``AHEAD``);
+    without it, every payload sent ahead is skipped. At EOF (pool shutdown, the driver's
+    normal exit) the worker kills every process its tasks started and left running (a
+    background ``Popen``, a daemon that double-forked) before it exits: nothing a task
     started outlives the worker. See issue 12 item 2.
     """
     global _meter, _cap, _progress
@@ -110,14 +111,12 @@ def worker_main(conn: Any, driver_pid: int | None = None, token: Any = None) -> 
     recv, send, recv_into = conn.recv_bytes, conn.send_bytes, conn.recv_bytes_into
     _progress = send
     driver = driver_pid or os.getppid()
-    tok = token.fileno() if token is not None else -1
-    if tok >= 0:
-        os.set_blocking(tok, False)
+    take = token.acquire if token is not None else _no_token
     while True:
         try:
             data = recv()
             if data[:1] == AHEAD:
-                if not _take_token(tok):  # withdrawn by the driver
+                if not take(False):  # withdrawn by the driver
                     send(SKIPPED)
                     continue
                 data = memoryview(data)[1:]
@@ -134,12 +133,8 @@ def worker_main(conn: Any, driver_pid: int | None = None, token: Any = None) -> 
         _reaper.reap()
 
 
-def _take_token(fd: int) -> bool:
-    """Take the token of a payload sent ahead (see ``AHEAD``); False if the driver took it."""
-    try:
-        return os.read(fd, 1) != b""
-    except OSError:  # BlockingIOError: none there; or no token pipe at all
-        return False
+def _no_token(block: bool) -> bool:
+    return False
 
 
 def run_payload(data: bytes) -> bytes:
