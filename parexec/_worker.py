@@ -179,10 +179,12 @@ def _run(data: Any, descs: list[Any], piped: list[bytearray], driver_pid: int) -
         _interruptible = None
         t1 = monotonic()
         exc.__traceback__ = user_frames(exc.__traceback__)
-        return (_error_outcome(task_id, exc, meta=(meter.peak() if meter else None, t0, t1)),)
+        return (_error_outcome(task_id, exc,
+                               meta=(meter.peak(t1 - t0) if meter else None, t0, t1)),)
     finally:
         _local.context = None
-    meta = (meter.peak() if meter is not None else None, t0, monotonic())
+    t1 = monotonic()
+    meta = (meter.peak(t1 - t0) if meter is not None else None, t0, t1)
     outcome = (True, _shm.wrap(value), None, meta)
     big = _shm.Collector() if where is not None else None
     dumps: Any = pickle.dumps
