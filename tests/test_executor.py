@@ -186,6 +186,31 @@ def test_cancel_running_process_task_kills_its_worker_alone(tmp_path):
         assert sibling.cancel() is False  # finished futures cannot be cancelled
 
 
+@pytest.mark.timeout(90)
+def test_cancel_of_a_task_queued_on_a_busy_worker_never_runs_it(tmp_path):
+    """Short tasks are queued on a busy worker, behind the task it runs (pipelining): one
+    cancelled there never runs, and the worker is not killed for it."""
+    import helpers
+    with px.Executor(max_workers=1) as ex:
+        for f in [ex.submit(helpers.pid) for _ in range(20)]:  # short on average: pipelined
+            worker = f.result(30)
+        release, started = tmp_path / "release", tmp_path / "started"
+        held = ex.submit(helpers.hold_until, str(release), str(started))
+        helpers.wait_file(started)
+        ran = tmp_path / "ran"
+        queued = ex.submit(helpers.append_pid, str(ran))
+        deadline = time.monotonic() + 10
+        pool = px._pools.process_pool()
+        while not any(w.next is not None for w in pool._workers.values()):
+            assert time.monotonic() < deadline, "never queued behind the held task"
+            time.sleep(0.01)
+        assert queued.cancel() is True
+        release.touch()
+        assert held.result(30) == worker
+        assert ex.submit(helpers.pid).result(30) == worker  # the same worker
+        assert queued.cancelled() and not ran.exists()
+
+
 @pytest.mark.timeout(60)
 def test_cancel_running_thread_task_sets_its_flag():
     """cancel() of a running thread task sets its cancel flag; the future ends cancelled."""
