@@ -189,7 +189,8 @@ class ProcessPool(Reader):
             send.attempt.handle = worker
             send.attempt.worker = worker.pid
             if _may_ahead(worker, send):
-                worker.ahead = worker.writing = True
+                worker.ahead = True
+                worker.writing = send
                 return worker
             return _AFTER
         if leader in self._moving or (
@@ -200,18 +201,30 @@ class ProcessPool(Reader):
             return _AFTER
         return None  # its reply was read (or it crashed): it no longer runs
 
-    @staticmethod
-    def _write_ahead(worker: _Worker, send: _Send) -> None:
+    def _write_ahead(self, worker: _Worker, send: _Send) -> None:
         """Write ``send`` behind the payload ``worker`` runs, with its token (``AHEAD``).
 
-        The caller set ``writing`` (no other thread writes to the pipe meanwhile).
+        The caller set ``writing`` to ``send`` (no other thread writes to the pipe
+        meanwhile).
         """
+        tokens = worker.tokens
         try:
-            worker.tokens.release()
-            worker.conn.send_bytes(AHEAD + send.parts[0])
+            if tokens is not None:  # (None: reaped meanwhile; the reader moves it)
+                tokens.release()
+                worker.conn.send_bytes(AHEAD + send.parts[0])
         except OSError:
             pass  # the worker died: the reader moves it to another (_reap)
-        worker.writing = False
+        self._written(worker, send)
+
+    def _written(self, worker: _Worker, send: _Send) -> None:
+        """``send`` is written: the pipe is free for the next writer, if still ours to free.
+
+        Under the lock and only by the writer that set it, so a writer that finished late
+        cannot free the pipe while another thread writes to it.
+        """
+        with self._lock:
+            if worker.writing is send:
+                worker.writing = None
 
     def _start(self, send: _Send, moving: bool) -> None:
         """Send ``send`` to an idle worker, or to a new one.
@@ -264,7 +277,7 @@ class ProcessPool(Reader):
         """
         attempt = send.attempt
         if write:
-            worker.writing = True
+            worker.writing = send
         worker.attempt = attempt
         worker.pins = send.pins
         worker.ntasks += 1
@@ -278,8 +291,7 @@ class ProcessPool(Reader):
                 then.attempt.handle = worker
                 then.attempt.worker = worker.pid
 
-    @staticmethod
-    def _send(worker: _Worker, send: _Send) -> None:
+    def _send(self, worker: _Worker, send: _Send) -> None:
         """Write the payload handed to ``worker`` (after ``_hand``, outside the lock)."""
         attempt = send.attempt
         if attempt.monitor is not None:
@@ -290,7 +302,7 @@ class ProcessPool(Reader):
         except OSError:
             # The worker died (or was killed); the reader reports the crash for this attempt.
             pass
-        worker.writing = False  # a follower queued from now on may be written ahead
+        self._written(worker, send)  # a follower queued from now on may be written ahead
 
     def kill(self, attempt: Any) -> bool:
         """Kill the worker running ``attempt`` (and its children); other workers go on.
@@ -298,13 +310,18 @@ class ProcessPool(Reader):
         An attempt still queued (behind a leader, or moving to a new worker) is withdrawn;
         one queued behind it starts elsewhere (the scheduler gave it the slot). One written
         ahead that its worker started already (its leader's reply not read yet) is killed
-        with its worker, whose last reply, the leader's, still counts (``doomed``).
+        with its worker, whose last reply, the leader's, still counts (``doomed``). And a
+        leader whose worker started what was written ahead has returned: its worker is
+        kept, its reply dropped (``drop_reply``), the other attempt runs on.
         """
         # Under the lock, so the reader either sees ``killed`` (and drops the result and the
         # worker) or has already taken the result (and there is nothing left to kill).
         with self._lock:
             worker = attempt.handle
             running = worker is not None and worker.attempt is attempt
+            if running and worker.ahead and not worker.take_token():
+                worker.drop_reply = True
+                return True
             if running:
                 worker.killed = True
             elif worker is not None and worker.ahead and worker.next is not None \

@@ -29,7 +29,7 @@ __all__ = ["Reader"]
 
 class _Worker:
     __slots__ = ("process", "conn", "pid", "attempt", "killed", "pins", "ntasks", "max_tasks",
-                 "next", "tokens", "writing", "ahead", "skips", "doomed")
+                 "next", "tokens", "writing", "ahead", "skips", "doomed", "drop_reply")
 
     def __init__(self, process: Any, conn: Any, tokens: Any = None) -> None:
         self.process = process
@@ -37,10 +37,14 @@ class _Worker:
         # The semaphore it shares with the worker: a token per payload sent ahead
         # (``_worker.AHEAD``).
         self.tokens = tokens
-        self.writing = False  # a thread writes a payload to conn (set under the lock)
+        # The payload a thread writes to conn now, if any (set under the lock).
+        self.writing: _Send | None = None
         self.ahead = False  # ``next`` was written to the pipe already, with its token
         self.skips = 0  # payloads withdrawn from its pipe whose SKIPPED is still to come
         self.doomed = False  # killed under a payload sent ahead: it exits after this reply
+        # Its attempt was killed after it returned (the payload written ahead had started):
+        # its reply is dropped, the worker goes on.
+        self.drop_reply = False
         self.pid: int = process.pid
         self.attempt: Any = None
         self.killed = False
@@ -104,8 +108,7 @@ class Reader:
 
     if TYPE_CHECKING:  # the scheduler side, in ProcessPool
         def _hand(self, worker: _Worker, send: _Send, write: bool) -> None: ...
-        @staticmethod
-        def _send(worker: _Worker, send: _Send) -> None: ...
+        def _send(self, worker: _Worker, send: _Send) -> None: ...
         def _start(self, send: _Send, moving: bool) -> None: ...
 
     def _read_loop(self) -> None:
@@ -181,9 +184,12 @@ class Reader:
             pins, worker.pins = worker.pins, None  # released once the result is mapped
             queued, worker.next = worker.next, None
             ahead, worker.ahead = worker.ahead, False
-            dropped = worker.killed or attempt is None  # the scheduler decided its outcome
+            # The scheduler decided its outcome (and maybe the worker's):
+            going_on = not worker.killed and attempt is not None
+            dropped = not going_on or worker.drop_reply
+            worker.drop_reply = False
             here = False
-            if not dropped:
+            if going_on:
                 if worker.doomed:  # killed under the payload it ran next (kill): exiting
                     worker.killed = True
                 elif worker.max_tasks is not None and worker.ntasks >= worker.max_tasks:
@@ -259,6 +265,7 @@ class Reader:
             self._version += 1
         if worker is None:
             return
+        worker.tokens = None  # its semaphore goes now, not with the last attempt naming it
         worker.process.join(timeout=1)
         if worker.process.exitcode is not None:
             _shm.sweep_writer(worker.pid)
@@ -289,6 +296,7 @@ class Reader:
             worker.pins = None
             queued, worker.next = worker.next, None
             worker.ahead = False  # a copy written ahead died with it
+            worker.tokens = None  # its semaphore goes now, not with the last attempt naming it
             if queued is not None:
                 self._moving[queued.attempt] = queued
         worker.process.join(timeout=1)

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import _shm
 from ._context import TaskContext, _local, run_coroutine, user_frames
-from ._errors import Cancelled, ParexecError, TaskTimeout
+from ._errors import Cancelled, ParexecError, RemoteError, TaskTimeout
 from ._limits import BlasCap, PeakMeter
 from ._proctree import _allow_children, _become_subreaper, _reaper, _watch_parent, kill_tree
 
@@ -411,7 +411,6 @@ def decode_outcome(task_id: str, data: Any, descs: Any = (),
     mapped copy-on-write, and become the driver's, unlinked once the value is dropped.
     """
     unknown: Meta = (None, None, None)
-    from ._errors import RemoteError
     try:
         bufs = None
         if descs:

@@ -811,6 +811,35 @@ def test_a_follower_sent_ahead_that_started_is_killed_with_its_worker(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_killing_a_leader_that_returned_keeps_the_follower_it_started(tmp_path):
+    """The leader returned and its worker ran the follower written ahead, the leader's
+    reply unread, when the leader is killed (its deadline, a cancel): there is nothing of
+    the leader's to kill. Its reply is dropped, the worker kept, and the follower, which
+    ran, reports once and runs nowhere else (found by review: it ran twice)."""
+    pool, queue, attempt = _pipeline_pool()
+    try:
+        leader, release = _held(pool, attempt, tmp_path)
+        worker = leader.worker
+        go = _paused_reader(pool)
+        follower = attempt(1, leader)
+        ran = tmp_path / "ran"
+        pool.submit(follower, helpers.append_pid, (str(ran),), {})
+        release.touch()
+        helpers.wait_file(ran)  # the follower ran; the leader's reply is unread
+        assert pool.kill(leader) is True
+        go.set()
+        done = queue.get(timeout=30)
+        assert (done.attempt, done.ok, done.value) == (follower, True, worker), done
+        after = attempt(2)
+        pool.submit(after, helpers.pid, (), {})
+        done = queue.get(timeout=30)
+        assert (done.attempt, done.value) == (after, worker), done  # the worker was kept
+        assert ran.read_text().split() == [str(worker)] and queue.empty()
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(60)
 def test_restart_leaves_a_follower_sent_ahead_that_started(tmp_path):
     """A follower written ahead that its worker started stays there (restart cannot take
     its token back); the leader, whose reply is unread, takes no new follower: one queued
