@@ -780,6 +780,21 @@ def _paused_reader(pool):
     return go
 
 
+def _started_ahead(pool, attempt, tmp_path, fn, args, marker):
+    """A leader whose worker has started its follower, ``fn(*args)``, written ahead (the
+    follower wrote the file ``marker``), while the reader has not read the leader's reply.
+
+    Returns the leader, the follower and the event that lets the reader go on.
+    """
+    leader, release = _held(pool, attempt, tmp_path)
+    go = _paused_reader(pool)
+    follower = attempt(1, leader)
+    pool.submit(follower, fn, args, {})
+    release.touch()
+    helpers.wait_file(marker)
+    return leader, follower, go
+
+
 @pytest.mark.timeout(60)
 def test_a_follower_sent_ahead_that_started_is_killed_with_its_worker(tmp_path):
     """The leader returned and its worker started the follower written ahead, but the
@@ -787,14 +802,11 @@ def test_a_follower_sent_ahead_that_started_is_killed_with_its_worker(tmp_path):
     leader's reply, written before, still counts; nothing is reported for the follower."""
     pool, queue, attempt = _pipeline_pool()
     try:
-        leader, release = _held(pool, attempt, tmp_path)
-        worker = leader.worker
-        go = _paused_reader(pool)
-        follower = attempt(1, leader)
         started = tmp_path / "started2"
-        pool.submit(follower, helpers.hold_until, (str(tmp_path / "never"), str(started)), {})
-        release.touch()
-        helpers.wait_file(started)  # running, its leader's reply unread
+        leader, follower, go = _started_ahead(
+            pool, attempt, tmp_path, helpers.hold_until,
+            (str(tmp_path / "never"), str(started)), started)
+        worker = leader.worker
         assert pool.kill(follower) is True
         assert leader.handle.doomed
         go.set()
@@ -818,14 +830,10 @@ def test_killing_a_leader_that_returned_keeps_the_follower_it_started(tmp_path):
     ran, reports once and runs nowhere else (found by review: it ran twice)."""
     pool, queue, attempt = _pipeline_pool()
     try:
-        leader, release = _held(pool, attempt, tmp_path)
-        worker = leader.worker
-        go = _paused_reader(pool)
-        follower = attempt(1, leader)
         ran = tmp_path / "ran"
-        pool.submit(follower, helpers.append_pid, (str(ran),), {})
-        release.touch()
-        helpers.wait_file(ran)  # the follower ran; the leader's reply is unread
+        leader, follower, go = _started_ahead(
+            pool, attempt, tmp_path, helpers.append_pid, (str(ran),), ran)
+        worker = leader.worker
         assert pool.kill(leader) is True
         go.set()
         done = queue.get(timeout=30)
@@ -846,14 +854,11 @@ def test_restart_leaves_a_follower_sent_ahead_that_started(tmp_path):
     behind it starts on another worker."""
     pool, queue, attempt = _pipeline_pool()
     try:
-        leader, release = _held(pool, attempt, tmp_path)
-        worker = leader.worker
-        go = _paused_reader(pool)
-        follower = attempt(1, leader)
         started = tmp_path / "started2"
-        pool.submit(follower, helpers.hold_until, (str(release), str(started)), {})
-        release.touch()
-        helpers.wait_file(started)
+        leader, follower, go = _started_ahead(
+            pool, attempt, tmp_path, helpers.hold_until,
+            (str(tmp_path / "release"), str(started)), started)
+        worker = leader.worker
         pool.restart(follower)
         assert leader.handle.next.attempt is follower  # not moved
         third = attempt(2, leader)
