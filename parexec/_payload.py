@@ -26,8 +26,8 @@ def dumps_payload(obj: Any, buffer_callback: Any = None) -> bytes:
 
     A call ``(task id, attempt, cpus, fn, args, kwargs, directory)`` of a function that
     cloudpickle would pickle by reference, whose arguments are numbers, text, booleans or
-    None, is pickled by the standard pickle: the same bytes' meaning, a third of the time
-    (1.0 us against 3.0 for a no-op call; cloudpickle's ``Pickler`` is built and asks
+    None, is pickled by the standard pickle: the same bytes' meaning, in less than half the
+    time (1.3 us against 3.0 for a no-op call; cloudpickle's ``Pickler`` is built and asks
     which module holds the function on every call).
 
     cloudpickle writes ``co_filename = "<dynamic-code>"`` for every function it pickles by
@@ -43,7 +43,6 @@ def dumps_payload(obj: Any, buffer_callback: Any = None) -> bytes:
             pass
     import io
     if _pickler_class is None:
-        import types
         from collections import ChainMap
 
         import cloudpickle

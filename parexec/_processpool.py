@@ -319,13 +319,13 @@ class ProcessPool(Reader):
         with self._lock:
             worker = attempt.handle
             running = worker is not None and worker.attempt is attempt
-            if running and worker.ahead and not worker.take_token():
+            if running and worker.started_ahead():
                 worker.drop_reply = True
                 return True
             if running:
                 worker.killed = True
-            elif worker is not None and worker.ahead and worker.next is not None \
-                    and worker.next.attempt is attempt and not worker.take_token():
+            elif worker is not None and worker.next is not None \
+                    and worker.next.attempt is attempt and worker.started_ahead():
                 worker.next, worker.ahead, worker.doomed = None, False, True
                 running = True
             elif not self._withdraw(attempt):
@@ -344,7 +344,7 @@ class ProcessPool(Reader):
         """Take ``attempt`` out of the queues if it waits in one. Called under the lock."""
         worker = attempt.handle
         if worker is not None and worker.next is not None and worker.next.attempt is attempt:
-            assert not worker.ahead  # the caller took its token
+            assert not worker.ahead  # the caller withdrew it (started_ahead)
             worker.next = None  # its pins go with it
             return True
         if self._moving.pop(attempt, None) is not None:
@@ -366,7 +366,7 @@ class ProcessPool(Reader):
             worker = attempt.handle
             if worker is None or worker.next is None or worker.next.attempt is not attempt:
                 return
-            if worker.ahead and not worker.take_token():
+            if worker.started_ahead():
                 return  # its worker started it: it runs there
             send, worker.next = worker.next, None
             self._moving[attempt] = send  # withdrawable by kill until it is handed over
@@ -396,7 +396,7 @@ class ProcessPool(Reader):
             # What was written ahead must not be started meanwhile, to be signalled in its
             # place: the reader sends it again once the reply is in. If it started, this
             # attempt had returned.
-            if worker.ahead and not worker.take_token():
+            if worker.started_ahead():
                 return False
             try:
                 os.kill(worker.pid, SIG_CANCEL if cancel else SIG_TIMEOUT)
@@ -410,7 +410,7 @@ class ProcessPool(Reader):
             worker = attempt.handle
             if worker is None or worker.attempt is not attempt:
                 return
-            if worker.ahead and not worker.take_token():
+            if worker.started_ahead():
                 return  # it returned, and what was written ahead runs: not its memory
             worker.killed = True
         kill_tree(worker.pid)
@@ -442,9 +442,8 @@ class ProcessPool(Reader):
             self._workers.clear()
             self._idle.clear()
             for w in workers:
-                if w.ahead:  # else it would run what was sent ahead before it reads EOF
-                    w.take_token()
-                    w.ahead = False
+                w.started_ahead()  # else it would run what was sent ahead before EOF
+                w.ahead = False
         # The reader must leave poll() first: the kernel keeps every polled socket open for
         # the duration of the call, so closing our ends would not give the workers EOF.
         try:

@@ -55,20 +55,24 @@ class _Worker:
         # The max_tasks_per_worker of its current attempt's submit (None: no limit).
         self.max_tasks: int | None = None
         # The attempt queued behind the running one (see "Pipelining" in ProcessPool), with
-        # what starts it: sent by the reader as soon as the running attempt's reply is read.
+        # what starts it: written to the pipe already (``ahead``), or sent by the reader as
+        # soon as the running attempt's reply is read.
         self.next: _Send | None = None
 
-    def take_token(self) -> bool:
-        """Withdraw the payload sent ahead (``next``): False if the worker started it.
+    def started_ahead(self) -> bool:
+        """Whether the payload written ahead (``next``) has started, its token taken.
 
-        Called under the pool's lock, with ``ahead`` set. On success the worker skips the
-        copy in its pipe and answers ``SKIPPED``.
+        If one was written ahead and has not started, it is withdrawn: its token is taken
+        back, so the worker skips the copy in its pipe and answers ``SKIPPED``. Called
+        under the pool's lock.
         """
+        if not self.ahead:
+            return False
         if self.tokens is None or not self.tokens.acquire(False):
-            return False  # the worker took it
+            return True  # the worker took it
         self.ahead = False
         self.skips += 1
-        return True
+        return False
 
     def close(self) -> None:
         """Close the driver's end of the worker's pipe."""
@@ -170,7 +174,7 @@ class Reader:
             if kind == STREAMED:  # an item of a streamed batch; the batch goes on
                 self._streamed(worker, data)
                 return
-            if kind == SKIPPED:  # a payload sent ahead, then withdrawn (take_token)
+            if kind == SKIPPED:  # a payload sent ahead, then withdrawn (started_ahead)
                 with self._lock:
                     worker.skips -= 1
                 return
